@@ -1,0 +1,1 @@
+"""hvd_compress: gradient compression for Horovod."""

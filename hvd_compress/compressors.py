@@ -1,0 +1,359 @@
+"""The compressors: their arguments, wire format, exact wire size and class constants.
+
+This module is framework-neutral. A compressor here is a small immutable description; the tensor math
+(encode / decode) lives in one kernel module per framework (``hvd_compress/torch/kernels.py``), found by
+the type of the tensor a compressor is called on. Every compressor encodes a flat tensor of ``d`` elements
+into a *payload*: a list of parts, each a 1-D array of a fixed dtype and a length that depends only on
+``d`` (so receivers can size their buffers), and decodes it back to a dense tensor.
+
+Class constants follow the first seed's table (Beznosikov et al., "On biased compression for distributed
+learning"): ``U(zeta)`` unbiased with E||C(x)||^2 <= zeta ||x||^2, ``B1(alpha, beta)``, ``B2(gamma, beta)``
+and ``B3(delta)``. Constants of random compressors hold in expectation.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+# dtype names used in layouts; "value" means the compute dtype of the gradient (float32 or float64)
+INT32, UINT8, INT8, INT16, VALUE = "int32", "uint8", "int8", "int16", "value"
+_FIXED_ITEMSIZE = {INT32: 4, UINT8: 1, INT8: 1, INT16: 2}
+
+
+def _itemsize(kind, value_itemsize):
+    return value_itemsize if kind == VALUE else _FIXED_ITEMSIZE[kind]
+
+
+class Compressor:
+    """Base class. Subclasses define ``layout(d)`` and ``classes(d)``; kernels do the math."""
+
+    random = False      # draws random numbers (needs a seed per call)
+    summable = False    # payloads of different ranks can be summed element-wise (allreduce transport)
+
+    def layout(self, d):
+        """[(dtype kind, length)] of the payload parts for a tensor of d elements."""
+        raise NotImplementedError
+
+    def wire_bytes(self, d, value_itemsize=4):
+        """Exact bytes of the payload for d elements whose values are ``value_itemsize`` bytes wide."""
+        return sum(_itemsize(kind, value_itemsize) * n for kind, n in self.layout(d))
+
+    def classes(self, d):
+        """Class memberships {"U": {"zeta"}, "B1": {"alpha", "beta"}, "B2": {...}, "B3": {"delta"}}."""
+        raise NotImplementedError
+
+    def __call__(self, x, seed=0):
+        """C(x): encode then decode, for tests and theory tools. ``x`` is a torch tensor (any shape)."""
+        from .kernels import apply
+        return apply(self, x, seed)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    def __hash__(self):
+        return hash(repr(self))
+
+
+def _check_ratio_k(ratio, k):
+    if (ratio is None) == (k is None):
+        raise ValueError(f"give exactly one of ratio= or k= (got ratio={ratio!r}, k={k!r})")
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
+        return float(ratio), None
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    return None, k
+
+
+class _Sparsifier(Compressor):
+    """Keeps k of d coordinates; k = max(1, floor(ratio * d)) or the given k."""
+
+    def __init__(self, ratio=None, k=None):
+        self.ratio, self.k = _check_ratio_k(ratio, k)
+
+    def k_for(self, d):
+        if self.k is not None:
+            if self.k > d:
+                raise ValueError(f"{self!r}: k={self.k} is larger than the tensor's {d} elements")
+            return self.k
+        return max(1, min(d, int(self.ratio * d)))
+
+
+class TopK(_Sparsifier):
+    """Keeps the k coordinates of largest magnitude. Wire: k int32 indices + k values."""
+
+    def layout(self, d):
+        k = self.k_for(d)
+        return [(INT32, k), (VALUE, k)]
+
+    def classes(self, d):
+        q = self.k_for(d) / d
+        return {"B1": {"alpha": q, "beta": 1.0}, "B2": {"gamma": q, "beta": 1.0}, "B3": {"delta": 1 / q}}
+
+
+class RandK(_Sparsifier):
+    """Keeps k coordinates drawn uniformly without replacement, scaled by d/k when ``unbiased``.
+
+    ``shared=True``: every rank draws the same indices from the seed, so only the k values travel and
+    payloads of different ranks can be summed (allreduce)."""
+
+    random = True
+
+    def __init__(self, ratio=None, k=None, unbiased=True, shared=False, seed=0):
+        super().__init__(ratio, k)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.unbiased, self.shared, self.seed = bool(unbiased), bool(shared), seed
+
+    @property
+    def summable(self):
+        return self.shared
+
+    def layout(self, d):
+        k = self.k_for(d)
+        return [(VALUE, k)] if self.shared else [(INT32, k), (VALUE, k)]
+
+    def classes(self, d):
+        q = self.k_for(d) / d
+        if self.unbiased:
+            return {"U": {"zeta": 1 / q}}
+        # biased restriction: <C(x), x> = ||C(x)||^2 and E||C(x)||^2 = q ||x||^2
+        return {"B1": {"alpha": q, "beta": 1.0}, "B2": {"gamma": q, "beta": 1.0}, "B3": {"delta": 1 / q}}
+
+
+class Natural(Compressor):
+    """Natural compression: each element rounded to a power of two, keeping its sign.
+
+    Unbiased (default): stochastic rounding between the two neighbouring powers, U(9/8).
+    ``deterministic=True``: the nearest power of two in value, B3(9/8). Wire: one byte per element
+    (sign bit + 7-bit exponent below the tensor's largest exponent; 0 means zero) + an int32 header.
+    Elements more than 2^126 times smaller than the largest one are flushed to zero."""
+
+    def __init__(self, deterministic=False):
+        self.deterministic = bool(deterministic)
+
+    @property
+    def random(self):
+        return not self.deterministic
+
+    def layout(self, d):
+        return [(INT32, 1), (UINT8, d)]
+
+    def classes(self, d):
+        if not self.deterministic:
+            return {"U": {"zeta": 9 / 8}}
+        # every element c of C(x) satisfies c/x in [2/3, 4/3]
+        return {"B1": {"alpha": 4 / 9, "beta": 4 / 3}, "B2": {"gamma": 2 / 3, "beta": 4 / 3},
+                "B3": {"delta": 9 / 8}}
+
+
+class ScaledSign(Compressor):
+    """||x||_1 / d * sign(x). Wire: one value + signs bit-packed 8 per byte."""
+
+    def layout(self, d):
+        return [(VALUE, 1), (UINT8, (d + 7) // 8)]
+
+    def classes(self, d):
+        return {"B1": {"alpha": 1 / d, "beta": 1.0}, "B2": {"gamma": 1 / d, "beta": 1.0}, "B3": {"delta": float(d)}}
+
+
+class OneBit(Compressor):
+    """1-bit quantization: each sign reconstructed with the mean magnitude of its sign group
+    (zeros count with the positive group). Wire: two values + signs bit-packed 8 per byte."""
+
+    def layout(self, d):
+        return [(VALUE, 2), (UINT8, (d + 7) // 8)]
+
+    def classes(self, d):
+        # per sign group <C, x> = ||C||^2 (beta = 1) and <C, x> >= ||x||_1^2 / d >= ||x||^2 / d
+        return {"B1": {"alpha": 1 / d, "beta": 1.0}, "B2": {"gamma": 1 / d, "beta": 1.0}, "B3": {"delta": float(d)}}
+
+
+class QSGD(Compressor):
+    """QSGD with s levels (Alistarh et al. 2017): ||x||_2 * sign(x_i) * l_i / s, l_i stochastically rounded.
+    Wire: the norm + one signed level per element (int8 for s <= 127, int16 up to 32767)."""
+
+    random = True
+
+    def __init__(self, levels=16):
+        if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= 32767:
+            raise ValueError(f"QSGD levels must be an integer in [1, 32767], got {levels!r}")
+        self.levels = levels
+
+    def layout(self, d):
+        return [(VALUE, 1), (INT8 if self.levels <= 127 else INT16, d)]
+
+    def classes(self, d):
+        s = self.levels
+        return {"U": {"zeta": 1 + min(d / s ** 2, math.sqrt(d) / s)}}
+
+
+class Compose(Compressor):
+    """A sparsifier's kept values compressed further by a second compressor, e.g. Top-k then Natural.
+
+    C(x) = scatter(indices, second(values)); equal to second(first(x)) for element-wise ``second``."""
+
+    def __init__(self, first, second):
+        if not isinstance(first, (TopK, RandK)) or getattr(first, "shared", False):
+            raise ValueError(f"Compose needs TopK or a non-shared RandK first, got {first!r}")
+        if not isinstance(second, Compressor) or isinstance(second, Compose):
+            raise ValueError(f"Compose needs a compressor second, got {second!r}")
+        self.first, self.second = first, second
+
+    @property
+    def random(self):
+        return self.first.random or self.second.random
+
+    def layout(self, d):
+        k = self.first.k_for(d)
+        return [(INT32, k)] + self.second.layout(k)
+
+    def classes(self, d):
+        # ||C(x) - x||^2 = ||x - v||^2 + ||second(v) - v||^2 with v the kept values (a restriction, for
+        # TopK and biased RandK): with second in B3(delta2), C is in B3(delta1 * delta2); with second in
+        # U(zeta < 2), in B3(delta1 / (2 - zeta)) in expectation.
+        first, second = self.first.classes(d), self.second.classes(self.first.k_for(d))
+        if "B3" not in first:
+            return {}
+        delta1 = first["B3"]["delta"]
+        if "B3" in second:
+            return {"B3": {"delta": delta1 * second["B3"]["delta"]}}
+        if "U" in second and second["U"]["zeta"] < 2:
+            return {"B3": {"delta": delta1 / (2 - second["U"]["zeta"])}}
+        return {}
+
+
+class Scaled(Compressor):
+    """lam * C(x). Class constants by the seed's scaling rules (U -> B1/B2; B1, B2 scale; lam = 1/beta or
+    1/zeta gives B3)."""
+
+    def __init__(self, compressor, lam):
+        if not isinstance(compressor, Compressor):
+            raise ValueError(f"Scaled needs a compressor, got {compressor!r}")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0 or math.isinf(lam):
+            raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
+        self.compressor, self.lam = compressor, float(lam)
+
+    random = property(lambda self: self.compressor.random)
+    summable = property(lambda self: self.compressor.summable)
+
+    def layout(self, d):
+        return self.compressor.layout(d)
+
+    def classes(self, d):
+        return scale_classes(self.compressor.classes(d), self.lam)
+
+
+class Identity(Compressor):
+    """No compression: the values travel as they are (summable: allreduce)."""
+
+    summable = True
+
+    def layout(self, d):
+        return [(VALUE, d)]
+
+    def classes(self, d):
+        return {"U": {"zeta": 1.0}, "B1": {"alpha": 1.0, "beta": 1.0}, "B2": {"gamma": 1.0, "beta": 1.0},
+                "B3": {"delta": 1.0}}
+
+
+def scale_classes(classes, lam):
+    """The seed's table: the classes of lam * C from those of C."""
+    out = {}
+    if "U" in classes:
+        zeta = classes["U"]["zeta"]
+        out["B1"] = {"alpha": lam ** 2, "beta": lam * zeta}
+        out["B2"] = {"gamma": lam, "beta": lam * zeta}
+        if math.isclose(lam, 1 / zeta):
+            out["B3"] = {"delta": zeta}   # the poster prints B3(1/zeta); delta = zeta is what holds (delta >= 1)
+        if lam == 1:
+            out["U"] = dict(classes["U"])
+    if "B1" in classes:
+        a, b = classes["B1"]["alpha"], classes["B1"]["beta"]
+        out["B1"] = {"alpha": lam ** 2 * a, "beta": lam * b}
+        if math.isclose(lam, 1 / b):
+            out["B3"] = {"delta": b ** 2 / a}
+    if "B2" in classes:
+        g, b = classes["B2"]["gamma"], classes["B2"]["beta"]
+        out["B2"] = {"gamma": lam * g, "beta": lam * b}
+        if math.isclose(lam, 1 / b):
+            out["B3"] = {"delta": min(b / g, out.get("B3", {"delta": math.inf})["delta"])}
+    if "B3" in classes and lam == 1:
+        out["B3"] = dict(classes["B3"])
+    return out
+
+
+# ---- command-line spelling -----------------------------------------------------------------------------
+# "topk:0.01", "topk:k=5", "randk:0.01,shared", "randk:0.05,biased", "natural", "natural:det", "sign",
+# "onebit", "qsgd:16", "topk:0.01+natural" (Compose), "0.5*topk:0.01" (Scaled), "none" / "identity".
+
+def _number(text):
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def parse(spec) -> Optional[Compressor]:
+    """A compressor from its command-line spelling; None for "" (no compressor)."""
+    if spec is None or isinstance(spec, Compressor):
+        return spec
+    if not isinstance(spec, str):
+        raise ValueError(f"a compressor spec must be a string, got {spec!r}")
+    text = spec.strip().lower()
+    if not text:
+        return None
+    try:
+        if "+" in text:
+            first, second = text.split("+", 1)
+            return Compose(parse(first), parse(second))
+        if "*" in text:
+            lam, inner = text.split("*", 1)
+            return Scaled(parse(inner), _number(lam))
+        name, _, argtext = text.partition(":")
+        args = [a.strip() for a in argtext.split(",") if a.strip()]
+        flags = {a for a in args if "=" not in a and not a[0].isdigit() and a[0] != "."}
+        kwargs = {k.strip(): _number(v) for k, v in (a.split("=", 1) for a in args if "=" in a)}
+        numbers = [_number(a) for a in args if a not in flags and "=" not in a]
+        if name in ("topk", "randk"):
+            if numbers:
+                kwargs["ratio" if isinstance(numbers[0], float) else "k"] = numbers[0]
+            if name == "topk":
+                _no_flags(spec, flags)
+                return TopK(**kwargs)
+            _no_flags(spec, flags - {"shared", "biased", "unbiased"})
+            return RandK(**kwargs, shared="shared" in flags, unbiased="biased" not in flags)
+        if name == "natural":
+            _no_flags(spec, flags - {"det", "deterministic"})
+            return Natural(deterministic=bool(flags))
+        if name == "qsgd":
+            _no_flags(spec, flags)
+            return QSGD(levels=numbers[0] if numbers else kwargs.get("levels", 16))
+        simple = {"sign": ScaledSign, "scaledsign": ScaledSign, "onebit": OneBit, "none": Identity,
+                  "identity": Identity}
+        if name in simple and not args:
+            return simple[name]()
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"bad compressor spec {spec!r}: {err}") from None
+    raise ValueError(f"unknown compressor spec {spec!r}; known: topk:RATIO|k=K, randk:RATIO[,shared][,biased], "
+                     f"natural[:det], sign, onebit, qsgd:LEVELS, A+B (compose), LAM*A (scaled), none")
+
+
+def _no_flags(spec, flags):
+    if flags:
+        raise ValueError(f"unknown option(s) {sorted(flags)}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """What every rank must agree on."""
+    worker: Compressor
+    error_feedback: bool
+    server: Optional[Compressor]
+
+    def fingerprint(self):
+        return f"worker={self.worker!r} error_feedback={self.error_feedback} server={self.server!r}"

@@ -1,0 +1,239 @@
+"""PyTorch kernels: encode / decode of every compressor, and payload packing into real bytes.
+
+``encode(c, x, seed)`` turns a flat floating tensor into the parts that ``c.layout(d)`` describes;
+``decode(c, parts, d, seed)`` turns them back into a dense flat tensor. Everything stays on x's device
+(no host round trips). Random compressors draw from a generator seeded by ``seed`` alone, so a call is
+reproducible from (compressor, x, seed): that is what makes a multi-rank run equal its simulation.
+"""
+import torch
+
+from .. import compressors as C
+
+_DTYPES = {C.INT32: torch.int32, C.UINT8: torch.uint8, C.INT8: torch.int8, C.INT16: torch.int16}
+_BIT_WEIGHTS = {}
+
+
+def _generator(seed, device):
+    g = torch.Generator(device=device)
+    g.manual_seed(seed & (2 ** 63 - 1))
+    return g
+
+
+def _subseed(seed):
+    """A second, independent stream for the second stage of a composition."""
+    return (seed * 6364136223846793005 + 1442695040888963407) % (2 ** 63)
+
+
+def _uniform(x, seed):
+    return torch.rand(x.shape, generator=_generator(seed, x.device), device=x.device, dtype=x.dtype)
+
+
+def _random_indices(d, k, seed, device):
+    return torch.randperm(d, generator=_generator(seed, device), device=device)[:k]
+
+
+# ---- bit packing ----------------------------------------------------------------------------------------
+
+def pack_bits(bits):
+    """bool tensor of d -> uint8 tensor of ceil(d/8), 8 flags per byte (little-endian bit order)."""
+    d = bits.numel()
+    padded = torch.zeros((d + 7) // 8 * 8, dtype=torch.uint8, device=bits.device)
+    padded[:d] = bits
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=bits.device)
+    return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed, d):
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.view(-1, 1) >> shifts) & 1).view(-1)[:d].bool()
+
+
+# ---- the compressors --------------------------------------------------------------------------------------
+
+def _topk_encode(c, x, seed):
+    idx = torch.topk(x.abs(), c.k_for(x.numel()), sorted=False).indices
+    return [idx.to(torch.int32), x[idx]]
+
+
+def _randk_indices(c, d, seed, device):
+    return _random_indices(d, c.k_for(d), seed, device)
+
+
+def _randk_encode(c, x, seed):
+    d = x.numel()
+    idx = _randk_indices(c, d, seed, x.device)
+    values = x[idx] * (d / idx.numel()) if c.unbiased else x[idx]
+    return [values] if c.shared else [idx.to(torch.int32), values]
+
+
+def _scatter(idx, values, d):
+    out = torch.zeros(d, dtype=values.dtype, device=values.device)
+    out[idx.long()] = values
+    return out
+
+
+def _sparse_decode(c, parts, d, seed):
+    if getattr(c, "shared", False):
+        return _scatter(_randk_indices(c, d, seed, parts[0].device), parts[0], d)
+    return _scatter(parts[0], parts[1], d)
+
+
+def _natural_encode(c, x, seed):
+    mantissa, exponent = torch.frexp(x.abs())          # |x| = m * 2^e, m in [0.5, 1)
+    low_exp = exponent - 1                               # |x| lies in [2^low_exp, 2^(low_exp+1))
+    if c.deterministic:
+        up = mantissa >= 0.75                            # nearer to the upper power (ties go up)
+    else:
+        up = _uniform(x, seed) < 2 * mantissa - 1        # P(up) = (|x| - low) / low: unbiased
+    exp = low_exp + up.to(low_exp.dtype)
+    nonzero = mantissa != 0
+    top = torch.where(nonzero, exp, torch.full_like(exp, torch.iinfo(exp.dtype).min)).max()
+    top = torch.where(nonzero.any(), top, torch.zeros_like(top))
+    code = (top - exp + 1).clamp_(max=128)               # 1..127 = exponent below the largest; 128 = too small
+    code = torch.where(nonzero & (code <= 127), code, torch.zeros_like(code)).to(torch.uint8)
+    return [top.reshape(1).to(torch.int32), code | (torch.signbit(x) & nonzero).to(torch.uint8) << 7]
+
+
+def _natural_decode(c, parts, d, seed, dtype):
+    top, code = parts
+    magnitude_code = (code & 127).to(torch.int32)
+    value = torch.ldexp(torch.ones(d, dtype=dtype, device=code.device), top - magnitude_code + 1)
+    value = torch.where(magnitude_code == 0, torch.zeros_like(value), value)
+    return torch.where(code >= 128, -value, value)
+
+
+def _sign_encode(c, x, seed):
+    return [(x.abs().sum() / x.numel()).reshape(1), pack_bits(x < 0)]
+
+
+def _sign_decode(c, parts, d, seed):
+    scale, packed = parts
+    return torch.where(unpack_bits(packed, d), -scale, scale)
+
+
+def _onebit_encode(c, x, seed):
+    negative = x < 0
+    n_neg = negative.sum()
+    neg_sum = torch.where(negative, -x, torch.zeros_like(x)).sum()
+    pos_sum = torch.where(negative, torch.zeros_like(x), x).sum()
+    means = torch.stack([pos_sum / (x.numel() - n_neg).clamp(min=1), neg_sum / n_neg.clamp(min=1)])
+    return [means, pack_bits(negative)]
+
+
+def _onebit_decode(c, parts, d, seed):
+    means, packed = parts
+    return torch.where(unpack_bits(packed, d), -means[1], means[0])
+
+
+def _qsgd_encode(c, x, seed):
+    norm = torch.linalg.vector_norm(x)
+    scaled = x.abs() / torch.where(norm > 0, norm, torch.ones_like(norm)) * c.levels
+    lower = scaled.floor()
+    level = lower + (_uniform(x, seed) < scaled - lower).to(x.dtype)
+    signed = torch.where(x < 0, -level, level).to(torch.int8 if c.levels <= 127 else torch.int16)
+    return [norm.reshape(1), signed]
+
+
+def _qsgd_decode(c, parts, d, seed):
+    norm, signed = parts
+    return norm * signed.to(norm.dtype) / c.levels
+
+
+def _compose_encode(c, x, seed):
+    idx, values = (_topk_encode if isinstance(c.first, C.TopK) else _randk_encode)(c.first, x, seed)
+    return [idx] + encode(c.second, values, _subseed(seed))
+
+
+def _compose_decode(c, parts, d, seed, dtype):
+    idx = parts[0]
+    return _scatter(idx, decode(c.second, parts[1:], idx.numel(), _subseed(seed), dtype), d)
+
+
+def encode(c, x, seed=0):
+    """Parts of the payload of flat tensor x (float32 or float64), in the order of ``c.layout(d)``."""
+    if isinstance(c, C.TopK):
+        return _topk_encode(c, x, seed)
+    if isinstance(c, C.RandK):
+        return _randk_encode(c, x, seed)
+    if isinstance(c, C.Natural):
+        return _natural_encode(c, x, seed)
+    if isinstance(c, C.ScaledSign):
+        return _sign_encode(c, x, seed)
+    if isinstance(c, C.OneBit):
+        return _onebit_encode(c, x, seed)
+    if isinstance(c, C.QSGD):
+        return _qsgd_encode(c, x, seed)
+    if isinstance(c, C.Compose):
+        return _compose_encode(c, x, seed)
+    if isinstance(c, C.Scaled):
+        return encode(c.compressor, x, seed)
+    if isinstance(c, C.Identity):
+        return [x]
+    raise TypeError(f"no PyTorch kernel for {c!r}")
+
+
+def decode(c, parts, d, seed=0, dtype=torch.float32):
+    """The dense flat tensor of d elements that the parts encode. ``dtype`` matters only where no part
+    carries values (Natural)."""
+    if isinstance(c, (C.TopK, C.RandK)):
+        return _sparse_decode(c, parts, d, seed)
+    if isinstance(c, C.Natural):
+        return _natural_decode(c, parts, d, seed, dtype)
+    if isinstance(c, C.ScaledSign):
+        return _sign_decode(c, parts, d, seed)
+    if isinstance(c, C.OneBit):
+        return _onebit_decode(c, parts, d, seed)
+    if isinstance(c, C.QSGD):
+        return _qsgd_decode(c, parts, d, seed)
+    if isinstance(c, C.Compose):
+        return _compose_decode(c, parts, d, seed, dtype)
+    if isinstance(c, C.Scaled):
+        return decode(c.compressor, parts, d, seed, dtype) * c.lam
+    if isinstance(c, C.Identity):
+        return parts[0]
+    raise TypeError(f"no PyTorch kernel for {c!r}")
+
+
+# ---- payloads as bytes -------------------------------------------------------------------------------------
+
+def part_dtypes(c, d, value_dtype):
+    return [value_dtype if kind == C.VALUE else _DTYPES[kind] for kind, _ in c.layout(d)]
+
+
+def _packing_order(dtypes):
+    # widest parts first, so that every part starts at an offset aligned to its item size
+    return sorted(range(len(dtypes)), key=lambda i: -dtypes[i].itemsize)
+
+
+def pack(parts):
+    """The parts as one uint8 tensor: the bytes that travel."""
+    order = _packing_order([p.dtype for p in parts])
+    return torch.cat([parts[i].contiguous().view(torch.uint8) for i in order])
+
+
+def unpack(c, data, d, value_dtype):
+    """Inverse of ``pack`` for compressor c on d elements; views into ``data``, no copies."""
+    dtypes = part_dtypes(c, d, value_dtype)
+    lengths = [n for _, n in c.layout(d)]
+    parts, offset = [None] * len(dtypes), 0
+    for i in _packing_order(dtypes):
+        nbytes = lengths[i] * dtypes[i].itemsize
+        parts[i] = data[offset:offset + nbytes].view(dtypes[i])
+        offset += nbytes
+    if offset != data.numel():
+        raise ValueError(f"payload of {data.numel()} bytes, expected {offset} for {c!r} on {d} elements")
+    return parts
+
+
+def compute_dtype(dtype):
+    """Half-precision gradients are compressed in float32 (and their error buffers kept in float32)."""
+    if not dtype.is_floating_point:
+        raise TypeError(f"gradients must be floating point, got {dtype}")
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def apply(c, x, seed=0):
+    """C(x) for a tensor of any shape, returned in x's dtype."""
+    flat = x.reshape(-1).to(compute_dtype(x.dtype))
+    out = decode(c, encode(c, flat, seed), flat.numel(), seed, flat.dtype)
+    return out.to(x.dtype).view(x.shape)
