@@ -1,1 +1,9 @@
-"""hvd_compress: gradient compression for Horovod."""
+"""hvd_compress: gradient compression with error feedback and the DoubleSqueeze server pass for Horovod.
+
+The compressors (framework-neutral descriptions) are importable from here; the Horovod plug-ins live in
+``hvd_compress.torch`` (and, later, ``hvd_compress.tensorflow``).
+"""
+from .compressors import (Compose, Compressor, Identity, Natural, OneBit, QSGD, RandK, Scaled, ScaledSign, TopK,
+                          parse)
+
+__version__ = "0.1.0"

@@ -212,13 +212,17 @@ def pack(parts):
 
 
 def unpack(c, data, d, value_dtype):
-    """Inverse of ``pack`` for compressor c on d elements; views into ``data``, no copies."""
+    """Inverse of ``pack`` for compressor c on d elements: views into ``data`` (copies only where ``data``
+    itself starts unaligned, as rows of an allgather can)."""
     dtypes = part_dtypes(c, d, value_dtype)
     lengths = [n for _, n in c.layout(d)]
     parts, offset = [None] * len(dtypes), 0
     for i in _packing_order(dtypes):
         nbytes = lengths[i] * dtypes[i].itemsize
-        parts[i] = data[offset:offset + nbytes].view(dtypes[i])
+        part = data[offset:offset + nbytes]
+        if part.storage_offset() % dtypes[i].itemsize:
+            part = part.clone()
+        parts[i] = part.view(dtypes[i])
         offset += nbytes
     if offset != data.numel():
         raise ValueError(f"payload of {data.numel()} bytes, expected {offset} for {c!r} on {d} elements")

@@ -1,0 +1,7 @@
+"""hvd_compress for PyTorch: ``hc.Compression(...)`` goes to ``compression=`` of ``hvd.DistributedOptimizer``."""
+from ..compressors import (Compose, Compressor, Identity, Natural, OneBit, QSGD, RandK, Scaled, ScaledSign, TopK,
+                           parse)
+from .compression import Compression
+
+__all__ = ["Compression", "Compressor", "TopK", "RandK", "Natural", "ScaledSign", "OneBit", "QSGD", "Compose",
+           "Scaled", "Identity", "parse"]

@@ -1,0 +1,82 @@
+"""A tiny model, per-rank data and training loops shared by the multi-process workers and the tests.
+
+``train_distributed`` runs under horovodrun (real Horovod collectives, stock DistributedOptimizer);
+``train_reference`` runs the same steps in one process with ``hvd_compress.simulate.Simulation``.
+"""
+import torch
+
+from hvd_compress.simulate import Simulation
+
+LR = 0.1
+
+
+class TinyNet(torch.nn.Module):
+    """Two layers, plus a head that only even steps use (a parameter without gradient on odd steps)."""
+
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.fc1 = torch.nn.Linear(6, 5, dtype=dtype)
+        self.fc2 = torch.nn.Linear(5, 3, dtype=dtype)
+        self.extra = torch.nn.Linear(6, 3, bias=False, dtype=dtype)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+
+    def forward(self, x, step):
+        out = self.fc2(torch.tanh(self.fc1(x)))
+        return out + self.extra(x) if step % 2 == 0 else out
+
+
+def batch(step, rank, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(10_000 * step + rank)
+    return (torch.randn(8, 6, generator=gen, dtype=torch.float64).to(dtype),
+            torch.randn(8, 3, generator=gen, dtype=torch.float64).to(dtype))
+
+
+def loss_of(model, step, rank, dtype=torch.float64):
+    x, y = batch(step, rank, dtype)
+    return ((model(x, step) - y) ** 2).mean()
+
+
+def local_grads(model, step, rank, passes=1):
+    """{name: gradient} of one rank at one step (zeros for parameters without gradient), summed over passes."""
+    model.zero_grad(set_to_none=True)
+    for k in range(passes):
+        loss_of(model, passes * step + k, rank).backward()
+    return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in model.named_parameters()}
+
+
+def train_reference(case, n, steps, dtype=torch.float64):
+    """Parameters after ``steps`` SGD steps of n simulated workers."""
+    model = TinyNet(dtype)
+    sim = Simulation(case["compressor"], case.get("error_feedback", False), case.get("server"), n=n)
+    passes = case.get("backward_passes_per_step", 1)
+    for step in range(steps):
+        grads = [local_grads(model, step, r, passes) for r in range(n)]
+        with torch.no_grad():
+            for name, update in sim.step(grads).items():
+                dict(model.named_parameters())[name].sub_(LR * update)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def train_distributed(case, steps, model=None, compression=None, start=0):
+    """The same training with Horovod; returns (model, compression)."""
+    import horovod.torch as hvd
+    import hvd_compress.torch as hc
+
+    model = model or TinyNet()
+    if compression is None:
+        compression = hc.Compression(case["compressor"], error_feedback=case.get("error_feedback", False),
+                                     server=case.get("server"), named_parameters=model.named_parameters())
+    passes = case.get("backward_passes_per_step", 1)
+    optimizer = hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=LR), named_parameters=model.named_parameters(),
+        compression=compression, backward_passes_per_step=passes, groups=case.get("groups"))
+    for step in range(start, start + steps):
+        optimizer.zero_grad()
+        for k in range(passes):
+            loss_of(model, passes * step + k, hvd.rank()).backward()
+        optimizer.step()
+    return model, compression
