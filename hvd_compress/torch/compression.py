@@ -9,11 +9,12 @@ One step, per gradient g of parameter ``name`` on rank i of n (DESIGN.md section
                    every rank returns decode(v) (or gbar without a server pass) as the gradient
 
 Horovod calls compress() from each parameter's backward hook and decompress() from synchronize(), after
-allreducing whatever compress() returned. Here that is a one-element "step marker" (4 bytes): it carries
-the step number, or NaN when the gradient was not finite on some rank, so that every rank learns of a bad
-gradient and of ranks that are out of step without another collective. The payloads travel in collectives
-that compress() starts asynchronously, so they overlap the rest of the backward pass. Error buffers are
-committed only once the step's marker has shown every rank's gradient to be finite.
+allreducing whatever compress() returned. Here that is a one-element step marker (4 bytes) holding the step
+number: its average tells every rank that the others are in the same step and that Horovod averages. The
+payloads travel in collectives that compress() starts asynchronously, so they overlap the rest of the
+backward pass. The first decompress() of a step finishes the whole step at once: one small allreduce tells
+every rank whether any rank's gradient was not finite, and only then are error buffers committed, so a bad
+gradient leaves every buffer as it was.
 """
 import hashlib
 import math
@@ -38,6 +39,7 @@ class _Pending:
     x: torch.Tensor                 # g + e, flat, compute dtype
     local: torch.Tensor             # decode of this rank's own payload
     seed: int
+    finite: torch.Tensor            # 0-d bool: x has no NaN/Inf (kept on device: no sync in the hook)
     handle: object                  # the payload's collective
     bytes_sent: int
     update: Optional[torch.Tensor] = None       # the aggregated (and server-compressed) gradient
@@ -101,7 +103,10 @@ class Compression:
         if self.config.error_feedback and error is not None:
             x = x + error.to(x.device, dtype)
         seed = worker_seed(worker, self.seed, self._step, rank, name)
-        parts = K.encode(worker, x, seed)
+        try:
+            parts = K.encode(worker, x, seed)
+        except ValueError as err:
+            raise ValueError(f"parameter {name!r}: {err}") from None
         local = K.decode(worker, parts, x.numel(), seed, dtype)
         if worker.summable:
             sent = parts[0]
@@ -109,10 +114,8 @@ class Compression:
         else:
             sent = K.pack(parts)
             handle = hvd.allgather_async(sent, name=f"hc.w.{name}")
-        # the marker: step number, or NaN where this gradient is not finite (computed on device, no sync)
-        marker = torch.where(torch.isfinite(x).all(), float(self._step + 1), math.nan)
-        marker = marker.reshape(1).to(torch.float32)
-        self._pending[name] = _Pending(tensor.shape, tensor.dtype, x, local, seed, handle,
+        marker = torch.full((1,), float(self._step + 1), dtype=torch.float32, device=x.device)
+        self._pending[name] = _Pending(tensor.shape, tensor.dtype, x, local, seed, torch.isfinite(x).all(), handle,
                                        sent.numel() * sent.element_size() + marker.element_size())
         return marker, name
 
@@ -120,19 +123,14 @@ class Compression:
         pending = self._pending.get(name)
         if pending is None:
             raise RuntimeError(f"decompress() for parameter {name!r} that was not compressed in this step")
-        if pending.update is None:
-            self._finish_collectives()
-        value = marker.item()
-        if math.isnan(value):
-            self._abandon_step()
-            raise FloatingPointError(
-                f"the gradient of parameter {name!r} is not finite (NaN or Inf) on "
-                f"{'this rank' if not torch.isfinite(pending.x).all() else 'another rank'}; hvd_compress "
-                f"left every error buffer unchanged and dropped this step")
-        if not math.isclose(value, self._step + 1, rel_tol=1e-3):
-            self._abandon_step()
-            raise RuntimeError(f"parameter {name!r}: Horovod's reduction of the step marker gave {value}, expected "
-                               f"{self._step + 1}: use op=hvd.Average, and make every rank run the same steps")
+        if pending.update is None:   # the first decompress() of the step
+            value = marker.item()
+            if not math.isclose(value, self._step + 1, rel_tol=1e-3):
+                self._abandon_step()
+                raise RuntimeError(f"parameter {name!r}: Horovod's reduction of the step marker gave {value}, "
+                                   f"expected {self._step + 1}: use op=hvd.Average, and make every rank run the "
+                                   f"same steps")
+            self._finish_step()
         self._commit(name, self._pending.pop(name))
         result = pending.update.to(pending.grad_dtype).view(pending.shape)
         if not self._pending:
@@ -141,13 +139,18 @@ class Compression:
 
     # ---- the step -------------------------------------------------------------------------------------------
 
-    def _finish_collectives(self):
+    def _finish_step(self):
         """Wait for every payload of the step, aggregate, and run the server pass (all parameters at once,
-        in name order, so that every rank starts the broadcasts in the same order)."""
+        in name order, so that every rank starts the broadcasts in the same order); then make sure that
+        no rank had a non-finite gradient before anything is committed."""
         worker, server = self.config.worker, self.config.server
         n, is_root = hvd.size(), hvd.rank() == self.root_rank
+        names = sorted(self._pending)
+        not_finite = torch.stack([~self._pending[name].finite for name in names]).to(torch.float32)
+        not_finite_anywhere = hvd.allreduce_async(not_finite, name="hc.not_finite", op=hvd.Sum)
+        self._step_stats["bytes_sent"] += not_finite.numel() * not_finite.element_size()
         broadcasts = []
-        for name in sorted(self._pending):
+        for name in names:
             p = self._pending[name]
             received, d = hvd.synchronize(p.handle), p.x.numel()
             if worker.summable:
@@ -178,6 +181,13 @@ class Compression:
             p.update = K.decode(server, K.unpack(server, data, d, p.x.dtype), d, seed, p.x.dtype)
             if p.server_error is not None:
                 p.server_error = p.server_error - p.update
+        bad = [name for name, count in zip(names, hvd.synchronize(not_finite_anywhere).tolist()) if count]
+        if bad:
+            here = [name for name, flag in zip(names, not_finite.tolist()) if flag]
+            self._abandon_step()
+            raise FloatingPointError(
+                f"gradient not finite (NaN or Inf) for parameter(s) {bad} on some rank (on this rank: "
+                f"{here or 'none'}); hvd_compress dropped this step and left every error buffer unchanged")
 
     def _commit(self, name, p):
         if self.config.error_feedback:

@@ -7,7 +7,7 @@ import torch
 
 from hvd_compress.simulate import Simulation
 
-LR = 0.1
+LR = 0.03
 
 
 class TinyNet(torch.nn.Module):
@@ -34,8 +34,8 @@ def batch(step, rank, dtype=torch.float64):
             torch.randn(8, 3, generator=gen, dtype=torch.float64).to(dtype))
 
 
-def loss_of(model, step, rank, dtype=torch.float64):
-    x, y = batch(step, rank, dtype)
+def loss_of(model, step, rank):
+    x, y = batch(step, rank, model.fc1.weight.dtype)
     return ((model(x, step) - y) ** 2).mean()
 
 
@@ -48,16 +48,22 @@ def local_grads(model, step, rank, passes=1):
             for n, p in model.named_parameters()}
 
 
-def train_reference(case, n, steps, dtype=torch.float64):
-    """Parameters after ``steps`` SGD steps of n simulated workers."""
-    model = TinyNet(dtype)
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def train_reference(case, n, steps):
+    """Parameters after ``steps`` SGD steps of n simulated workers (half-precision gradients are compressed
+    in float32, as the plug-in documents)."""
+    model = TinyNet(DTYPES[case.get("dtype", "float64")])
     sim = Simulation(case["compressor"], case.get("error_feedback", False), case.get("server"), n=n)
     passes = case.get("backward_passes_per_step", 1)
     for step in range(steps):
-        grads = [local_grads(model, step, r, passes) for r in range(n)]
+        grads = [{k: g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
+                  for k, g in local_grads(model, step, r, passes).items()} for r in range(n)]
         with torch.no_grad():
             for name, update in sim.step(grads).items():
-                dict(model.named_parameters())[name].sub_(LR * update)
+                param = dict(model.named_parameters())[name]
+                param.add_(update.to(param.dtype), alpha=-LR)   # as torch.optim.SGD does
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -66,7 +72,7 @@ def train_distributed(case, steps, model=None, compression=None, start=0):
     import horovod.torch as hvd
     import hvd_compress.torch as hc
 
-    model = model or TinyNet()
+    model = model or TinyNet(DTYPES[case.get("dtype", "float64")])
     if compression is None:
         compression = hc.Compression(case["compressor"], error_feedback=case.get("error_feedback", False),
                                      server=case.get("server"), named_parameters=model.named_parameters())

@@ -1,0 +1,57 @@
+"""Run under horovodrun with 2 ranks: bad set-ups must end in a clear error on every rank, never a hang.
+
+usage: bad_input.py SCENARIO
+  mismatch   rank 1 is configured with another compressor     -> ValueError on both ranks
+  nan        rank 1's gradient of fc2.weight is NaN at step 3 -> FloatingPointError on both ranks, buffers kept
+  op_sum     DistributedOptimizer(op=hvd.Sum)                  -> RuntimeError on both ranks
+  k_too_big  TopK(k=10) on a 3-element bias                     -> ValueError on both ranks
+Each rank prints "CAUGHT <type>: <message>" and, for nan, "BUFFERS_UNCHANGED <bool>".
+"""
+import os
+import sys
+
+import torch
+import horovod.torch as hvd
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import LR, TinyNet, loss_of  # noqa: E402
+
+import hvd_compress.torch as hc  # noqa: E402
+
+
+def main(scenario):
+    hvd.init()
+    model = TinyNet()
+    spec = {"mismatch": "topk:0.3" if hvd.rank() == 0 else "randk:0.3", "k_too_big": "topk:k=10"}.get(
+        scenario, "topk:0.3")
+    compression = hc.Compression(spec, error_feedback=True, server="topk:0.5",
+                                 named_parameters=model.named_parameters())
+    optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR),
+                                         named_parameters=model.named_parameters(), compression=compression,
+                                         op=hvd.Sum if scenario == "op_sum" else hvd.Average)
+    before = None
+    try:
+        for step in range(6):
+            if scenario == "nan" and step == 3:
+                before = compression.state_dict()
+            optimizer.zero_grad()
+            loss = loss_of(model, step, hvd.rank())
+            if scenario == "nan" and step == 3 and hvd.rank() == 1:
+                loss = loss + model.fc2.weight[0, 0] * float("nan")
+            loss.backward()
+            optimizer.step()
+    except Exception as err:   # noqa: BLE001 - the test reads what each rank caught
+        print(f"CAUGHT {type(err).__name__}: {err}".replace("\n", " | "), flush=True)
+        if before is not None:
+            hvd.barrier()
+            after = compression.state_dict()
+            unchanged = all(torch.equal(before["worker_error"][r][n], after["worker_error"][r][n])
+                            for r in range(hvd.size()) for n in before["worker_error"][r]) and all(
+                torch.equal(before["server_error"][n], after["server_error"][n]) for n in before["server_error"])
+            print(f"BUFFERS_UNCHANGED {unchanged}", flush=True)
+        return
+    print("NO ERROR", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

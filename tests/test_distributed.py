@@ -1,0 +1,108 @@
+"""Real multi-process runs (horovodrun with Gloo for 2 ranks, mpirun for 3) against the single-process
+simulation: every compressor x mode, replicas bit-identical, the seed's counterexample, checkpoint/resume,
+and bad set-ups that must fail clearly on every rank."""
+import json
+
+import pytest
+import torch
+
+from conftest import DISTRIBUTED, launch, result_line
+
+import sys
+sys.path.insert(0, str(DISTRIBUTED))
+from common import train_reference  # noqa: E402
+
+STEPS = 20
+COMPRESSORS = ["topk:0.3", "topk:k=2", "randk:0.3", "randk:0.3,biased", "randk:0.3,shared", "natural",
+               "natural:det", "sign", "onebit", "qsgd:4", "topk:0.3+natural", "0.5*topk:0.3", "none"]
+MODES = {"plain": {}, "ef": {"error_feedback": True}, "doublesqueeze": {"error_feedback": True, "server": None}}
+
+
+def _cases():
+    cases = []
+    for spec in COMPRESSORS:
+        for mode, options in MODES.items():
+            case = {"id": f"{spec}/{mode}", "compressor": spec, "steps": STEPS, **options}
+            if "server" in case:
+                case["server"] = spec   # DoubleSqueeze: the same compressor on both sides
+            cases.append(case)
+    ds = {"compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5", "steps": STEPS}
+    cases += [
+        {**ds, "id": "groups=2", "groups": 2},
+        {**ds, "id": "backward_passes_per_step=2", "backward_passes_per_step": 2},
+        {**ds, "id": "server=natural", "server": "natural"},
+        {**ds, "id": "float32", "dtype": "float32"},
+        {**ds, "id": "bfloat16", "dtype": "bfloat16"},
+        {**ds, "id": "float16", "dtype": "float16"},
+    ]
+    return cases
+
+
+CASES = _cases()
+TOLERANCE = {"float64": 1e-9, "float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-1}
+LAUNCHERS = {2: "horovodrun", 3: "mpirun"}
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}ranks-{LAUNCHERS[n]}")
+def distributed_run(request, tmp_path_factory):
+    n = request.param
+    out = tmp_path_factory.mktemp(f"run{n}")
+    (out / "cases.json").write_text(json.dumps(CASES))
+    proc = launch(n, DISTRIBUTED / "worker.py", out / "cases.json", out, launcher=LAUNCHERS[n], timeout=900)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    return n, [torch.load(out / f"rank{r}.pt") for r in range(n)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_matches_simulation_and_replicas_identical(distributed_run, case):
+    n, ranks = distributed_run
+    reference = train_reference(case, n, case["steps"])
+    tol = TOLERANCE[case.get("dtype", "float64")]
+    for name, expected in reference.items():
+        for r in range(1, n):
+            assert torch.equal(ranks[r][case["id"]][name], ranks[0][case["id"]][name]), f"rank {r} differs: {name}"
+        got = ranks[0][case["id"]][name]
+        assert got.dtype == expected.dtype
+        err = (got.double() - expected.double()).abs().max().item()
+        assert err <= tol * max(1.0, expected.double().abs().max().item()), f"{name}: off by {err}"
+    stats = ranks[0][case["id"]]["_stats"]
+    assert stats["steps"] == case["steps"]
+    assert 0 < stats["bytes_sent"] and stats["dense_bytes"] == 4 * sum(t.numel() for t in reference.values())
+
+
+def test_counterexample_top1_diverges_and_error_feedback_converges():
+    """The first seed: n = d = 3, Top-1: x_k = (1 + 11 eta / 6)^k x_0; with error feedback x_k -> 0."""
+    proc = launch(3, DISTRIBUTED / "counterexample.py", 30, 300, 0.05, 0.1, launcher="mpirun")
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    for eta, r in result_line(proc).items():
+        assert r["expected_growth"] == pytest.approx(1 + 11 * float(eta) / 6, rel=1e-15)
+        for step in r["growth"]:
+            assert step == pytest.approx([r["expected_growth"]] * 3, rel=1e-12)
+        assert r["ef_norms"][-1] < 1e-6 * r["ef_norms"][0]
+
+
+def test_checkpoint_at_10_resumes_equal_to_uninterrupted_20(tmp_path):
+    cases = [{"id": "topk-ds", "compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5"},
+             {"id": "randk-ef-qsgd-server", "compressor": "randk:0.3", "error_feedback": True, "server": "qsgd:4"},
+             {"id": "natural-ef", "compressor": "natural", "error_feedback": True}]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    proc = launch(2, DISTRIBUTED / "checkpoint.py", tmp_path / "cases.json", tmp_path / "ckpt.pt")
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    for case_id, r in result_line(proc).items():
+        assert r == {"parameters_equal": True, "error_buffers_equal": True, "nonzero_buffers": True}, case_id
+
+
+@pytest.mark.parametrize("scenario, error, words", [
+    ("mismatch", "ValueError", "configured differently on different ranks"),
+    ("nan", "FloatingPointError", "not finite (NaN or Inf) for parameter(s) ['fc2.weight']"),
+    ("op_sum", "RuntimeError", "use op=hvd.Average"),
+    ("k_too_big", "ValueError", "parameter 'fc2.bias': TopK(ratio=None, k=10): k=10 is larger"),
+])
+def test_bad_setup_fails_clearly_on_every_rank(scenario, error, words):
+    proc = launch(2, DISTRIBUTED / "bad_input.py", scenario, timeout=120)
+    caught = [line for line in proc.stdout.splitlines() if "CAUGHT" in line]
+    assert len(caught) == 2, proc.stdout[-5000:]
+    for line in caught:
+        assert f"CAUGHT {error}: " in line and words in line, line
+    if scenario == "nan":
+        assert proc.stdout.count("BUFFERS_UNCHANGED True") == 2, proc.stdout[-3000:]
