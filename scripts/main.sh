@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The main job: set up if needed, then a real 2-rank data-parallel training on localhost with Top-k 1% and
+# error feedback (Fashion-MNIST, 2 epochs). Extra arguments go to the example, e.g.
+#   bash scripts/main.sh --compressor topk:0.01 --error-feedback --server topk:0.01
+# NP=4 bash scripts/main.sh runs 4 ranks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+args=("$@")
+((${#args[@]})) || args=(--compressor topk:0.01 --error-feedback)
+exec .venv/bin/horovodrun -np "${NP:-2}" --gloo .venv/bin/python examples/pytorch_fashion_mnist.py "${args[@]}"

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test suite: set up if needed, then every test (multi-process ones launch horovodrun / mpirun).
+# Extra arguments go to pytest, e.g. bash scripts/test.sh -k counterexample
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$SECONDS
+bash scripts/setup.sh
+export OMP_NUM_THREADS=1 TF_CPP_MIN_LOG_LEVEL=3
+status=0
+.venv/bin/python -m pytest tests -q -p no:cacheprovider "$@" || status=$?
+echo "test suite: $((SECONDS - start)) s in all, set-up included"
+exit $status

@@ -1,0 +1,128 @@
+"""hvd_compress.torch.Compression in one process (Horovod initialised with one rank)."""
+import pytest
+import torch
+
+import hvd_compress.torch as hc
+from hvd_compress.simulate import Simulation
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+
+
+def _train(model, optimizer, steps=5):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4, generator=gen)).pow(2).mean().backward()
+        optimizer.step()
+
+
+def test_one_process_horovod_skips_compression(horovod):
+    """With one process, hvd.DistributedOptimizer registers no hooks and never calls compress(): training
+    is plain local SGD on the uncompressed gradient, and stats() reports that no step was compressed."""
+    model, plain = _model(), _model()
+    compression = hc.Compression("topk:0.1", error_feedback=True, named_parameters=model.named_parameters())
+    _train(model, horovod.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                               named_parameters=model.named_parameters(), compression=compression))
+    _train(plain, torch.optim.SGD(plain.parameters(), lr=0.1))
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    stats = compression.stats()
+    assert stats["steps"] == 0 and stats["bytes_sent"] == 0 and stats["total_bytes_sent"] == 0
+
+
+def test_direct_calls_with_one_rank_equal_the_simulation(horovod):
+    """Calling compress()/decompress() as Horovod does, with n = 1: the pipeline equals its simulation."""
+    model = _model()
+    compression = hc.Compression("topk:0.3", error_feedback=True, server="natural",
+                                 named_parameters=model.named_parameters())
+    sim = Simulation("topk:0.3", error_feedback=True, server="natural", n=1)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(4):
+        model.zero_grad(set_to_none=True)
+        model(torch.randn(8, 4, generator=gen)).pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        sent = {n: compression.compress(p.grad) for n, p in model.named_parameters()}
+        got = {n: compression.decompress(horovod.allreduce(marker), ctx) for n, (marker, ctx) in sent.items()}
+        expected = sim.step([grads])
+        for n in grads:
+            assert torch.equal(got[n], expected[n]), (step, n)
+    assert compression.stats()["steps"] == 4
+
+
+def test_state_dict_round_trip_and_refusals(horovod):
+    model = _model()
+    compression = hc.Compression("topk:0.3", error_feedback=True, named_parameters=model.named_parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    sent = [compression.compress(p.grad) for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="during a step"):
+        compression.state_dict()
+    for marker, ctx in sent:
+        compression.decompress(horovod.allreduce(marker), ctx)
+    state = compression.state_dict()
+    assert state["size"] == 1 and state["step"] == 1 and len(state["worker_error"][0]) == 4
+    other = hc.Compression("topk:0.3", error_feedback=True, named_parameters=model.named_parameters())
+    other.load_state_dict(state)
+    restored = other.state_dict()
+    assert restored["step"] == 1
+    assert all(torch.equal(t, state["worker_error"][0][n]) for n, t in restored["worker_error"][0].items())
+    different = hc.Compression("randk:0.3", error_feedback=True, named_parameters=model.named_parameters())
+    with pytest.raises(ValueError, match="different configuration"):
+        different.load_state_dict(state)
+    with pytest.raises(ValueError, match="saved with 3 ranks"):
+        other.load_state_dict({**state, "size": 3})
+    with pytest.raises(ValueError, match="not an hvd_compress state dict"):
+        other.load_state_dict({"weights": 1})
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    ({"compressor": "topk:0"}, ValueError, "k must be an integer >= 1, got 0"),
+    ({"compressor": "topk:1.5"}, ValueError, "ratio must be a number in (0, 1], got 1.5"),
+    ({"compressor": hc.TopK}, ValueError, "a compressor spec must be a string"),
+    ({"compressor": "zip"}, ValueError, "unknown compressor spec 'zip'"),
+    ({"compressor": "topk:0.1", "server": "bogus:3"}, ValueError, "unknown compressor spec 'bogus:3'"),
+    ({"compressor": "topk:0.1", "named_parameters": None}, ValueError, "needs named_parameters"),
+    ({"compressor": "topk:0.1", "named_parameters": [("a", torch.zeros(1)), ("a", torch.zeros(1))]},
+     ValueError, "'a' appears twice"),
+])
+def test_constructor_refuses_bad_arguments(kwargs, error, words):
+    kwargs.setdefault("named_parameters", _model().named_parameters())
+    with pytest.raises(error) as info:
+        hc.Compression(**kwargs)
+    assert words in str(info.value)
+
+
+def test_compress_refuses_foreign_and_non_floating_tensors(horovod):
+    model = _model()
+    counts = torch.zeros(3, dtype=torch.int64)
+    counts.grad = torch.ones(3, dtype=torch.int64)
+    compression = hc.Compression("topk:0.5", named_parameters=[*model.named_parameters(), ("counts", counts)])
+    with pytest.raises(ValueError, match=r"not the .grad of any parameter"):
+        compression.compress(torch.ones(3))
+    with pytest.raises(TypeError, match="parameter 'counts': gradients must be floating point, got torch.int64"):
+        compression.compress(counts.grad)
+
+
+def test_non_finite_gradient_is_refused_and_buffers_kept(horovod):
+    model = _model()
+    compression = hc.Compression("topk:0.3", error_feedback=True, named_parameters=model.named_parameters())
+
+    def step(poison):
+        model.zero_grad(set_to_none=True)
+        model(torch.randn(2, 4)).sum().backward()
+        if poison:
+            model[0].bias.grad[1] = float("inf")
+        sent = [compression.compress(p.grad) for p in model.parameters()]
+        return [compression.decompress(horovod.allreduce(m), ctx) for m, ctx in sent]
+
+    step(False)
+    before = compression.state_dict()
+    with pytest.raises(FloatingPointError, match=r"\['0.bias'\] on some rank \(on this rank: \['0.bias'\]\)"):
+        step(True)
+    after = compression.state_dict()
+    assert after["step"] == before["step"] == 1
+    assert all(torch.equal(before["worker_error"][0][n], t) for n, t in after["worker_error"][0].items())
+    step(False)   # and the next step goes on normally
+    assert compression.stats()["steps"] == 2
