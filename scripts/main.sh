@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export TF_CPP_MIN_LOG_LEVEL=3   # horovodrun imports TensorFlow; keep its start-up chatter out of the output
 args=("$@")
 ((${#args[@]})) || args=(--compressor topk:0.01 --error-feedback)
 exec .venv/bin/horovodrun -np "${NP:-2}" --gloo .venv/bin/python examples/pytorch_fashion_mnist.py "${args[@]}"

@@ -211,8 +211,8 @@ def vectors(draw, max_d=300):
         v = np.zeros(d)
     elif dist == "powers_of_two":
         v = signs * 2.0 ** rng.integers(-10, 10, size=d)
-    elif dist == "natural_worst":   # 1.5 * 2^e: worst case of natural compression; 0.75 * 2^e: the rounding tie
-        v = signs * rng.choice([1.5, 0.75], size=d) * 2.0 ** rng.integers(-10, 10, size=d)
+    elif dist == "natural_worst":   # 0.75 * 2^e: the rounding tie, worst case of deterministic natural
+        v = signs * rng.choice([0.75, 4 / 3, 1.5], size=d) * 2.0 ** rng.integers(-10, 10, size=d)
     elif dist == "wide":            # magnitudes over 60 orders of magnitude
         v = signs * 10.0 ** rng.uniform(-30, 30, size=d)
     else:
@@ -352,22 +352,23 @@ def _stat_vector(kind):
     rng = np.random.default_rng({"normal": 1, "natural_worst": 2, "sparse": 3}[kind])
     if kind == "normal":
         v = rng.standard_normal(D_STAT) * np.where(np.arange(D_STAT) % 5 == 0, 10.0, 1.0)
-    elif kind == "natural_worst":   # every element at 1.5 * 2^e: E||C_nat(x)||^2 = 9/8 ||x||^2 exactly
-        v = rng.choice([-1.0, 1.0], size=D_STAT) * 1.5 * 2.0 ** rng.integers(-4, 4, size=D_STAT)
+    elif kind == "natural_worst":   # every element at (4/3) 2^e: E||C_nat(x)||^2 = 9/8 ||x||^2 (to rounding)
+        v = rng.choice([-1.0, 1.0], size=D_STAT) * (4 / 3) * 2.0 ** rng.integers(-4, 4, size=D_STAT)
     else:
         v = rng.standard_normal(D_STAT) * (rng.random(D_STAT) < 0.3)
         v[0] = 2.0
     return torch.from_numpy(v)
 
 
-STAT_N = {"normal": 20000, "natural_worst": 5000, "sparse": 5000}
+STAT_N = {"normal": 20000, "natural_worst": 4000, "sparse": 4000}
+N_EXPECTED = 3000   # draws for the class checks of the other random compressors
 
 
 @functools.lru_cache(maxsize=None)
-def _samples(c, kind):
-    """C(x, seed=s) for s in range(N), stacked (N, d) in float64."""
+def _samples(c, kind, n=None):
+    """C(x, seed=s) for s in range(n), stacked (n, d) in float64."""
     x = _stat_vector(kind)
-    return torch.stack([c(x, s) for s in range(STAT_N[kind])])
+    return torch.stack([c(x, s) for s in range(n or STAT_N[kind])])
 
 
 UNBIASED = [RandK(ratio=0.2), RandK(k=7, shared=True), Natural(), QSGD(2), QSGD(16)]
@@ -402,7 +403,7 @@ def test_unbiased_and_zeta(c, kind):
 def test_statistical_check_detects_a_bias():
     # negative control: biased RandK has mean q x, not x
     c, x = RandK(ratio=0.2, unbiased=False), _stat_vector("normal")
-    s = _samples(c, "normal")
+    s = _samples(c, "normal", N_EXPECTED)
     mean, se = s.mean(0), s.std(0) / math.sqrt(s.shape[0])
     assert ((mean - x).abs() > 5 * se).any()
     assert ((mean - 0.2 * x).abs() <= 5 * se + 1e-12).all()
@@ -458,11 +459,10 @@ def test_random_compressor_classes_in_expectation(c, kind):
     classes = c.classes(D_STAT)
     assert classes and c.random
     x = _stat_vector(kind)
-    s = _samples(c, kind) if kind == "sparse" or c in UNBIASED else \
-        torch.stack([c(x, s) for s in range(5000)])
+    s = _samples(c, kind) if c in UNBIASED else _samples(c, kind, N_EXPECTED)
     failures = check_expected_classes(classes, x, s)
     assert not failures, failures
-    if isinstance(c, RandK):   # biased RandK: a restriction, so <C, x> = ||C||^2 on every draw
+    if isinstance(c, RandK) and not c.unbiased:   # biased RandK: a restriction, so <C, x> = ||C||^2 on every draw
         assert torch.allclose((s ** 2).sum(1), s @ x, rtol=1e-12, atol=0)
 
 
@@ -682,7 +682,7 @@ def test_natural_deterministic(dtype):
     assert (out[~zero] != 0).all()
     assert _is_power_of_two(out[~zero]).all()
     assert torch.equal(torch.sign(out), torch.sign(x))
-    ratio = (out[~zero] / x[~zero]).double()
+    ratio = out[~zero].double() / x[~zero].double()
     assert (ratio >= 2 / 3).all() and (ratio <= 4 / 3).all(), (ratio.min(), ratio.max())
     # the nearest power of two in value (ties, 0.75 * 2^e, go up)
     lower = torch.ldexp(torch.ones_like(x), torch.frexp(x.abs())[1] - 1)
@@ -752,9 +752,8 @@ def test_qsgd_levels(levels, dtype):
     assert torch.equal(c(torch.zeros(7, dtype=dtype), 1), torch.zeros(7, dtype=dtype))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reported, not fixed): QSGD's float32 norm overflows when ||x||^2 "
-                                       "exceeds float32's range (|x| ~ 1e19 and up), and C(x) is all NaN")
 def test_qsgd_float32_large_values():
+    """||x||^2 overflows float32 from |x| ~ 1e19; the norm must not."""
     x = _test_vector(100, torch.float32, seed=1) * 1e20
     assert torch.isfinite(QSGD(16)(x, 0)).all()
 

@@ -126,7 +126,10 @@ def _onebit_decode(c, parts, d, seed):
 
 
 def _qsgd_encode(c, x, seed):
-    norm = torch.linalg.vector_norm(x)
+    # ||x|| as max|x| * ||x / max|x|||: the plain sum of squares overflows float32 from |x| ~ 1e19
+    peak = x.abs().max()
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    norm = peak * torch.linalg.vector_norm(x / peak)
     scaled = x.abs() / torch.where(norm > 0, norm, torch.ones_like(norm)) * c.levels
     lower = scaled.floor()
     level = lower + (_uniform(x, seed) < scaled - lower).to(x.dtype)

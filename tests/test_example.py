@@ -1,0 +1,21 @@
+"""The main job's example, end to end on 2 ranks with a slice of Fashion-MNIST."""
+import json
+
+from conftest import ROOT, launch
+
+
+def test_example_trains_compressed_with_identical_replicas(tmp_path):
+    out = tmp_path / "run.json"
+    proc = launch(2, ROOT / "examples" / "pytorch_fashion_mnist.py", "--compressor", "topk:0.05",
+                  "--error-feedback", "--server", "topk:0.1", "--epochs", "2", "--train-limit", "3000",
+                  "--test-limit", "1000", "--no-progress", "--check-replicas", "--json", out)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert "replicas identical: True" in proc.stdout
+    lines = [line for line in proc.stdout.splitlines() if "epoch 2/2" in line and "test_acc" in line]
+    assert lines, proc.stdout[-3000:]
+    record = json.loads(out.read_text())
+    last = record["epochs"][-1]
+    # uplink 5% of k x 8 bytes plus the root's 10% broadcast, all far below dense
+    assert 0 < last["ratio"] < 0.2
+    assert last["test_acc"] > 0.5   # ten classes: chance is 0.1
+    assert last["last_step_stats"]["steps"] == 2 * (3000 // 2 // 64)
