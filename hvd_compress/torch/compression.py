@@ -195,11 +195,13 @@ class Compression:
         if p.server_error is not None:
             self._server_error[name] = p.server_error
         s = self._step_stats
+        residual = torch.sum((p.x - p.local) ** 2)   # ||C(x) - x||^2, also ||e||^2 with error feedback
         s["bytes_sent"] += p.bytes_sent
         s["dense_bytes"] += 4 * p.x.numel()
-        s["residual"] += torch.sum((p.local - p.x) ** 2)
+        s["residual"] += residual
         s["norm"] += torch.sum(p.x ** 2)
-        s["worker_error"] += torch.sum((p.x - p.local) ** 2) if self.config.error_feedback else 0.0
+        if self.config.error_feedback:
+            s["worker_error"] += residual
         if p.server_error is not None:
             s["server_error"] += torch.sum(p.server_error ** 2)
 
