@@ -1,8 +1,10 @@
 """Which random numbers a compressor draws: one seed per (step, who, parameter).
 
+A seed is a pair (key, step): ``key`` names who draws for which parameter, ``step`` the training step.
 Keying randomness by the call instead of by a generator's history makes every draw reproducible from the
 checkpointed step alone, independent of the order in which Horovod happens to call compress(), and the same
-in a multi-rank run and in its single-process simulation.
+in a multi-rank run and in its single-process simulation. The pair form lets graph frameworks (TensorFlow)
+use a step that is a tensor: they need no hashing at run time.
 """
 import hashlib
 
@@ -10,15 +12,27 @@ SHARED = "shared"   # the same draw on every rank (shared-index RandK: payloads 
 SERVER = "server"   # the DoubleSqueeze server pass
 
 
-def derive_seed(base, step, who, name):
-    """A 63-bit seed for compressor calls of rank ``who`` (or SHARED / SERVER) on parameter ``name``."""
-    key = f"{base}/{step}/{who}/{name}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+def call_key(base, who, name):
+    """A 31-bit key for compressor calls of rank ``who`` (or SHARED / SERVER) on parameter ``name``."""
+    digest = hashlib.blake2b(f"{base}/{who}/{name}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def worker_seed(compressor, base, step, rank, name):
-    return derive_seed(base + getattr(compressor, "seed", 0), step, SHARED if compressor.summable else rank, name)
+    who = SHARED if compressor.summable else rank
+    return call_key(base + getattr(compressor, "seed", 0), who, name), step
 
 
 def server_seed(compressor, base, step, name):
-    return derive_seed(base + getattr(compressor, "seed", 0), step, SERVER, name)
+    return call_key(base + getattr(compressor, "seed", 0), SERVER, name), step
+
+
+def as_pair(seed):
+    """(key, step) from a pair or from a plain integer seed (step 0)."""
+    return tuple(seed) if isinstance(seed, (tuple, list)) else (int(seed), 0)
+
+
+def second_stage(seed):
+    """An independent seed for the second stage of a composition."""
+    key, step = as_pair(seed)
+    return key ^ 0x5BD1E995, step

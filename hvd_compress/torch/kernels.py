@@ -3,25 +3,27 @@
 ``encode(c, x, seed)`` turns a flat floating tensor into the parts that ``c.layout(d)`` describes;
 ``decode(c, parts, d, seed)`` turns them back into a dense flat tensor. Everything stays on x's device
 (no host round trips). Random compressors draw from a generator seeded by ``seed`` alone, so a call is
-reproducible from (compressor, x, seed): that is what makes a multi-rank run equal its simulation.
+reproducible from (compressor, x, seed): that is what makes a multi-rank run equal its simulation. A seed
+is an integer or a (key, step) pair (see ``hvd_compress.seeds``).
 """
 import torch
 
 from .. import compressors as C
+from ..seeds import as_pair, second_stage
 
 _DTYPES = {C.INT32: torch.int32, C.UINT8: torch.uint8, C.INT8: torch.int8, C.INT16: torch.int16}
-_BIT_WEIGHTS = {}
+_MASK64 = 2 ** 64 - 1
 
 
 def _generator(seed, device):
+    # splitmix64 of (key, step): torch's CPU generator keeps only the low 32 bits of a seed, so mix first
+    key, step = as_pair(seed)
+    z = ((key & 0xFFFFFFFF) << 32 | step & 0xFFFFFFFF) + 0x9E3779B97F4A7C15 & _MASK64
+    z = (z ^ z >> 30) * 0xBF58476D1CE4E5B9 & _MASK64
+    z = (z ^ z >> 27) * 0x94D049BB133111EB & _MASK64
     g = torch.Generator(device=device)
-    g.manual_seed(seed & (2 ** 63 - 1))
+    g.manual_seed((z ^ z >> 31) >> 1)
     return g
-
-
-def _subseed(seed):
-    """A second, independent stream for the second stage of a composition."""
-    return (seed * 6364136223846793005 + 1442695040888963407) % (2 ** 63)
 
 
 def _uniform(x, seed):
@@ -144,12 +146,12 @@ def _qsgd_decode(c, parts, d, seed):
 
 def _compose_encode(c, x, seed):
     idx, values = (_topk_encode if isinstance(c.first, C.TopK) else _randk_encode)(c.first, x, seed)
-    return [idx] + encode(c.second, values, _subseed(seed))
+    return [idx] + encode(c.second, values, second_stage(seed))
 
 
 def _compose_decode(c, parts, d, seed, dtype):
     idx = parts[0]
-    return _scatter(idx, decode(c.second, parts[1:], idx.numel(), _subseed(seed), dtype), d)
+    return _scatter(idx, decode(c.second, parts[1:], idx.numel(), second_stage(seed), dtype), d)
 
 
 def encode(c, x, seed=0):
