@@ -1,0 +1,244 @@
+"""``Compression`` for TensorFlow: ``compression=`` of ``hvd.DistributedGradientTape``, of
+``hvd.DistributedOptimizer`` and of Horovod's Keras ``DistributedOptimizer`` (tf-keras).
+
+The same step as the PyTorch plug-in (DESIGN.md section 1), written for Horovod's TensorFlow path, which
+calls ``compress(g)``, allreduces what it returns, and calls ``decompress()`` on the result, one gradient
+at a time, while tracing a ``tf.function``. So everything happens in the graph:
+
+    compress(g)    x = g + e               payload p = C_w(x)                 (e: error feedback)
+                   allgather p's bytes (or allreduce summable payloads)      -> gbar = 1/n sum_j decode(p_j)
+                   y = gbar + d, v = C_s(y); the root's payload bytes are broadcast; every rank decodes them
+                   returns a one-element marker: the step number, or NaN where x is not finite
+    decompress(m)  m is the marker averaged over ranks: NaN means some rank's gradient was not finite, a
+                   wrong step that ranks are out of step or that Horovod does not average. Then the step
+                   fails with an error naming the variable, and that variable's buffers stay as they were;
+                   otherwise e <- x - decode(p), d <- y - v, and v is the gradient.
+
+Every rank keeps the server buffer d: gbar, d and the server seed are the same on every rank, so d stays
+identical everywhere, while the broadcast keeps the root authoritative for v.
+
+Horovod passes compress() a bare gradient. Gradients arrive in the order of the variables given to the
+tape or optimizer (Horovod skips variables without gradient), so ``variables=`` must be that list, in that
+order: each gradient is matched to the next variable of its shape. Horovod's ``groups=`` reorders gradients
+and is not supported.
+"""
+import hashlib
+
+import numpy as np
+import tensorflow as tf
+import horovod.tensorflow as hvd
+
+from .. import compressors as C
+from ..seeds import server_seed, worker_seed
+from . import kernels as K
+
+STATE_FORMAT = 1
+
+
+def _is_keras3_variable(v):
+    return type(v).__module__.startswith("keras.") and not isinstance(v, tf.Variable)
+
+
+class Compression(tf.Module):
+    """Gradient compression with optional worker error feedback and DoubleSqueeze server pass.
+
+    Args:
+        compressor: worker compressor C_w (object or spec such as ``"topk:0.01"``).
+        error_feedback: keep an error buffer per variable on every worker.
+        server: compressor C_s of the DoubleSqueeze server pass; None for none.
+        variables: the variables whose gradients Horovod reduces, in the same order
+            (``model.trainable_variables``).
+        root_rank: the rank whose server payload every rank applies.
+        seed: base of the seeds of random compressors.
+
+    Create it after ``hvd.init()`` on every rank (it compares the configuration of all ranks). It is a
+    ``tf.Module``: ``tf.train.Checkpoint(compression=compression)`` saves this rank's buffers;
+    ``state_dict()`` gathers every rank's.
+    """
+
+    def __init__(self, compressor, error_feedback=False, server=None, variables=None, root_rank=0, seed=0):
+        super().__init__(name="hvd_compress")
+        worker = C.parse(compressor) or C.Identity()
+        self.config = C.Config(worker, bool(error_feedback), C.parse(server))
+        if variables is None:
+            raise ValueError("Compression needs variables=model.trainable_variables (in the order Horovod "
+                             "reduces their gradients): Horovod passes compress() no variable")
+        variables = list(variables)
+        if any(_is_keras3_variable(v) for v in variables):
+            raise ValueError(
+                "these are Keras 3 variables. With Keras 3, Horovod 0.28's Keras DistributedOptimizer accepts "
+                "compression= but never averages gradients (ranks silently diverge). Use tf-keras: "
+                "pip install tf-keras and set TF_USE_LEGACY_KERAS=1 before importing TensorFlow. For a custom "
+                "loop with hvd.DistributedGradientTape, pass variables=[v.value for v in model.trainable_variables]")
+        for v in variables:
+            if not isinstance(v, tf.Variable):
+                raise ValueError(f"variables must be tf.Variables, got {type(v).__name__}")
+            try:
+                K.compute_dtype(v.dtype)
+            except TypeError as err:
+                raise TypeError(f"variable {v.name!r}: {err}") from None
+        self.names = [f"{i}/{v.name}" for i, v in enumerate(variables)]
+        self.shapes = [tuple(v.shape) for v in variables]
+        self.root_rank, self.seed = int(root_rank), int(seed)
+        dtypes = [K.compute_dtype(v.dtype) for v in variables]
+        sizes = [int(np.prod(s)) for s in self.shapes]
+
+        def buffers(prefix):
+            return [tf.Variable(tf.zeros([d], dt), trainable=False, name=f"{prefix}_{i}")
+                    for i, (d, dt) in enumerate(zip(sizes, dtypes))]
+
+        self.worker_error = buffers("worker_error") if self.config.error_feedback else []
+        self.server_error = buffers("server_error") if self.config.server is not None else []
+        self.steps = [tf.Variable(0, dtype=tf.int64, trainable=False, name=f"step_{i}") for i in range(len(sizes))]
+        # last step's ||C(x) - x||^2 and ||x||^2 and ||d||^2 per variable, for stats()
+        self.last = tf.Variable(tf.zeros([len(sizes), 3], tf.float64), trainable=False, name="last_step_norms")
+        self._bytes_per_step = [0] * len(sizes)   # what this rank hands to collectives per step (static)
+        self._cursor_graph, self._cursor = None, 0
+        self._check_same_config_everywhere()
+
+    # ---- Horovod's Compressor interface ------------------------------------------------------------------
+
+    def compress(self, tensor):
+        i = self._index_of(tensor)
+        name, worker, server = self.names[i], self.config.worker, self.config.server
+        dtype = K.compute_dtype(tensor.dtype)
+        x = tf.reshape(tf.cast(tensor, dtype), [-1])
+        d = x.shape[0]
+        if self.config.error_feedback:
+            x = x + self.worker_error[i]
+        step = self.steps[i].read_value()
+        seed = worker_seed(worker, self.seed, step, hvd.rank(), name)
+        try:
+            parts = K.encode(worker, x, seed)
+        except ValueError as err:
+            raise ValueError(f"variable {name!r}: {err}") from None
+        local = K.decode(worker, parts, d, seed, dtype)
+        n, sent = hvd.size(), 0
+        if worker.summable:
+            gbar = K.decode(worker, [hvd.allreduce(parts[0], op=hvd.Average, name=f"hc_w_{i}")], d, seed, dtype)
+            sent += parts[0].shape[0] * dtype.size
+        else:
+            data = K.pack(parts)
+            gathered = tf.reshape(hvd.allgather(data, name=f"hc_w_{i}"), [n, -1])
+            gbar = None
+            for r in range(n):   # in rank order on every rank: bit-identical sums
+                decoded = K.decode(worker, K.unpack(worker, gathered[r], d, dtype), d, seed, dtype)
+                gbar = decoded if gbar is None else gbar + decoded
+            gbar = gbar / n
+            sent += data.shape[0]
+        update, server_error = gbar, None
+        if server is not None:
+            y = gbar + self.server_error[i]
+            s_seed = server_seed(server, self.seed, step, name)
+            data = hvd.broadcast(K.pack(K.encode(server, y, s_seed)), self.root_rank, name=f"hc_s_{i}")
+            update = K.decode(server, K.unpack(server, data, d, dtype), d, s_seed, dtype)
+            server_error = y - update
+            if hvd.rank() == self.root_rank:
+                sent += data.shape[0]
+        finite = tf.reduce_all(tf.math.is_finite(x))
+        marker = tf.where(finite, tf.cast(step + 1, tf.float32), float("nan"))
+        self._bytes_per_step[i] = sent + 4
+        return tf.reshape(marker, [1]), (i, tensor.shape, tensor.dtype, x, local, update, server_error)
+
+    def decompress(self, marker, ctx):
+        i, shape, grad_dtype, x, local, update, server_error = ctx
+        name, step = self.names[i], self.steps[i]
+        expected = tf.cast(step + 1, tf.float32)
+        check = tf.debugging.Assert(
+            tf.abs(marker[0] - expected) <= 1e-3 * expected,
+            [f"hvd_compress: variable {name!r}: the gradient is not finite (NaN or Inf) on some rank "
+             f"(NaN marker), or ranks are out of step, or Horovod does not average (use op=hvd.Average). "
+             f"The buffers of this variable were left unchanged. Marker and expected step:", marker, expected])
+        with tf.control_dependencies([check]):
+            assigns = [step.assign_add(1)]
+            residual = tf.reduce_sum(tf.cast(tf.square(x - local), tf.float64))
+            norms = [residual, tf.reduce_sum(tf.cast(tf.square(x), tf.float64)), tf.constant(0.0, tf.float64)]
+            if self.config.error_feedback:
+                assigns.append(self.worker_error[i].assign(x - local))
+            if server_error is not None:
+                assigns.append(self.server_error[i].assign(server_error))
+                norms[2] = tf.reduce_sum(tf.cast(tf.square(server_error), tf.float64))
+            assigns.append(self.last[i].assign(tf.stack(norms)))
+        with tf.control_dependencies(assigns):
+            return tf.reshape(tf.cast(update, grad_dtype), shape)
+
+    # ---- matching gradients to variables, and agreeing on the configuration ------------------------------
+
+    def _index_of(self, tensor):
+        graph = tf.compat.v1.get_default_graph()
+        while type(graph).__name__ == "CondBranchFuncGraph":   # Horovod wraps each reduction in a tf.cond
+            graph = graph.outer_graph
+        if graph is not self._cursor_graph or self._cursor >= len(self.shapes):
+            self._cursor_graph, self._cursor = graph, 0
+        shape = tuple(tensor.shape)
+        while self._cursor < len(self.shapes) and self.shapes[self._cursor] != shape:
+            self._cursor += 1   # a variable without gradient: Horovod skipped it
+        if self._cursor == len(self.shapes):
+            raise ValueError(f"compress() got a gradient of shape {shape} that matches no remaining variable: "
+                             f"give Compression the variables in the order their gradients are reduced")
+        self._cursor += 1
+        return self._cursor - 1
+
+    def fingerprint(self):
+        shapes = ",".join(f"{n}:{s}" for n, s in zip(self.names, self.shapes))
+        return (f"{self.config.fingerprint()} root_rank={self.root_rank} seed={self.seed} "
+                f"variables={hashlib.sha256(shapes.encode()).hexdigest()[:12]}")
+
+    def _check_same_config_everywhere(self):
+        if hvd.size() == 1:
+            return
+        mine = self.fingerprint()
+        digest = int.from_bytes(hashlib.sha256(mine.encode()).digest()[:7], "little")
+        digests = hvd.allgather(tf.constant([digest], tf.int64), name="hc_config_check").numpy()
+        if (digests != digest).any():
+            everyone = hvd.allgather_object(mine, name="hc_config_check_text")
+            lines = "\n".join(f"  rank {r}: {fp}" for r, fp in enumerate(everyone))
+            raise ValueError(f"hvd_compress is configured differently on different ranks:\n{lines}")
+
+    # ---- checkpointing and statistics ----------------------------------------------------------------------
+
+    def state_dict(self):
+        """Every rank's worker error buffers, the server buffers and the per-variable steps, as numpy arrays.
+        A collective when there are several ranks: call it on every rank (eagerly), save it on one."""
+        mine = {n: e.numpy() for n, e in zip(self.names, self.worker_error)}
+        everyone = hvd.allgather_object(mine, name="hc_state_dict") if hvd.size() > 1 else [mine]
+        return {"format": STATE_FORMAT, "fingerprint": self.fingerprint(), "size": len(everyone),
+                "steps": {n: int(s.numpy()) for n, s in zip(self.names, self.steps)},
+                "worker_error": everyone,
+                "server_error": {n: d.numpy() for n, d in zip(self.names, self.server_error)}}
+
+    def load_state_dict(self, state):
+        """Restores what ``state_dict()`` saved; every rank loads the same dict and takes its own part."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not an hvd_compress state dict (format {STATE_FORMAT} expected)")
+        if state["fingerprint"] != self.fingerprint():
+            raise ValueError(f"the state was saved with a different configuration:\n  saved: {state['fingerprint']}"
+                             f"\n  now:   {self.fingerprint()}")
+        if state["size"] != hvd.size():
+            raise ValueError(f"the state was saved with {state['size']} ranks and this job has {hvd.size()}: "
+                             f"worker error buffers belong to ranks")
+        for name, e in zip(self.names, self.worker_error):
+            e.assign(state["worker_error"][hvd.rank()][name])
+        for name, d in zip(self.names, self.server_error):
+            d.assign(state["server_error"][name])
+        for name, s in zip(self.names, self.steps):
+            s.assign(state["steps"][name])
+
+    def stats(self):
+        """About the last completed step, as the PyTorch plug-in reports it (see its ``stats()``)."""
+        steps = [int(s.numpy()) for s in self.steps]
+        last = self.last.numpy()
+        dense = [4 * int(np.prod(s)) for s in self.shapes]
+        done = max(steps, default=0)
+        sent = sum(b for b, s in zip(self._bytes_per_step, steps) if s == done and done)
+        dense_now = sum(b for b, s in zip(dense, steps) if s == done and done)
+        return {"steps": done, "bytes_sent": sent, "dense_bytes": dense_now,
+                "ratio": sent / dense_now if dense_now else 0.0,
+                "variance": float(last[:, 0].sum() / last[:, 1].sum()) if last[:, 1].sum() else 0.0,
+                "worker_error_norm": float(np.sqrt(last[:, 0].sum())) if self.config.error_feedback else 0.0,
+                "server_error_norm": float(np.sqrt(last[:, 2].sum())),
+                "total_bytes_sent": sum(b * s for b, s in zip(self._bytes_per_step, steps)),
+                "total_dense_bytes": sum(b * s for b, s in zip(dense, steps))}
+
+    def __repr__(self):
+        return f"Compression({self.config.fingerprint()})"

@@ -1,0 +1,347 @@
+"""TensorFlow kernels: encode / decode of every compressor, and payload packing into real bytes.
+
+The same functions, payload parts and byte format as ``hvd_compress/torch/kernels.py``, in pure TensorFlow ops:
+everything traces inside ``tf.function`` (and XLA) with static shapes. ``d`` is always a Python int taken from
+a tensor's static shape; no tensor value decides a Python branch.
+
+A seed is an integer or a (key, step) pair (see ``hvd_compress.seeds``); ``step`` may be a scalar integer
+tensor (a ``tf.Variable``'s value in a graph). Random draws are stateless (Philox, the same on every device)
+and seeded by ``[key, step]`` as int64 alone, so a call is reproducible from (compressor, x, seed). The random
+streams differ from torch's; everything deterministic (values, wire format, bytes) is the same.
+
+TensorFlow flushes subnormal floats to zero in some eager CPU kernels; Natural compression therefore reads
+and writes exponents with integer bit operations only, so that it is exact over the whole float range.
+"""
+import numbers
+
+import tensorflow as tf
+
+from .. import compressors as C
+from ..seeds import as_pair, second_stage
+
+_DTYPES = {C.INT32: tf.int32, C.UINT8: tf.uint8, C.INT8: tf.int8, C.INT16: tf.int16}
+_MASK64 = 2 ** 64 - 1
+_RANDOM_ALG = "philox"   # "auto_select" may pick a different generator on another device type
+
+
+def _int64(value):
+    """A seed component as an int64 scalar tensor (Python integers wrap around modulo 2^64)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value) & _MASK64
+        return tf.constant(value - 2 ** 64 if value >= 2 ** 63 else value, tf.int64)
+    return tf.cast(tf.reshape(value, []), tf.int64)
+
+
+def _seed(seed):
+    key, step = as_pair(seed)
+    return tf.stack([_int64(key), _int64(step)])
+
+
+def _uniform(d, dtype, seed):
+    """d uniform draws in [0, 1) of dtype (float32: 24 random bits, float64: 53).
+
+    Made from Philox's raw integers: those are the same with and without XLA, while XLA turns them into
+    floats differently from the TensorFlow kernels (with a seed that is not a constant)."""
+    itype, bits = (tf.int64, 53) if dtype == tf.float64 else (tf.int32, 24)
+    raw = tf.random.stateless_uniform([d], seed=_seed(seed), dtype=itype, minval=None, maxval=None,
+                                      alg=_RANDOM_ALG)
+    return tf.cast(tf.bitwise.bitwise_and(raw, tf.constant(2 ** bits - 1, itype)), dtype) * \
+        tf.constant(2.0 ** -bits, dtype)
+
+
+def _div(x, y):
+    # x / y rounded as IEEE division, like torch. Grappler rewrites RealDiv by a constant into a
+    # multiplication by the rounded reciprocal in graphs (1 ulp off); DivNoNan is left alone (y is never 0)
+    return tf.math.divide_no_nan(x, y)
+
+
+def _random_indices(d, k, seed):
+    # the k largest of d uniform draws: a uniformly random k-subset (float64 draws: ties practically never),
+    # in increasing order (see _topk_encode)
+    return tf.sort(tf.math.top_k(_uniform(d, tf.float64, seed), k, sorted=False).indices)
+
+
+def _numel(x):
+    d = x.shape.num_elements()
+    if d is None:
+        raise ValueError(f"hvd_compress needs tensors of a static shape, got shape {x.shape}")
+    return d
+
+
+# ---- bit packing ----------------------------------------------------------------------------------------
+
+def pack_bits(bits):
+    """bool tensor of d -> uint8 tensor of ceil(d/8), 8 flags per byte (little-endian bit order)."""
+    d = _numel(bits)
+    padded = tf.pad(tf.cast(tf.reshape(bits, [-1]), tf.int32), [[0, (d + 7) // 8 * 8 - d]])
+    weights = tf.constant([1, 2, 4, 8, 16, 32, 64, 128], tf.int32)
+    return tf.cast(tf.reduce_sum(tf.reshape(padded, [-1, 8]) * weights, axis=1), tf.uint8)
+
+
+def unpack_bits(packed, d):
+    shifts = tf.range(8, dtype=tf.int32)
+    packed = tf.reshape(tf.cast(packed, tf.int32), [(d + 7) // 8, 1])
+    bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(packed, shifts), 1)
+    return tf.cast(tf.reshape(bits, [-1])[:d], tf.bool)
+
+
+# ---- the compressors --------------------------------------------------------------------------------------
+
+def _scatter(idx, values, d):
+    # assignment, not addition: a kept -0.0 stays -0.0, as in torch
+    idx = tf.reshape(tf.cast(idx, tf.int32), [-1, 1])
+    return tf.tensor_scatter_nd_update(tf.zeros([d], values.dtype), idx, values)
+
+
+def _topk_encode(c, x, seed):
+    # indices in increasing order: top_k(sorted=False) orders them one way in TensorFlow's kernel and
+    # another under XLA, and the order decides which random draw a Compose's second stage spends on which value
+    idx = tf.sort(tf.math.top_k(tf.abs(x), c.k_for(_numel(x)), sorted=False).indices)
+    return [idx, tf.gather(x, idx)]
+
+
+def _randk_indices(c, d, seed):
+    return _random_indices(d, c.k_for(d), seed)
+
+
+def _randk_encode(c, x, seed):
+    d = _numel(x)
+    idx = _randk_indices(c, d, seed)
+    values = tf.gather(x, idx)
+    if c.unbiased:
+        values = values * tf.constant(d / c.k_for(d), x.dtype)
+    return [values] if c.shared else [idx, values]
+
+
+def _sparse_decode(c, parts, d, seed):
+    if getattr(c, "shared", False):
+        return _scatter(_randk_indices(c, d, seed), parts[0], d)
+    return _scatter(parts[0], parts[1], d)
+
+
+# IEEE layouts: (int type, mantissa bits, exponent bias, exponent of the smallest subnormal, magnitude mask)
+_FLOAT_BITS = {tf.float32: (tf.int32, 23, 127, -149, 0x7FFFFFFF),
+               tf.float64: (tf.int64, 52, 1023, -1074, 0x7FFFFFFFFFFFFFFF)}
+
+
+def _exponent_fraction(x):
+    """(e, f, sign, nonzero) with |x| = (1 + f / 2^mbits) * 2^e exactly for nonzero finite x (subnormals
+    included), from the bits alone. ``e`` is int32, ``f`` the mantissa fraction in x's int type."""
+    itype, mbits, bias, tiny, mask = _FLOAT_BITS[x.dtype]
+    bits = tf.bitcast(x, itype)
+    magnitude = tf.bitwise.bitwise_and(bits, tf.constant(mask, itype))
+    field = tf.bitwise.right_shift(magnitude, tf.constant(mbits, itype))
+    fraction = tf.bitwise.bitwise_and(magnitude, tf.constant(2 ** mbits - 1, itype))
+    # a subnormal is fraction * 2^tiny; the fraction (< 2^mbits) is exact as a float of x's type, normal
+    # there, and its own bits give the normalized exponent and fraction
+    renormal = tf.bitcast(tf.cast(fraction, x.dtype), itype)
+    sub_field = tf.bitwise.right_shift(renormal, tf.constant(mbits, itype))
+    sub_fraction = tf.bitwise.bitwise_and(renormal, tf.constant(2 ** mbits - 1, itype))
+    normal = field > 0
+    exponent = tf.where(normal, field - bias, sub_field - bias + tiny)
+    fraction = tf.where(normal, fraction, sub_fraction)
+    return tf.cast(exponent, tf.int32), fraction, bits < 0, magnitude != 0
+
+
+def _power_of_two(exponent, dtype, negative):
+    """Exactly (-1)^negative * 2^exponent in dtype (int32 exponents; inf above the range, 0 below), by bits."""
+    itype, mbits, bias, tiny, _ = _FLOAT_BITS[dtype]
+    e = tf.cast(exponent, itype)
+    one = tf.constant(1, itype)
+    normal = tf.bitwise.left_shift(tf.clip_by_value(e + bias, 1, 2 * bias), tf.constant(mbits, itype))
+    subnormal = tf.bitwise.left_shift(one, tf.clip_by_value(e - tiny, 0, mbits - 1))
+    inf = tf.constant((2 * bias + 1) << mbits, itype)
+    bits = tf.where(e > bias, inf, tf.where(e >= 1 - bias, normal, tf.where(e >= tiny, subnormal,
+                                                                              tf.zeros_like(e))))
+    sign = tf.constant(itype.min, itype)   # the sign bit alone
+    bits = tf.where(negative, tf.bitwise.bitwise_or(bits, sign), bits)
+    return tf.bitcast(bits, dtype)
+
+
+def _natural_encode(c, x, seed):
+    _, mbits, _, _, _ = _FLOAT_BITS[x.dtype]
+    low_exp, fraction, negative, nonzero = _exponent_fraction(x)   # |x| in [2^low_exp, 2^(low_exp+1))
+    if c.deterministic:
+        up = fraction >= 2 ** (mbits - 1)                  # mantissa >= 0.75 in frexp's terms (ties go up)
+    else:                                                  # P(up) = (|x| - low) / low: unbiased
+        up = _uniform(_numel(x), x.dtype, seed) < tf.cast(fraction, x.dtype) * tf.constant(2.0 ** -mbits, x.dtype)
+    exp = low_exp + tf.cast(up, tf.int32)
+    top = tf.reduce_max(tf.where(nonzero, exp, tf.fill(tf.shape(exp), tf.constant(tf.int32.min, tf.int32))))
+    top = tf.where(tf.reduce_any(nonzero), top, tf.zeros_like(top))
+    code = tf.minimum(top - exp + 1, 128)                   # 1..127 = exponent below the largest; 128 = too small
+    code = tf.where(nonzero & (code <= 127), code, tf.zeros_like(code))
+    code = code + 128 * tf.cast(negative & nonzero, tf.int32)
+    return [tf.reshape(top, [1]), tf.cast(code, tf.uint8)]
+
+
+def _natural_decode(c, parts, d, seed, dtype):
+    top, code = parts
+    code = tf.cast(code, tf.int32)
+    magnitude_code = tf.bitwise.bitwise_and(code, 127)
+    exponent = tf.where(magnitude_code == 0, tf.fill([d], tf.constant(tf.int32.min, tf.int32)),
+                        tf.cast(top, tf.int32) - magnitude_code + 1)
+    return _power_of_two(exponent, tf.as_dtype(dtype), code >= 128)
+
+
+def _sign_encode(c, x, seed):
+    d = _numel(x)
+    return [tf.reshape(_div(tf.reduce_sum(tf.abs(x)), tf.constant(d, x.dtype)), [1]), pack_bits(x < 0)]
+
+
+def _sign_decode(c, parts, d, seed):
+    scale, packed = parts
+    return tf.where(unpack_bits(packed, d), -scale, scale)
+
+
+def _onebit_encode(c, x, seed):
+    d = _numel(x)
+    negative = x < 0
+    n_neg = tf.reduce_sum(tf.cast(negative, tf.int64))
+    zeros = tf.zeros_like(x)
+    neg_sum = tf.reduce_sum(tf.where(negative, -x, zeros))
+    pos_sum = tf.reduce_sum(tf.where(negative, zeros, x))
+    means = tf.stack([_div(pos_sum, tf.cast(tf.maximum(d - n_neg, 1), x.dtype)),
+                      _div(neg_sum, tf.cast(tf.maximum(n_neg, 1), x.dtype))])
+    return [means, pack_bits(negative)]
+
+
+def _onebit_decode(c, parts, d, seed):
+    means, packed = parts
+    return tf.where(unpack_bits(packed, d), -means[1], means[0])
+
+
+def _qsgd_encode(c, x, seed):
+    # ||x|| as max|x| * ||x / max|x|||: the plain sum of squares overflows float32 from |x| ~ 1e19
+    peak = tf.reduce_max(tf.abs(x))
+    peak = tf.where(peak > 0, peak, tf.ones_like(peak))
+    norm = peak * tf.sqrt(tf.reduce_sum(tf.square(_div(x, peak))))
+    scaled = _div(tf.abs(x), tf.where(norm > 0, norm, tf.ones_like(norm))) * tf.constant(c.levels, x.dtype)
+    lower = tf.floor(scaled)
+    level = lower + tf.cast(_uniform(_numel(x), x.dtype, seed) < scaled - lower, x.dtype)
+    signed = tf.cast(tf.where(x < 0, -level, level), tf.int8 if c.levels <= 127 else tf.int16)
+    return [tf.reshape(norm, [1]), signed]
+
+
+def _qsgd_decode(c, parts, d, seed):
+    norm, signed = parts
+    return _div(norm * tf.cast(signed, norm.dtype), tf.constant(c.levels, norm.dtype))
+
+
+def _compose_encode(c, x, seed):
+    idx, values = (_topk_encode if isinstance(c.first, C.TopK) else _randk_encode)(c.first, x, seed)
+    return [idx] + encode(c.second, values, second_stage(seed))
+
+
+def _compose_decode(c, parts, d, seed, dtype):
+    idx, k = parts[0], c.first.k_for(d)
+    return _scatter(idx, decode(c.second, parts[1:], k, second_stage(seed), dtype), d)
+
+
+def encode(c, x, seed=0):
+    """Parts of the payload of flat tensor x (float32 or float64), in the order of ``c.layout(d)``."""
+    if isinstance(c, C.TopK):
+        return _topk_encode(c, x, seed)
+    if isinstance(c, C.RandK):
+        return _randk_encode(c, x, seed)
+    if isinstance(c, C.Natural):
+        return _natural_encode(c, x, seed)
+    if isinstance(c, C.ScaledSign):
+        return _sign_encode(c, x, seed)
+    if isinstance(c, C.OneBit):
+        return _onebit_encode(c, x, seed)
+    if isinstance(c, C.QSGD):
+        return _qsgd_encode(c, x, seed)
+    if isinstance(c, C.Compose):
+        return _compose_encode(c, x, seed)
+    if isinstance(c, C.Scaled):
+        return encode(c.compressor, x, seed)
+    if isinstance(c, C.Identity):
+        return [x]
+    raise TypeError(f"no TensorFlow kernel for {c!r}")
+
+
+def decode(c, parts, d, seed=0, dtype=tf.float32):
+    """The dense flat tensor of d elements that the parts encode. ``dtype`` matters only where no part
+    carries values (Natural)."""
+    if isinstance(c, (C.TopK, C.RandK)):
+        return _sparse_decode(c, parts, d, seed)
+    if isinstance(c, C.Natural):
+        return _natural_decode(c, parts, d, seed, dtype)
+    if isinstance(c, C.ScaledSign):
+        return _sign_decode(c, parts, d, seed)
+    if isinstance(c, C.OneBit):
+        return _onebit_decode(c, parts, d, seed)
+    if isinstance(c, C.QSGD):
+        return _qsgd_decode(c, parts, d, seed)
+    if isinstance(c, C.Compose):
+        return _compose_decode(c, parts, d, seed, dtype)
+    if isinstance(c, C.Scaled):
+        out = decode(c.compressor, parts, d, seed, dtype)
+        return out * tf.constant(c.lam, out.dtype)
+    if isinstance(c, C.Identity):
+        return parts[0]
+    raise TypeError(f"no TensorFlow kernel for {c!r}")
+
+
+# ---- payloads as bytes -------------------------------------------------------------------------------------
+
+def part_dtypes(c, d, value_dtype):
+    value_dtype = tf.as_dtype(value_dtype)
+    return [value_dtype if kind == C.VALUE else _DTYPES[kind] for kind, _ in c.layout(d)]
+
+
+def _packing_order(dtypes):
+    # widest parts first, so that every part starts at an offset aligned to its item size (stable)
+    return sorted(range(len(dtypes)), key=lambda i: -dtypes[i].size)
+
+
+def _as_bytes(part):
+    if part.dtype == tf.uint8:
+        return tf.reshape(part, [-1])
+    return tf.reshape(tf.bitcast(part, tf.uint8), [-1])
+
+
+def pack(parts):
+    """The parts as one 1-D uint8 tensor: the bytes that travel."""
+    parts = [tf.convert_to_tensor(p) for p in parts]
+    order = _packing_order([p.dtype for p in parts])
+    return tf.concat([_as_bytes(parts[i]) for i in order], axis=0)
+
+
+def unpack(c, data, d, value_dtype):
+    """Inverse of ``pack`` for compressor c on d elements."""
+    dtypes = part_dtypes(c, d, value_dtype)
+    lengths = [n for _, n in c.layout(d)]
+    data = tf.reshape(data, [-1])
+    total = sum(n * dt.size for n, dt in zip(lengths, dtypes))
+    if data.shape[0] is not None and data.shape[0] != total:
+        raise ValueError(f"payload of {data.shape[0]} bytes, expected {total} for {c!r} on {d} elements")
+    parts, offset = [None] * len(dtypes), 0
+    for i in _packing_order(dtypes):
+        n, dtype = lengths[i], dtypes[i]
+        chunk = data[offset:offset + n * dtype.size]   # static shapes even where data's length is not
+        if dtype == tf.uint8:
+            parts[i] = tf.reshape(chunk, [n])
+        elif dtype.size == 1:
+            parts[i] = tf.bitcast(tf.reshape(chunk, [n]), dtype)
+        else:
+            parts[i] = tf.bitcast(tf.reshape(chunk, [n, dtype.size]), dtype)
+        offset += n * dtype.size
+    return parts
+
+
+def compute_dtype(dtype):
+    """Half-precision gradients are compressed in float32 (and their error buffers kept in float32)."""
+    dtype = tf.as_dtype(dtype)
+    if not dtype.is_floating:
+        raise TypeError(f"gradients must be floating point, got {dtype}")
+    return dtype if dtype in (tf.float32, tf.float64) else tf.float32
+
+
+def apply(c, x, seed=0):
+    """C(x) for a tensor of any (static) shape, returned in x's dtype."""
+    x = tf.convert_to_tensor(x)
+    flat = tf.reshape(tf.cast(x, compute_dtype(x.dtype)), [-1])
+    d = _numel(x)
+    out = decode(c, encode(c, flat, seed), d, seed, flat.dtype)
+    return tf.reshape(tf.cast(out, x.dtype), x.shape)

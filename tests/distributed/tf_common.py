@@ -1,0 +1,77 @@
+"""TensorFlow twin of common.py: a tiny model, per-rank data, a distributed loop and its simulation.
+
+The head ``extra`` is used on even steps only: on odd steps its gradient is None, Horovod skips it, and the
+simulation leaves it out of that step too.
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from hvd_compress.simulate import Simulation  # noqa: E402
+
+LR = 0.03
+SHAPES = {"w1": (6, 5), "b1": (5,), "w2": (5, 3), "b2": (3,), "extra": (6, 3)}
+
+
+def make_variables(dtype=tf.float64):
+    rng = np.random.RandomState(0)
+    return [tf.Variable(rng.randn(*shape), dtype=dtype, name=name) for name, shape in SHAPES.items()]
+
+
+def batch(step, rank, dtype=tf.float64):
+    rng = np.random.RandomState(10_000 * step + rank)
+    return tf.constant(rng.randn(8, 6), dtype), tf.constant(rng.randn(8, 3), dtype)
+
+
+def loss_of(variables, x, y, use_extra):
+    w1, b1, w2, b2, extra = variables
+    out = tf.tanh(x @ w1 + b1) @ w2 + b2
+    if use_extra:
+        out = out + x @ extra
+    return tf.reduce_mean((out - y) ** 2)
+
+
+def names_of(variables):
+    return [f"{i}/{v.name}" for i, v in enumerate(variables)]   # as hvd_compress.tensorflow names them
+
+
+def train_reference(case, n, steps, start=0, variables=None, sim=None):
+    variables = variables or make_variables()
+    sim = sim or Simulation(case["compressor"], case.get("error_feedback", False), case.get("server"), n=n)
+    names = names_of(variables)
+    for step in range(start, start + steps):
+        grads = []
+        for r in range(n):
+            x, y = batch(step, r)
+            with tf.GradientTape() as tape:
+                loss = loss_of(variables, x, y, step % 2 == 0)
+            grads.append({name: g for name, g in zip(names, tape.gradient(loss, variables)) if g is not None})
+        for name, update in sim.step(grads).items():
+            variables[names.index(name)].assign_sub(LR * update)
+    return variables
+
+
+def train_distributed(case, steps, start=0, variables=None, compression=None):
+    import horovod.tensorflow as hvd
+    import hvd_compress.tensorflow as htc
+
+    variables = variables or make_variables()
+    if compression is None:
+        compression = htc.Compression(case["compressor"], error_feedback=case.get("error_feedback", False),
+                                      server=case.get("server"), variables=variables)
+
+    @tf.function
+    def train_step(x, y, use_extra):
+        with tf.GradientTape() as tape:
+            loss = loss_of(variables, x, y, use_extra)
+        tape = hvd.DistributedGradientTape(tape, compression=compression)
+        for v, g in zip(variables, tape.gradient(loss, variables)):
+            if g is not None:
+                v.assign_sub(LR * g)
+
+    for step in range(start, start + steps):
+        x, y = batch(step, hvd.rank())
+        train_step(x, y, step % 2 == 0)
+    return variables, compression

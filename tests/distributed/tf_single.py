@@ -1,0 +1,88 @@
+"""One process, no launcher: the TensorFlow plug-in's single-process behaviour and refusals.
+Prints "RESULT <json>" with one entry per check (True or the text of what went wrong)."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tf_common import LR, batch, loss_of, make_variables, names_of  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import horovod.tensorflow as hvd  # noqa: E402
+
+import hvd_compress.tensorflow as htc  # noqa: E402
+from hvd_compress.simulate import Simulation  # noqa: E402
+
+
+def one_process_skips_compression():
+    """hvd.size() == 1: Horovod's tape reduces nothing and never calls compress()."""
+    variables, plain = make_variables(), make_variables()
+    compression = htc.Compression("topk:0.1", error_feedback=True, variables=variables)
+    for step in range(3):
+        x, y = batch(step, 0)
+        with tf.GradientTape() as tape:
+            loss = loss_of(variables, x, y, True)
+        grads = hvd.DistributedGradientTape(tape, compression=compression).gradient(loss, variables)
+        with tf.GradientTape() as tape:
+            loss = loss_of(plain, x, y, True)
+        for v, p, g, h in zip(variables, plain, grads, tape.gradient(loss, plain)):
+            v.assign_sub(LR * g)
+            p.assign_sub(LR * h)
+    same = all(np.array_equal(v.numpy(), p.numpy()) for v, p in zip(variables, plain))
+    return same and compression.stats()["steps"] == 0 and compression.stats()["total_bytes_sent"] == 0
+
+
+def direct_calls_equal_simulation():
+    variables = make_variables()
+    compression = htc.Compression("randk:0.4", error_feedback=True, server="natural", variables=variables)
+    sim = Simulation("randk:0.4", error_feedback=True, server="natural", n=1)
+    names = names_of(variables)
+    for step in range(3):
+        x, y = batch(step, 0)
+        with tf.GradientTape() as tape:
+            loss = loss_of(variables, x, y, True)
+        grads = tape.gradient(loss, variables)
+        sent = [compression.compress(g) for g in grads]
+        got = [compression.decompress(hvd.allreduce(m, op=hvd.Average), ctx) for m, ctx in sent]
+        expected = sim.step([dict(zip(names, grads))])
+        if not all(np.array_equal(g.numpy(), expected[n].numpy()) for g, n in zip(got, names)):
+            return f"step {step}: differs from the simulation"
+    return compression.stats()["steps"] == 3
+
+
+def refuses(make, error, words):
+    try:
+        make()
+    except error as err:
+        return True if words in str(err) else f"message lacks {words!r}: {err}"
+    except Exception as err:   # noqa: BLE001
+        return f"{type(err).__name__} instead of {error.__name__}: {err}"
+    return "no error"
+
+
+def keras3_variables():
+    import keras   # Keras 3: what tf.keras is without TF_USE_LEGACY_KERAS
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    return htc.Compression("topk:0.5", variables=model.trainable_variables)
+
+
+def main():
+    hvd.init()
+    checks = {
+        "one_process_skips_compression": one_process_skips_compression(),
+        "direct_calls_equal_simulation": direct_calls_equal_simulation(),
+        "keras3_refused": refuses(keras3_variables, ValueError, "TF_USE_LEGACY_KERAS=1"),
+        "no_variables": refuses(lambda: htc.Compression("topk:0.1"), ValueError, "needs variables="),
+        "int_variable": refuses(lambda: htc.Compression("topk:0.1", variables=[tf.Variable([1, 2])]),
+                                TypeError, "gradients must be floating point"),
+        "bad_spec": refuses(lambda: htc.Compression("topk:2.5", variables=make_variables()), ValueError,
+                            "ratio must be a number in (0, 1], got 2.5"),
+        "k_too_big": refuses(lambda: htc.Compression("topk:k=7", variables=make_variables()).compress(
+            tf.zeros([5])), ValueError, "k=7 is larger than the tensor's 5 elements"),
+    }
+    print("RESULT " + json.dumps(checks), flush=True)
+
+
+if __name__ == "__main__":
+    main()

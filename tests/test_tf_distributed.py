@@ -1,0 +1,114 @@
+"""The TensorFlow plug-in on real multi-process runs (2 ranks with horovodrun/Gloo, 3 with mpirun):
+every compressor x mode equals the single-process simulation and replicas are bit-identical, the seed's
+counterexample, checkpoint/resume, Keras (tf-keras) fit, and bad set-ups."""
+import json
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import DISTRIBUTED, launch, result_line
+from test_distributed import COMPRESSORS, MODES
+
+sys.path.insert(0, str(DISTRIBUTED))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+STEPS = 12
+
+
+def _cases():
+    cases = []
+    for spec in COMPRESSORS:
+        for mode, options in MODES.items():
+            case = {"id": f"{spec}/{mode}", "compressor": spec, "steps": STEPS, **options}
+            if "server" in case:
+                case["server"] = spec
+            cases.append(case)
+    return cases
+
+
+CASES = _cases()
+CHECKPOINTS = [{"id": "ckpt/topk-ds", "compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5",
+                "checkpoint": True},
+               {"id": "ckpt/randk-ef-qsgd-server", "compressor": "randk:0.3", "error_feedback": True,
+                "server": "qsgd:4", "checkpoint": True}]
+LAUNCHERS = {2: "horovodrun", 3: "mpirun"}
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}ranks-{LAUNCHERS[n]}")
+def tf_run(request, tmp_path_factory):
+    n = request.param
+    out = tmp_path_factory.mktemp(f"tfrun{n}")
+    (out / "cases.json").write_text(json.dumps(CASES + (CHECKPOINTS if n == 2 else [])))
+    proc = launch(n, DISTRIBUTED / "tf_worker.py", out / "cases.json", out, launcher=LAUNCHERS[n], timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    ranks = []
+    for r in range(n):
+        with open(out / f"rank{r}.pkl", "rb") as f:
+            ranks.append(pickle.load(f))
+    return n, ranks, result_line(proc)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_matches_simulation_and_replicas_identical(tf_run, case):
+    from tf_common import names_of, train_reference
+    n, ranks, _ = tf_run
+    reference = train_reference(case, n, case["steps"])
+    for name, v in zip(names_of(reference), reference):
+        for r in range(1, n):
+            assert np.array_equal(ranks[r][case["id"]][name], ranks[0][case["id"]][name]), f"rank {r}: {name}"
+        got, expected = ranks[0][case["id"]][name], v.numpy()
+        err = np.abs(got - expected).max()
+        assert err <= 1e-9 * max(1.0, np.abs(expected).max()), f"{name}: off by {err}"
+    stats = ranks[0][case["id"]]["_stats"]
+    assert stats["steps"] == case["steps"] and stats["total_bytes_sent"] > 0
+
+
+def test_checkpoint_at_10_resumes_equal_to_uninterrupted_20(tf_run):
+    n, _, report = tf_run
+    if n != 2:
+        pytest.skip("checkpoint cases run with 2 ranks")
+    assert report == {c["id"]: {"parameters_equal": True, "error_buffers_equal": True} for c in CHECKPOINTS}
+
+
+def test_counterexample_top1_diverges_and_error_feedback_converges():
+    proc = launch(3, DISTRIBUTED / "tf_counterexample.py", 20, 300, 0.05, 0.1, launcher="mpirun")
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    for eta, r in result_line(proc).items():
+        for step in r["growth"]:
+            assert step == pytest.approx([1 + 11 * float(eta) / 6] * 3, rel=1e-12)
+        assert r["ef_norms"][-1] < 1e-6 * r["ef_norms"][0]
+
+
+@pytest.mark.parametrize("server", ["", "topk:0.5"])
+def test_keras_fit_averages_with_identical_weights(server):
+    proc = launch(2, DISTRIBUTED / "keras_worker.py", "topk:0.3", server)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    r = result_line(proc)
+    assert r["identical"] and r["steps"] == 2 * 256 // 32 and 0 < r["ratio"] < 1
+
+
+@pytest.mark.parametrize("scenario, error, words", [
+    ("mismatch", "ValueError", "configured differently on different ranks"),
+    ("nan", "InvalidArgumentError", "variable '2/w2:0': the gradient is not finite (NaN or Inf) on some rank"),
+])
+def test_bad_setup_fails_clearly_on_every_rank(scenario, error, words):
+    proc = launch(2, DISTRIBUTED / "tf_bad_input.py", scenario, timeout=180)
+    caught = [line for line in proc.stdout.splitlines() if "CAUGHT" in line]
+    assert len(caught) == 2, proc.stdout[-5000:]
+    for line in caught:
+        assert f"CAUGHT {error}: " in line and words in line, line
+    if scenario == "nan":
+        assert proc.stdout.count("BUFFER_UNCHANGED True") == 2, proc.stdout[-3000:]
+
+
+def test_single_process_behaviour_and_refusals():
+    import subprocess
+    from conftest import ROOT
+    proc = subprocess.run([sys.executable, str(DISTRIBUTED / "tf_single.py")], cwd=ROOT, text=True, timeout=300,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert result_line(proc) == {k: True for k in result_line(proc)}, result_line(proc)
