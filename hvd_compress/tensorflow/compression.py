@@ -124,7 +124,8 @@ class Compression(tf.Module):
             for r in range(n):   # in rank order on every rank: bit-identical sums
                 decoded = K.decode(worker, K.unpack(worker, gathered[r], d, dtype), d, seed, dtype)
                 gbar = decoded if gbar is None else gbar + decoded
-            gbar = gbar / n
+            # a true division: in a graph, Grappler turns "/ n" into "* (1/n)", one ulp off the simulation's
+            gbar = tf.math.divide_no_nan(gbar, tf.constant(n, dtype))
             sent += data.shape[0]
         update, server_error = gbar, None
         if server is not None:
