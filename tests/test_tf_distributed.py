@@ -87,19 +87,21 @@ def test_keras_fit_averages_with_identical_weights(server):
     proc = launch(2, DISTRIBUTED / "keras_worker.py", "topk:0.3", server)
     assert proc.returncode == 0, proc.stdout[-5000:]
     r = result_line(proc)
-    assert r["identical"] and r["steps"] == 2 * 256 // 32 and 0 < r["ratio"] < 1
+    # TopK 30% uplink costs 0.6 of dense (8 bytes per kept float32); the root adds the server's TopK 50% (1.0)
+    assert r["identical"] and r["steps"] == 2 * 256 // 32
+    assert r["ratio"] == pytest.approx(0.6 + (1.0 if server else 0.0), abs=0.05)
 
 
 @pytest.mark.parametrize("scenario, error, words", [
-    ("mismatch", "ValueError", "configured differently on different ranks"),
-    ("nan", "InvalidArgumentError", "variable '2/w2:0': the gradient is not finite (NaN or Inf) on some rank"),
+    ("mismatch", "ValueError", ["configured differently on different ranks"]),
+    ("nan", "InvalidArgumentError", ["2/w2:0", "the gradient is not finite (NaN or Inf) on some rank"]),
 ])
 def test_bad_setup_fails_clearly_on_every_rank(scenario, error, words):
     proc = launch(2, DISTRIBUTED / "tf_bad_input.py", scenario, timeout=180)
     caught = [line for line in proc.stdout.splitlines() if "CAUGHT" in line]
     assert len(caught) == 2, proc.stdout[-5000:]
     for line in caught:
-        assert f"CAUGHT {error}: " in line and words in line, line
+        assert f"CAUGHT {error}: " in line and all(w in line for w in words), line
     if scenario == "nan":
         assert proc.stdout.count("BUFFER_UNCHANGED True") == 2, proc.stdout[-3000:]
 
