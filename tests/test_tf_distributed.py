@@ -82,9 +82,9 @@ def test_counterexample_top1_diverges_and_error_feedback_converges():
         assert r["ef_norms"][-1] < 1e-6 * r["ef_norms"][0]
 
 
-@pytest.mark.parametrize("server", ["", "topk:0.5"])
-def test_keras_fit_averages_with_identical_weights(server):
-    proc = launch(2, DISTRIBUTED / "keras_worker.py", "topk:0.3", server)
+@pytest.mark.parametrize("server, wrapper", [("", "keras"), ("topk:0.5", "keras"), ("topk:0.5", "tensorflow")])
+def test_keras_fit_averages_with_identical_weights(server, wrapper):
+    proc = launch(2, DISTRIBUTED / "keras_worker.py", "topk:0.3", server, wrapper)
     assert proc.returncode == 0, proc.stdout[-5000:]
     r = result_line(proc)
     # TopK 30% uplink costs 0.6 of dense (8 bytes per kept float32); the root adds the server's TopK 50% (1.0)
@@ -106,10 +106,11 @@ def test_bad_setup_fails_clearly_on_every_rank(scenario, error, words):
         assert proc.stdout.count("BUFFER_UNCHANGED True") == 2, proc.stdout[-3000:]
 
 
-def test_single_process_behaviour_and_refusals():
+def test_single_process_behaviour_and_refusals(tmp_path):
     import subprocess
     from conftest import ROOT
-    proc = subprocess.run([sys.executable, str(DISTRIBUTED / "tf_single.py")], cwd=ROOT, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, str(DISTRIBUTED / "tf_single.py"), str(tmp_path)], cwd=ROOT, text=True,
+                          timeout=300,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0, proc.stdout[-5000:]

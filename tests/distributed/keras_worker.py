@@ -1,6 +1,7 @@
 """Run under horovodrun with tf-keras: model.fit with Horovod's Keras DistributedOptimizer and
 hvd_compress; rank 0 prints "RESULT <json>" telling whether weights are identical across ranks, how many
-steps were compressed and how many bytes went out. usage: keras_worker.py SPEC [SERVER_SPEC]"""
+steps were compressed and how many bytes went out.
+usage: keras_worker.py SPEC SERVER_SPEC|"" keras|tensorflow   (whose DistributedOptimizer wraps SGD)"""
 import json
 import os
 import sys
@@ -14,14 +15,18 @@ import horovod.tensorflow.keras as hvd  # noqa: E402
 import hvd_compress.tensorflow as htc  # noqa: E402
 
 
-def main(spec, server=""):
+def main(spec, server, wrapper):
     hvd.init()
     tf.keras.utils.set_random_seed(1)
     model = tf.keras.Sequential([tf.keras.layers.Dense(8, activation="relu", input_shape=(6,)),
                                  tf.keras.layers.Dense(3)])
     compression = htc.Compression(spec, error_feedback=True, server=server or None,
                                   variables=model.trainable_variables)
-    opt = hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.05), compression=compression)
+    if wrapper == "keras":
+        opt = hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.05), compression=compression)
+    else:   # horovod.tensorflow's own DistributedOptimizer, given a Keras optimizer
+        import horovod.tensorflow as hvd_tf
+        opt = hvd_tf.DistributedOptimizer(tf.keras.optimizers.SGD(0.05), compression=compression)
     model.compile(optimizer=opt, loss="mse")
     rng = np.random.RandomState(100 + hvd.rank())      # different data on every rank
     x, y = rng.randn(256, 6).astype("float32"), rng.randn(256, 3).astype("float32")

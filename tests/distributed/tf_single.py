@@ -1,5 +1,6 @@
 """One process, no launcher: the TensorFlow plug-in's single-process behaviour and refusals.
-Prints "RESULT <json>" with one entry per check (True or the text of what went wrong)."""
+Prints "RESULT <json>" with one entry per check (True or the text of what went wrong).
+usage: tf_single.py SCRATCH_DIR"""
 import json
 import os
 import sys
@@ -51,6 +52,22 @@ def direct_calls_equal_simulation():
     return compression.stats()["steps"] == 3
 
 
+def tf_checkpoint_round_trip(tmp):
+    """Compression is a tf.Module: tf.train.Checkpoint saves and restores this rank's buffers and steps."""
+    variables = make_variables()
+    compression = htc.Compression("topk:0.3", error_feedback=True, server="topk:0.5", variables=variables)
+    for e in compression.worker_error + compression.server_error:
+        e.assign(tf.random.stateless_normal(e.shape, [1, 2], dtype=e.dtype))
+    compression.steps[0].assign(7)
+    saved = [v.numpy() for v in compression.trainable_variables + compression.variables]
+    path = tf.train.Checkpoint(compression=compression).save(os.path.join(tmp, "ckpt"))
+    for v in compression.variables:
+        v.assign(tf.zeros_like(v))
+    tf.train.Checkpoint(compression=compression).restore(path).assert_consumed()
+    restored = [v.numpy() for v in compression.trainable_variables + compression.variables]
+    return len(saved) == 2 * 5 + 5 + 1 and all(np.array_equal(a, b) for a, b in zip(saved, restored))
+
+
 def refuses(make, error, words):
     try:
         make()
@@ -72,6 +89,7 @@ def main():
     checks = {
         "one_process_skips_compression": one_process_skips_compression(),
         "direct_calls_equal_simulation": direct_calls_equal_simulation(),
+        "tf_checkpoint_round_trip": tf_checkpoint_round_trip(sys.argv[1]),
         "keras3_refused": refuses(keras3_variables, ValueError, "TF_USE_LEGACY_KERAS=1"),
         "no_variables": refuses(lambda: htc.Compression("topk:0.1"), ValueError, "needs variables="),
         "int_variable": refuses(lambda: htc.Compression("topk:0.1", variables=[tf.Variable([1, 2])]),
