@@ -18,14 +18,19 @@ COMPRESSORS = ["topk:0.3", "topk:k=2", "randk:0.3", "randk:0.3,biased", "randk:0
 MODES = {"plain": {}, "ef": {"error_feedback": True}, "doublesqueeze": {"error_feedback": True, "server": None}}
 
 
-def _cases():
+def cases_of_every_compressor_and_mode(steps):
     cases = []
     for spec in COMPRESSORS:
         for mode, options in MODES.items():
-            case = {"id": f"{spec}/{mode}", "compressor": spec, "steps": STEPS, **options}
+            case = {"id": f"{spec}/{mode}", "compressor": spec, "steps": steps, **options}
             if "server" in case:
                 case["server"] = spec   # DoubleSqueeze: the same compressor on both sides
             cases.append(case)
+    return cases
+
+
+def _cases():
+    cases = cases_of_every_compressor_and_mode(STEPS)
     ds = {"compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5", "steps": STEPS}
     cases += [
         {**ds, "id": "groups=2", "groups": 2},

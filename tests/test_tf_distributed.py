@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import DISTRIBUTED, launch, result_line
-from test_distributed import COMPRESSORS, MODES
+from test_distributed import cases_of_every_compressor_and_mode
 
 sys.path.insert(0, str(DISTRIBUTED))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -18,18 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 STEPS = 12
 
 
-def _cases():
-    cases = []
-    for spec in COMPRESSORS:
-        for mode, options in MODES.items():
-            case = {"id": f"{spec}/{mode}", "compressor": spec, "steps": STEPS, **options}
-            if "server" in case:
-                case["server"] = spec
-            cases.append(case)
-    return cases
-
-
-CASES = _cases()
+CASES = cases_of_every_compressor_and_mode(STEPS)
 CHECKPOINTS = [{"id": "ckpt/topk-ds", "compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5",
                 "checkpoint": True},
                {"id": "ckpt/randk-ef-qsgd-server", "compressor": "randk:0.3", "error_feedback": True,

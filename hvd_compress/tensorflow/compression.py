@@ -22,17 +22,15 @@ tape or optimizer (Horovod skips variables without gradient), so ``variables=`` 
 order: each gradient is matched to the next variable of its shape. Horovod's ``groups=`` reorders gradients
 and is not supported.
 """
-import hashlib
 
 import numpy as np
 import tensorflow as tf
 import horovod.tensorflow as hvd
 
 from .. import compressors as C
+from .. import agreement
 from ..seeds import server_seed, worker_seed
 from . import kernels as K
-
-STATE_FORMAT = 1
 
 
 def _is_keras3_variable(v):
@@ -181,20 +179,16 @@ class Compression(tf.Module):
         return self._cursor - 1
 
     def fingerprint(self):
-        shapes = ",".join(f"{n}:{s}" for n, s in zip(self.names, self.shapes))
-        return (f"{self.config.fingerprint()} root_rank={self.root_rank} seed={self.seed} "
-                f"variables={hashlib.sha256(shapes.encode()).hexdigest()[:12]}")
+        return agreement.fingerprint(self.config, self.root_rank, self.seed, zip(self.names, self.shapes))
 
     def _check_same_config_everywhere(self):
         if hvd.size() == 1:
             return
         mine = self.fingerprint()
-        digest = int.from_bytes(hashlib.sha256(mine.encode()).digest()[:7], "little")
-        digests = hvd.allgather(tf.constant([digest], tf.int64), name="hc_config_check").numpy()
-        if (digests != digest).any():
+        digests = hvd.allgather(tf.constant([agreement.digest(mine)], tf.int64), name="hc_config_check").numpy()
+        if (digests != agreement.digest(mine)).any():
             everyone = hvd.allgather_object(mine, name="hc_config_check_text")
-            lines = "\n".join(f"  rank {r}: {fp}" for r, fp in enumerate(everyone))
-            raise ValueError(f"hvd_compress is configured differently on different ranks:\n{lines}")
+            raise agreement.mismatch_error(everyone)
 
     # ---- checkpointing and statistics ----------------------------------------------------------------------
 
@@ -203,21 +197,14 @@ class Compression(tf.Module):
         A collective when there are several ranks: call it on every rank (eagerly), save it on one."""
         mine = {n: e.numpy() for n, e in zip(self.names, self.worker_error)}
         everyone = hvd.allgather_object(mine, name="hc_state_dict") if hvd.size() > 1 else [mine]
-        return {"format": STATE_FORMAT, "fingerprint": self.fingerprint(), "size": len(everyone),
+        return {"format": agreement.STATE_FORMAT, "fingerprint": self.fingerprint(), "size": len(everyone),
                 "steps": {n: int(s.numpy()) for n, s in zip(self.names, self.steps)},
                 "worker_error": everyone,
                 "server_error": {n: d.numpy() for n, d in zip(self.names, self.server_error)}}
 
     def load_state_dict(self, state):
         """Restores what ``state_dict()`` saved; every rank loads the same dict and takes its own part."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not an hvd_compress state dict (format {STATE_FORMAT} expected)")
-        if state["fingerprint"] != self.fingerprint():
-            raise ValueError(f"the state was saved with a different configuration:\n  saved: {state['fingerprint']}"
-                             f"\n  now:   {self.fingerprint()}")
-        if state["size"] != hvd.size():
-            raise ValueError(f"the state was saved with {state['size']} ranks and this job has {hvd.size()}: "
-                             f"worker error buffers belong to ranks")
+        agreement.check_state(state, self.fingerprint(), hvd.size())
         for name, e in zip(self.names, self.worker_error):
             e.assign(state["worker_error"][hvd.rank()][name])
         for name, d in zip(self.names, self.server_error):

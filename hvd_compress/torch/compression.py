@@ -16,7 +16,6 @@ backward pass. The first decompress() of a step finishes the whole step at once:
 every rank whether any rank's gradient was not finite, and only then are error buffers committed, so a bad
 gradient leaves every buffer as it was.
 """
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -25,10 +24,9 @@ import torch
 import horovod.torch as hvd
 
 from .. import compressors as C
+from .. import agreement
 from ..seeds import server_seed, worker_seed
 from . import kernels as K
-
-STATE_FORMAT = 1
 
 
 @dataclass
@@ -236,20 +234,17 @@ class Compression:
         return name
 
     def fingerprint(self):
-        shapes = ",".join(f"{n}:{tuple(p.shape)}" for n, p in sorted(self._params.items()))
-        return (f"{self.config.fingerprint()} root_rank={self.root_rank} seed={self.seed} "
-                f"parameters={hashlib.sha256(shapes.encode()).hexdigest()[:12]}")
+        shapes = sorted((n, p.shape) for n, p in self._params.items())
+        return agreement.fingerprint(self.config, self.root_rank, self.seed, shapes)
 
     def _check_same_config_everywhere(self):
         """Every rank must start the same collectives; a rank configured differently would hang the others,
         so compare before the first payload travels (fixed-size collectives: safe whatever the config)."""
         mine = self.fingerprint()
-        digest = int.from_bytes(hashlib.sha256(mine.encode()).digest()[:7], "little")
-        digests = hvd.allgather(torch.tensor([digest], dtype=torch.int64), name="hc.config_check")
-        if bool((digests != digest).any()):
+        digests = hvd.allgather(torch.tensor([agreement.digest(mine)], dtype=torch.int64), name="hc.config_check")
+        if bool((digests != agreement.digest(mine)).any()):
             everyone = hvd.allgather_object(mine, name="hc.config_check_text")
-            lines = "\n".join(f"  rank {r}: {fp}" for r, fp in enumerate(everyone))
-            raise ValueError(f"hvd_compress is configured differently on different ranks:\n{lines}")
+            raise agreement.mismatch_error(everyone)
         self._checked = True
 
     # ---- checkpointing and statistics --------------------------------------------------------------------
@@ -263,7 +258,7 @@ class Compression:
         mine = ({n: t.detach().cpu().clone() for n, t in self._worker_error.items()},
                 {n: t.detach().cpu().clone() for n, t in self._server_error.items()})
         everyone = hvd.allgather_object(mine, name="hc.state_dict") if hvd.size() > 1 else [mine]
-        return {"format": STATE_FORMAT, "fingerprint": self.fingerprint(), "step": self._step,
+        return {"format": agreement.STATE_FORMAT, "fingerprint": self.fingerprint(), "step": self._step,
                 "size": len(everyone), "worker_error": [w for w, _ in everyone],
                 "server_error": everyone[self.root_rank][1]}
 
@@ -271,14 +266,7 @@ class Compression:
         """Restores what ``state_dict()`` saved; every rank loads the same dict and takes its own part."""
         if self._pending:
             raise RuntimeError("load_state_dict() during a step (between backward() and optimizer.step())")
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not an hvd_compress state dict (format {STATE_FORMAT} expected)")
-        if state["fingerprint"] != self.fingerprint():
-            raise ValueError(f"the state was saved with a different configuration:\n  saved: {state['fingerprint']}"
-                             f"\n  now:   {self.fingerprint()}")
-        if state["size"] != hvd.size():
-            raise ValueError(f"the state was saved with {state['size']} ranks and this job has {hvd.size()}: "
-                             f"worker error buffers belong to ranks")
+        agreement.check_state(state, self.fingerprint(), hvd.size())
         unknown = set(state["worker_error"][hvd.rank()]) - set(self._params)
         if unknown:
             raise ValueError(f"the state has error buffers for unknown parameters {sorted(unknown)}")
