@@ -5,11 +5,6 @@
 With ``--compressor none`` (no error feedback, no server pass) hvd_compress is not used at all: the run is
 Horovod's own dense fp32 allreduce, the baseline the compressed runs are compared with.
 """
-import argparse
-import json
-import sys
-import time
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,25 +13,9 @@ from tqdm import tqdm
 
 from hvd_compress.data import load_fashion_mnist
 
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--compressor", default="topk:0.01", help='worker compressor spec, e.g. "topk:0.01", '
-                   '"none", "natural", "sign", "topk:0.01+natural"')
-    p.add_argument("--error-feedback", action="store_true", help="keep and re-add the compression error")
-    p.add_argument("--server", default="", help='compressor spec for the server pass ("" = none)')
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=64, help="per rank")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--train-limit", type=int, default=0, help="use only the first N training examples (0 = all)")
-    p.add_argument("--test-limit", type=int, default=0, help="use only the first N test examples (0 = all)")
-    p.add_argument("--json", default="", help="rank 0 writes per-epoch records here")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    p.add_argument("--check-replicas", action="store_true",
-                   help="at the end, check that all ranks hold bit-identical parameters")
-    return p.parse_args(argv)
+# Next to this script: `python examples/pytorch_fashion_mnist.py` puts examples/ first on sys.path.
+from fmnist_common import (EpochLog, config_line, exit_unless_identical, parse_args, steps_per_epoch,
+                           uses_hvd_compress)
 
 
 def build_model():
@@ -55,25 +34,13 @@ def load_split(split, limit, device):
     return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
 
 
-def fmt_bytes(n):
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            break
-        n /= 1000
-    return f"{n:.{2 if n < 10 else 1 if n < 100 else 0}f} {unit}"
-
-
-def train_epoch(model, optimizer, x, y, epoch, args, progress):
-    """One epoch on this rank's shard; returns the mean training loss averaged over ranks."""
+def train_epoch(model, optimizer, x, y, epoch, steps, args, progress):
+    """One epoch of ``steps`` batches on this rank's shard; returns the mean training loss averaged over ranks."""
     model.train()
-    # Same permutation on every rank (seeded by seed + epoch), then strided shards of it.
+    # Same permutation on every rank (seeded by seed + epoch), then strided shards of it; the remainder
+    # past ``steps`` batches is dropped (see steps_per_epoch).
     g = torch.Generator().manual_seed(args.seed + epoch)
     shard = torch.randperm(len(x), generator=g)[hvd.rank()::hvd.size()].to(x.device)
-    # Every rank must run the same number of steps or Horovod's collectives hang: size the epoch from
-    # the smallest shard and drop the remainder.
-    steps = (len(x) // hvd.size()) // args.batch_size
-    if steps == 0:
-        raise SystemExit(f"too few training examples ({len(x)}) for {hvd.size()} ranks x batch {args.batch_size}")
     total = torch.zeros((), device=x.device)
     bar = tqdm(range(steps), desc=f"epoch {epoch + 1}", disable=not progress, leave=False)
     for i in bar:
@@ -108,7 +75,7 @@ def replicas_identical(model):
 
 
 def main():
-    args = parse_args()
+    args = parse_args(__doc__)
     hvd.init()
     torch.manual_seed(args.seed)
     if torch.cuda.is_available():
@@ -127,7 +94,7 @@ def main():
     dense_step = 4 * n_params                     # bytes of one dense fp32 allreduce of all gradients
 
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    use_hc = not (args.compressor in ("none", "") and not args.error_feedback and not args.server)
+    use_hc = uses_hvd_compress(args)
     compression = None
     if use_hc:
         import hvd_compress.torch as hc
@@ -141,46 +108,18 @@ def main():
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
     if rank0:
-        print(f"size {hvd.size()}  device {device.type}  compressor {args.compressor or 'none'}  "
-              f"error_feedback {args.error_feedback}  server {args.server or 'none'}  "
-              f"params {n_params:,}  hvd_compress {'on' if use_hc else 'off (Horovod default)'}", flush=True)
+        print(config_line(hvd.size(), device.type, args, n_params, use_hc), flush=True)
 
-    records, sent_before, dense_before, steps_before = [], 0, 0, 0
+    steps = steps_per_epoch(len(x_train), hvd.size(), args.batch_size)
+    log = EpochLog(lambda: compression.stats() if use_hc else None, dense_step, steps, args.epochs, rank0)
     for epoch in range(args.epochs):
-        start = time.time()
-        loss = train_epoch(model, optimizer, x_train, y_train, epoch, args, rank0 and not args.no_progress)
+        log.start()
+        loss = train_epoch(model, optimizer, x_train, y_train, epoch, steps, args, rank0 and not args.no_progress)
         acc = evaluate(model, x_test, y_test)
-        elapsed = time.time() - start
-        if use_hc:  # cumulative counters, so the epoch's share is a difference
-            st = compression.stats()
-            sent, dense = st["total_bytes_sent"] - sent_before, st["total_dense_bytes"] - dense_before
-            sent_before, dense_before = st["total_bytes_sent"], st["total_dense_bytes"]
-        else:
-            steps = (len(x_train) // hvd.size()) // args.batch_size
-            sent = dense = dense_step * steps
-            st = {"steps": steps_before + steps}
-            steps_before += steps
-        ratio = sent / dense if dense else float("nan")
-        if rank0:
-            print(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  test_acc {acc:.4f}  "
-                  f"bytes_sent {fmt_bytes(sent)}  dense {fmt_bytes(dense)}  ratio {ratio:.4f}  "
-                  f"time {elapsed:.1f}s", flush=True)
-        records.append(dict(epoch=epoch + 1, loss=loss, test_acc=acc, bytes_sent=sent, dense_bytes=dense,
-                            ratio=ratio, time_s=elapsed, last_step_stats=st))
-
-    if rank0 and records:
-        total_ratio = sum(r["bytes_sent"] for r in records) / max(1, sum(r["dense_bytes"] for r in records))
-        print(f"final test_acc {records[-1]['test_acc']:.4f} ratio {total_ratio:.4f}", flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(config=vars(args), size=hvd.size(), params=n_params, hvd_compress=use_hc,
-                               epochs=records), f, indent=2, default=float)
+        log.end(epoch, loss, acc)
+    log.finish(args, hvd.size(), n_params, use_hc)
     if args.check_replicas:
-        same = replicas_identical(model)   # every rank gets the same answer, so all exit alike
-        if rank0:
-            print(f"replicas identical: {same}", flush=True)
-        if not same:
-            sys.exit(1)
+        exit_unless_identical(replicas_identical(model), rank0)
 
 
 if __name__ == "__main__":
