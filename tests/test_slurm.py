@@ -1,0 +1,69 @@
+"""The sbatch scripts in examples/slurm/, submitted for real to a throw-away single-node Slurm cluster.
+
+Runs scripts/slurm_local.py (which needs root; it apt-get installs Slurm + MUNGE if they are missing, starts
+munged/slurmctld/slurmd in a temp dir, runs every launch style on 2 ranks and tears everything down).
+Skipped with a reason where that cannot work: HVD_COMPRESS_SKIP_SLURM=1, not root, no Slurm and no apt-get, or
+the cluster could not be started (the script's SETUP-FAILED line). A job that runs and fails a check fails
+the test. HVD_COMPRESS_SLURM_JOBS=pytorch,keras runs a subset.
+"""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPT = ROOT / "scripts" / "slurm_local.py"
+ALL_JOBS = ["pytorch", "pytorch-mpirun", "pytorch-srun", "tensorflow", "tensorflow-mpirun", "tensorflow-srun",
+            "keras"]
+TOTAL_TIMEOUT = 15 * 60
+JOB_TIMEOUT = 5 * 60
+SETUP_FAILED = 3
+
+
+def _skip_reason():
+    if os.environ.get("HVD_COMPRESS_SKIP_SLURM", "") not in ("", "0"):
+        return "HVD_COMPRESS_SKIP_SLURM is set"
+    if os.name != "posix" or os.geteuid() != 0:
+        return "not root: scripts/slurm_local.py starts munged, slurmctld and slurmd as root"
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        return "Slurm is not installed and there is no apt-get to install it"
+    if not (ROOT / ".venv" / "bin" / "activate").exists():
+        return "no .venv (run scripts/setup.sh): the sbatch scripts activate it"
+    return None
+
+
+def test_sbatch_scripts_on_local_slurm_cluster():
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    jobs = [j for j in os.environ.get("HVD_COMPRESS_SLURM_JOBS", ",".join(ALL_JOBS)).split(",") if j]
+    cmd = [sys.executable, str(SCRIPT), "--jobs", ",".join(jobs), "--job-timeout", str(JOB_TIMEOUT),
+           "--show-output"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=TOTAL_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)   # the script tears its cluster down on SIGTERM
+        try:
+            out, _ = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        pytest.fail(f"scripts/slurm_local.py ran past {TOTAL_TIMEOUT} s:\n{out[-6000:]}")
+
+    if proc.returncode == SETUP_FAILED:
+        why = next((line for line in out.splitlines() if line.startswith("SETUP-FAILED:")), out[-500:])
+        pytest.skip(f"local Slurm cluster not available: {why}")
+    lines = {m.group(2): m for m in re.finditer(r"^JOB (\S+) (\S+) (\S+) (PASS|FAIL)(.*)$", out, re.M)}
+    assert proc.returncode == 0, f"exit status {proc.returncode}:\n{out[-8000:]}"
+    for job in jobs:
+        assert job in lines, f"no JOB line for {job}:\n{out[-4000:]}"
+        m = lines[job]
+        assert m.group(3) == "COMPLETED" and m.group(4) == "PASS", m.group(0)
+        assert "replicas identical: True" in m.group(5), m.group(0)
+        assert "size 2" in m.group(5), m.group(0)
