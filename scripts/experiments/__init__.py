@@ -1,0 +1,1 @@
+"""The experiments of ``scripts/reproduce.py``: one module per experiment, each with ``run(out, quick)``."""

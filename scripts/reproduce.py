@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Reproduce the seeds' experiments: ``python scripts/reproduce.py EXPERIMENT [--quick] [--out DIR]``.
+
+Each experiment writes PNG plots and a summary.json to results/EXPERIMENT/ (results/EXPERIMENT-quick/ with
+--quick, or DIR). The exit code is 0 when every check of the experiment passed, 1 when one failed (the
+summary's "checks" say which), 2 for an experiment that is not implemented yet.
+
+  divergence  n = d = 3 Top-1 example on 3 Horovod ranks: growth 1 + 11 eta / 6, error feedback, DoubleSqueeze
+  classes     empirical class constants (U / B1 / B2 / B3) of every compressor against theory, table rules
+  cgd         compressed gradient descent on quadratics and linear regression, Top-5 vs Rand-5 (Fig. 2)
+  variance    not implemented yet
+  training    not implemented yet
+"""
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from experiments.common import ROOT, relpath, write_json  # noqa: E402
+
+EXPERIMENTS = {
+    "divergence": "experiments.divergence",
+    "classes": "experiments.classes",
+    "cgd": "experiments.cgd",
+    "variance": None,
+    "training": None,
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", choices=list(EXPERIMENTS))
+    parser.add_argument("--quick", action="store_true", help="small version (< 2 minutes), as the tests run it")
+    parser.add_argument("--out", type=Path, help="output folder (default results/EXPERIMENT[-quick]/)")
+    args = parser.parse_args(argv)
+
+    module_name = EXPERIMENTS[args.experiment]
+    if module_name is None:
+        implemented = ", ".join(name for name, mod in EXPERIMENTS.items() if mod)
+        print(f"reproduce.py: experiment {args.experiment!r} is not implemented yet (issue 4 lists it for later); "
+              f"implemented: {implemented}", file=sys.stderr)
+        return 2
+    out = args.out or ROOT / "results" / (args.experiment + ("-quick" if args.quick else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    summary, ok = importlib.import_module(module_name).run(out, args.quick)
+    summary = {"experiment": args.experiment, "quick": args.quick, "ok": ok, **summary,
+               "runtime_s": round(time.time() - start, 1)}
+    write_json(out / "summary.json", summary)
+    for name, passed in summary.get("checks", {}).items():
+        print(f"  [{'ok' if passed else 'FAILED'}] {name}")
+    if summary.get("finding"):
+        print(f"  {summary['finding']}")
+    print(f"{args.experiment}{' (quick)' if args.quick else ''}: {'ok' if ok else 'FAILED'} in "
+          f"{summary['runtime_s']} s; {relpath(out / 'summary.json')}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
