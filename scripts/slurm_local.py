@@ -32,6 +32,7 @@ SBATCH_DIR = ROOT / "examples" / "slurm"
 PACKAGES = ["slurm-wlm", "munge"]          # slurm-wlm pulls in slurmctld, slurmd, slurm-client and the plugins
 BINARIES = ["munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol", "srun"]
 SETUP_FAILED = 3
+MPI_ENV_PREFIXES = ("OMPI_", "PMIX_", "PMI_", "OPAL_", "ORTE_")
 
 # The short training run every job gets (2 ranks on the one node).
 EXAMPLE_ARGS = ["--epochs", "1", "--train-limit", "1000", "--test-limit", "500", "--compressor", "topk:0.01",
@@ -113,7 +114,9 @@ class Cluster:
         self.dir = Path(tempfile.mkdtemp(prefix="hvd-slurm-"))   # mode 0700, owned by root
         self.procs = {}
         self.host = socket.gethostname().split(".")[0]
-        self.env = dict(os.environ)
+        # Without the variables of an MPI process we may run in (an MPI singleton, e.g. a test process that
+        # called hvd.init(), sets two dozen): passed on to a job, they make its mpirun fail silently.
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(MPI_ENV_PREFIXES)}
 
     # -- daemons ------------------------------------------------------------------------------------
     def _spawn(self, name, cmd):

@@ -44,7 +44,10 @@ def test_sbatch_scripts_on_local_slurm_cluster():
     jobs = [j for j in os.environ.get("HVD_COMPRESS_SLURM_JOBS", ",".join(ALL_JOBS)).split(",") if j]
     cmd = [sys.executable, str(SCRIPT), "--jobs", ",".join(jobs), "--job-timeout", str(JOB_TIMEOUT),
            "--show-output"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # env= Python's view of the environment: the C environment of this process may hold an MPI singleton's
+    # variables (another test called hvd.init()), which would break mpirun inside the jobs
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     try:
         out, _ = proc.communicate(timeout=TOTAL_TIMEOUT)
     except subprocess.TimeoutExpired:
