@@ -20,24 +20,7 @@ from hvd_compress.compressors import (Compose, Identity, Natural, OneBit, QSGD, 
 from hvd_compress.tensorflow import kernels as TK  # noqa: E402
 from hvd_compress.torch import kernels as PK  # noqa: E402
 
-ALL = {
-    "topk-ratio": TopK(ratio=0.1),
-    "topk-k": TopK(k=5),
-    "randk-unbiased": RandK(ratio=0.1),
-    "randk-biased": RandK(ratio=0.1, unbiased=False),
-    "randk-shared": RandK(ratio=0.1, shared=True),
-    "natural": Natural(),
-    "natural-det": Natural(deterministic=True),
-    "sign": ScaledSign(),
-    "onebit": OneBit(),
-    "qsgd4": QSGD(4),
-    "qsgd300": QSGD(300),
-    "topk+natural": Compose(TopK(ratio=0.1), Natural()),
-    "topk+natural-det": Compose(TopK(ratio=0.1), Natural(deterministic=True)),
-    "randk-biased+sign": Compose(RandK(ratio=0.1, unbiased=False), ScaledSign()),
-    "0.5*topk": Scaled(TopK(ratio=0.1), 0.5),
-    "identity": Identity(),
-}
+from test_compressors import ALL  # noqa: E402  (every compressor, with the variants that change the wire format)
 RANDOM = [name for name, c in ALL.items() if c.random]
 DETERMINISTIC = [name for name, c in ALL.items() if not c.random]
 # deterministic compressors whose math is gathers, scatters, bit operations and exact scalings only: TensorFlow
