@@ -15,8 +15,7 @@ tf = pytest.importorskip("tensorflow")      # imported once per session: TensorF
 torch = pytest.importorskip("torch")
 
 from hvd_compress import kernels as dispatch  # noqa: E402
-from hvd_compress.compressors import (Compose, Identity, Natural, OneBit, QSGD, RandK, Scaled,  # noqa: E402
-                                      ScaledSign, TopK)
+from hvd_compress.compressors import Compose, Natural, QSGD, RandK, Scaled, TopK  # noqa: E402
 from hvd_compress.tensorflow import kernels as TK  # noqa: E402
 from hvd_compress.torch import kernels as PK  # noqa: E402
 
