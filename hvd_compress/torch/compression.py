@@ -36,7 +36,7 @@ class _Pending:
     grad_dtype: torch.dtype
     x: torch.Tensor                 # g + e, flat, compute dtype
     local: torch.Tensor             # decode of this rank's own payload
-    seed: int
+    seed: tuple                     # (key, step) of the worker compressor's draw
     finite: torch.Tensor            # 0-d bool: x has no NaN/Inf (kept on device: no sync in the hook)
     handle: object                  # the payload's collective
     bytes_sent: int
