@@ -220,31 +220,34 @@ def vectors(draw, max_d=300):
     return torch.from_numpy(np.ascontiguousarray(v * scale))
 
 
+def class_inequalities(classes, xx, cc, cx, err):
+    """(lhs, rhs, name), lhs <= rhs, for every class that ``classes`` claims, from ||x||^2, ||C||^2, <C,x> and
+    ||C-x||^2: the seed's definitions, shared by the exact and the in-expectation checks."""
+    out = []
+    if "B1" in classes:
+        a, b = classes["B1"]["alpha"], classes["B1"]["beta"]
+        out += [(a * xx, cc, f"B1 alpha={a}: alpha||x||^2 <= ||C||^2"),
+                (cc, b * cx, f"B1 beta={b}: ||C||^2 <= beta<C,x>")]
+    if "B2" in classes:
+        g, b = classes["B2"]["gamma"], classes["B2"]["beta"]
+        out += [(g * xx, cx, f"B2 gamma={g}: gamma||x||^2 <= <C,x>"),
+                (cc / b, cx, f"B2 beta={b}: ||C||^2/beta <= <C,x>")]
+    if "B3" in classes:
+        delta = classes["B3"]["delta"]
+        out.append((err, (1 - 1 / delta) * xx, f"B3 delta={delta}: ||C-x||^2 <= (1-1/delta)||x||^2"))
+    if "U" in classes:   # (deterministic: an unbiased compressor is then the identity)
+        out.append((cc, classes["U"]["zeta"] * xx, f"U zeta={classes['U']['zeta']}: ||C||^2 <= zeta||x||^2"))
+    return out
+
+
 def check_classes(classes, x, out, tol=1e-9):
     """Every inequality of the seed's definitions that ``classes`` claims, on one (x, C(x)) pair."""
     xx, cc, cx = _dot(x, x), _dot(out, out), _dot(out, x)
     err = _dot(out - x, out - x)
-    failures = []
-
-    def le(lhs, rhs, what):
-        if not lhs <= rhs + tol * (abs(lhs) + abs(rhs)):
-            failures.append(f"{what}: {lhs!r} > {rhs!r}")
-
-    if "B1" in classes:
-        a, b = classes["B1"]["alpha"], classes["B1"]["beta"]
-        le(a * xx, cc, f"B1 alpha={a}: alpha||x||^2 <= ||C||^2")
-        le(cc, b * cx, f"B1 beta={b}: ||C||^2 <= beta<C,x>")
-    if "B2" in classes:
-        g, b = classes["B2"]["gamma"], classes["B2"]["beta"]
-        le(g * xx, cx, f"B2 gamma={g}: gamma||x||^2 <= <C,x>")
-        le(cc / b, cx, f"B2 beta={b}: ||C||^2/beta <= <C,x>")
-    if "B3" in classes:
-        delta = classes["B3"]["delta"]
-        le(err, (1 - 1 / delta) * xx, f"B3 delta={delta}: ||C-x||^2 <= (1-1/delta)||x||^2")
-    if "U" in classes:   # a deterministic unbiased compressor is the identity
-        le(cc, classes["U"]["zeta"] * xx, f"U zeta={classes['U']['zeta']}: ||C||^2 <= zeta||x||^2")
-        if not torch.equal(out, x):
-            failures.append("U: deterministic C(x) != x")
+    failures = [f"{what}: {lhs!r} > {rhs!r}" for lhs, rhs, what in class_inequalities(classes, xx, cc, cx, err)
+                if not lhs <= rhs + tol * (abs(lhs) + abs(rhs))]
+    if "U" in classes and not torch.equal(out, x):   # a deterministic unbiased compressor is the identity
+        failures.append("U: deterministic C(x) != x")
     return failures
 
 
@@ -418,27 +421,12 @@ def check_expected_classes(classes, x, s, n_se=5.0, tol=1e-9):
     err = ((s - x) ** 2).sum(1)
     n = s.shape[0]
     failures = []
-
-    def le(lhs, rhs, what):   # E[lhs - rhs] <= 0 up to sampling error
+    for lhs, rhs, what in class_inequalities(classes, xx, cc, cx, err):   # E[lhs - rhs] <= 0 up to sampling error
         diff = lhs - rhs if torch.is_tensor(lhs) or torch.is_tensor(rhs) else torch.tensor([lhs - rhs])
         diff = diff * torch.ones(n, dtype=torch.float64)
         bound = n_se * float(diff.std()) / math.sqrt(n) + tol * (xx + float(cc.mean()))
         if float(diff.mean()) > bound:
             failures.append(f"{what}: E[lhs - rhs] = {float(diff.mean())!r} > {bound!r}")
-
-    if "B1" in classes:
-        a, b = classes["B1"]["alpha"], classes["B1"]["beta"]
-        le(a * xx, cc, f"B1 alpha={a}")
-        le(cc, b * cx, f"B1 beta={b}")
-    if "B2" in classes:
-        g, b = classes["B2"]["gamma"], classes["B2"]["beta"]
-        le(g * xx, cx, f"B2 gamma={g}")
-        le(cc / b, cx, f"B2 beta={b}")
-    if "B3" in classes:
-        delta = classes["B3"]["delta"]
-        le(err, (1 - 1 / delta) * xx, f"B3 delta={delta}")
-    if "U" in classes:
-        le(cc, classes["U"]["zeta"] * xx, f"U zeta={classes['U']['zeta']}")
     return failures
 
 
