@@ -1,5 +1,5 @@
 """scripts/reproduce.py: every implemented experiment's quick mode end to end (a subprocess, as a user runs it),
-then the seeds' claims in its summary.json; the experiments not implemented yet exit non-zero and say so."""
+then the seeds' claims in its summary.json. (variance and training have their own test files.)"""
 import json
 import os
 import subprocess
@@ -78,11 +78,3 @@ def test_cgd_quick(tmp_path):
         assert table["Top-5"]["at_bit_budget"] < table["Rand-5"]["at_bit_budget"]
         assert table["Top-5"]["bits_per_iteration"] == table["Rand-5"]["bits_per_iteration"] == 320
         assert table["Top-5"]["final_suboptimality"] < 1e-2
-
-
-@pytest.mark.parametrize("experiment", ["variance", "training"])
-def test_not_yet_implemented_experiments_fail_clearly(tmp_path, experiment):
-    proc = reproduce(experiment, tmp_path, timeout=60)
-    assert proc.returncode == 2
-    assert f"experiment '{experiment}' is not implemented yet" in proc.stdout
-    assert not (tmp_path / "summary.json").exists()
