@@ -10,13 +10,19 @@ import sys
 import time
 
 
-def parse_args(description, argv=None, progress_bar="tqdm"):
-    """The examples' flags; ``progress_bar`` only names the bar in ``--no-progress``'s help."""
+def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
+    """The examples' flags; ``progress_bar`` only names the bar in ``--no-progress``'s help; ``transport``
+    adds --transport and --link-gbps (the PyTorch plug-in's transports)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compressor", default="topk:0.01", help='worker compressor spec, e.g. "topk:0.01", '
                    '"none", "natural", "sign", "topk:0.01+natural"')
     p.add_argument("--error-feedback", action="store_true", help="keep and re-add the compression error")
     p.add_argument("--server", default="", help='compressor spec for the server pass ("" = none)')
+    if transport:
+        p.add_argument("--transport", default=None, choices=["allgather", "allreduce", "sharded", "dense", "auto"],
+                       help="how payloads travel (default: allreduce if summable, else allgather)")
+        p.add_argument("--link-gbps", type=float, default=None,
+                       help="link bandwidth for --transport auto (default: measured at the first step)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--lr", type=float, default=0.05)
@@ -49,7 +55,8 @@ def config_line(size, device, args, n_params, use_hc):
     """The line rank 0 prints before training."""
     return (f"size {size}  device {device}  compressor {args.compressor or 'none'}  "
             f"error_feedback {args.error_feedback}  server {args.server or 'none'}  "
-            f"params {n_params:,}  hvd_compress {'on' if use_hc else 'off (Horovod default)'}")
+            f"params {n_params:,}  hvd_compress {'on' if use_hc else 'off (Horovod default)'}"
+            + (f"  transport {args.transport}" if getattr(args, "transport", None) else ""))
 
 
 def steps_per_epoch(n, size, batch_size):
@@ -89,6 +96,11 @@ class EpochLog:
             self.steps_before += self.steps
             st = {"steps": self.steps_before}
         ratio = sent / dense if dense else float("nan")
+        if self.rank0 and epoch == 0 and st.get("transports"):
+            chosen = sorted(set(st["transports"].values()))
+            counts = ", ".join(f"{t} {list(st['transports'].values()).count(t)}" for t in chosen)
+            link = f" (link {st['link_gbps']:.2f} Gbit/s)" if st.get("link_gbps") else ""
+            print(f"transports: {counts} tensors{link}", flush=True)
         if self.rank0:
             print(f"epoch {epoch + 1}/{self.epochs}  loss {loss:.4f}  test_acc {acc:.4f}  "
                   f"bytes_sent {fmt_bytes(sent)}  dense {fmt_bytes(dense)}  ratio {ratio:.4f}  "

@@ -75,7 +75,7 @@ def replicas_identical(model):
 
 
 def main():
-    args = parse_args(__doc__)
+    args = parse_args(__doc__, transport=True)
     hvd.init()
     torch.manual_seed(args.seed)
     if torch.cuda.is_available():
@@ -99,7 +99,8 @@ def main():
     if use_hc:
         import hvd_compress.torch as hc
         compression = hc.Compression(args.compressor or None, error_feedback=args.error_feedback,
-                                     server=args.server or None, named_parameters=model.named_parameters())
+                                     server=args.server or None, named_parameters=model.named_parameters(),
+                                     transport=args.transport, link_gbps=args.link_gbps)
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                              compression=compression)
     else:

@@ -350,10 +350,13 @@ def _no_flags(spec, flags):
 
 @dataclass(frozen=True)
 class Config:
-    """What every rank must agree on."""
+    """What every rank must agree on. ``transport`` (see ``hvd_compress.transport``): None for the default
+    (allreduce for summable payloads, allgather otherwise)."""
     worker: Compressor
     error_feedback: bool
     server: Optional[Compressor]
+    transport: Optional[str] = None
 
     def fingerprint(self):
-        return f"worker={self.worker!r} error_feedback={self.error_feedback} server={self.server!r}"
+        text = f"worker={self.worker!r} error_feedback={self.error_feedback} server={self.server!r}"
+        return text + (f" transport={self.transport}" if self.transport else "")

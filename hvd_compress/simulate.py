@@ -2,26 +2,44 @@
 
 It follows DESIGN.md section 1 literally, with the compressors' C(x) and the same per-call seeds as the
 Horovod plug-ins, and shares no pipeline code with them: a distributed run must match it step for step.
-Gradients may be PyTorch or TensorFlow tensors; C(x) runs with the kernels of their framework.
+A transport (see ``hvd_compress.transport``) changes the math only where it says so: "dense" averages the
+exact gradients, "sharded" runs the pipeline on each of the n slices on its own. Gradients may be PyTorch
+or TensorFlow tensors; C(x) runs with the kernels of their framework.
 """
 from . import compressors as C
+from . import transport as T
 from .seeds import server_seed, worker_seed
 
 
+def _torch(x):
+    return type(x).__module__.startswith("torch")
+
+
 def _reshape(x, shape):
-    if type(x).__module__.startswith("torch"):
+    if _torch(x):
         return x.reshape(shape)
     import tensorflow as tf
     return tf.reshape(x, shape)
 
 
+def _concat(pieces):
+    if _torch(pieces[0]):
+        import torch
+        return torch.cat(pieces)
+    import tensorflow as tf
+    return tf.concat(pieces, 0)
+
+
 class Simulation:
-    def __init__(self, compressor, error_feedback=False, server=None, n=2, seed=0):
+    def __init__(self, compressor, error_feedback=False, server=None, n=2, seed=0, transport=None, link=None):
         self.worker, self.server = C.parse(compressor) or C.Identity(), C.parse(server)
         self.error_feedback, self.n, self.seed = bool(error_feedback), int(n), int(seed)
+        self.config = C.Config(self.worker, self.error_feedback, self.server)
+        self.transport, self.link = T.check(transport, self.config), link
         self.worker_error = [{} for _ in range(self.n)]   # e_i, per rank and parameter name
-        self.server_error = {}                            # d, per parameter name
+        self.server_error = {}                            # d, per parameter name (or slice name)
         self.steps = {}                                   # steps each parameter has been through
+        self.transports = {}                              # the transport each parameter used
 
     def step(self, grads):
         """grads: one {name: gradient} per rank, the same names on every rank (a parameter without
@@ -31,20 +49,37 @@ class Simulation:
         updates = {}
         for name, first in grads[0].items():
             step = self.steps.get(name, 0)
-            total = None
-            for i in range(self.n):
-                x = _reshape(grads[i][name], [-1])
-                if self.error_feedback and name in self.worker_error[i]:
-                    x = x + self.worker_error[i][name]
-                p = self.worker(x, worker_seed(self.worker, self.seed, step, i, name))
+            gs = [_reshape(grads[i][name], [-1]) for i in range(self.n)]
+            d = int(gs[0].shape[0])
+            how = self.transports[name] = T.resolve(self.transport, self.config, d, self.n, self.link)
+            if how == "dense":
+                update = sum(gs[1:], gs[0]) / self.n
+            else:
+                xs = [g + self.worker_error[i][name] if self.error_feedback and name in self.worker_error[i] else g
+                      for i, g in enumerate(gs)]
+                if how == "sharded":
+                    b = T.bounds(d, self.n)
+                    pieces = [self._pipeline([x[b[j]:b[j + 1]] for x in xs], T.shard_name(name, j), step)
+                              for j in range(self.n)]
+                    ps = [_concat([p[i] for p, _ in pieces]) for i in range(self.n)]
+                    update = _concat([u for _, u in pieces])
+                else:
+                    ps, update = self._pipeline(xs, name, step)
                 if self.error_feedback:
-                    self.worker_error[i][name] = x - p
-                total = p if total is None else total + p
-            update = total / self.n
-            if self.server is not None:
-                y = update + self.server_error[name] if name in self.server_error else update
-                update = self.server(y, server_seed(self.server, self.seed, step, name))
-                self.server_error[name] = y - update
+                    for i in range(self.n):
+                        self.worker_error[i][name] = xs[i] - ps[i]
             updates[name] = _reshape(update, list(first.shape))
             self.steps[name] = step + 1
         return updates
+
+    def _pipeline(self, xs, key, step):
+        """One piece (a whole tensor or a slice), keyed by ``key``: the ranks' C_w(x_i) and the update."""
+        if int(xs[0].shape[0]) == 0:
+            return xs, xs[0]
+        ps = [self.worker(x, worker_seed(self.worker, self.seed, step, i, key)) for i, x in enumerate(xs)]
+        update = sum(ps[1:], ps[0]) / self.n
+        if self.server is not None:
+            y = update + self.server_error[key] if key in self.server_error else update
+            update = self.server(y, server_seed(self.server, self.seed, step, key))
+            self.server_error[key] = y - update
+        return ps, update

@@ -31,6 +31,8 @@ def cases_of_every_compressor_and_mode(steps):
 
 def _cases():
     cases = cases_of_every_compressor_and_mode(STEPS)
+    # sharded compresses slice by slice: a fixed k= larger than a slice is refused (tested with bad input)
+    cases += [{**c, "id": c["id"] + "/sharded", "transport": "sharded"} for c in cases if "k=" not in c["compressor"]]
     ds = {"compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5", "steps": STEPS}
     cases += [
         {**ds, "id": "groups=2", "groups": 2},
@@ -39,6 +41,11 @@ def _cases():
         {**ds, "id": "float32", "dtype": "float32"},
         {**ds, "id": "bfloat16", "dtype": "bfloat16"},
         {**ds, "id": "float16", "dtype": "float16"},
+        {**ds, "id": "transport=dense", "transport": "dense"},
+        {**ds, "id": "transport=allgather/randk:0.3,shared", "compressor": "randk:0.3,shared", "transport": "allgather"},
+        # a link slow enough that the larger tensors are compressed and the smallest stay dense
+        {**ds, "id": "transport=auto", "transport": "auto", "link_gbps": 1e-4},
+        {**ds, "id": "transport=auto/float32", "transport": "auto", "link_gbps": 1e-4, "dtype": "float32"},
     ]
     return cases
 
@@ -72,6 +79,8 @@ def test_matches_simulation_and_replicas_identical(distributed_run, case):
         assert err <= tol * max(1.0, expected.double().abs().max().item()), f"{name}: off by {err}"
     stats = ranks[0][case["id"]]["_stats"]
     assert stats["steps"] == case["steps"]
+    if case.get("transport") == "auto":   # auto mixes: dense for the smallest tensors, compressed for the rest
+        assert {"dense", "sharded"} <= set(stats["transports"].values()), stats["transports"]
     assert 0 < stats["bytes_sent"] and stats["dense_bytes"] == 4 * sum(t.numel() for t in reference.values())
 
 
@@ -89,7 +98,11 @@ def test_counterexample_top1_diverges_and_error_feedback_converges():
 def test_checkpoint_at_10_resumes_equal_to_uninterrupted_20(tmp_path):
     cases = [{"id": "topk-ds", "compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5"},
              {"id": "randk-ef-qsgd-server", "compressor": "randk:0.3", "error_feedback": True, "server": "qsgd:4"},
-             {"id": "natural-ef", "compressor": "natural", "error_feedback": True}]
+             {"id": "natural-ef", "compressor": "natural", "error_feedback": True},
+             {"id": "topk-ds-sharded", "compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5",
+              "transport": "sharded"},
+             {"id": "sign-ds-auto", "compressor": "sign", "error_feedback": True, "server": "sign",
+              "transport": "auto", "link_gbps": 1e-4}]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     proc = launch(2, DISTRIBUTED / "checkpoint.py", tmp_path / "cases.json", tmp_path / "ckpt.pt")
     assert proc.returncode == 0, proc.stdout[-5000:]
@@ -102,12 +115,15 @@ def test_checkpoint_at_10_resumes_equal_to_uninterrupted_20(tmp_path):
     ("nan", "FloatingPointError", "not finite (NaN or Inf) for parameter(s) ['fc2.weight']"),
     ("op_sum", "RuntimeError", "use op=hvd.Average"),
     ("k_too_big", "ValueError", "parameter 'fc2.bias': TopK(ratio=None, k=10): k=10 is larger"),
+    ("nan_sharded", "FloatingPointError", "not finite (NaN or Inf) for parameter(s) ['fc2.weight']"),
+    ("k_too_big_sharded", "ValueError",
+     "parameter 'fc2.bias' (one of its 2 slices, transport 'sharded'): TopK(ratio=None, k=2): k=2 is larger"),
 ])
 def test_bad_setup_fails_clearly_on_every_rank(scenario, error, words):
-    proc = launch(2, DISTRIBUTED / "bad_input.py", scenario, timeout=120)
+    proc = launch(2, DISTRIBUTED / "bad_input.py", scenario, timeout=300)
     caught = [line for line in proc.stdout.splitlines() if "CAUGHT" in line]
     assert len(caught) == 2, proc.stdout[-5000:]
     for line in caught:
         assert f"CAUGHT {error}: " in line and words in line, line
-    if scenario == "nan":
+    if scenario.startswith("nan"):
         assert proc.stdout.count("BUFFERS_UNCHANGED True") == 2, proc.stdout[-3000:]

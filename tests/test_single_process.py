@@ -86,6 +86,11 @@ def test_state_dict_round_trip_and_refusals(horovod):
     ({"compressor": "topk:0.1", "named_parameters": None}, ValueError, "needs named_parameters"),
     ({"compressor": "topk:0.1", "named_parameters": [("a", torch.zeros(1)), ("a", torch.zeros(1))]},
      ValueError, "'a' appears twice"),
+    ({"compressor": "topk:0.1", "transport": "ring"}, ValueError, "unknown transport 'ring'"),
+    ({"compressor": "topk:0.1", "transport": "allreduce"}, ValueError, "transport 'allreduce' needs summable"),
+    ({"compressor": "topk:0.1", "transport": "auto", "link_gbps": -1}, ValueError,
+     "link bandwidth must be a positive number of Gbit/s, got -1"),
+    ({"compressor": "topk:0.1", "link_gbps": 10}, ValueError, "link_gbps=10 is only used by transport='auto'"),
 ])
 def test_constructor_refuses_bad_arguments(kwargs, error, words):
     kwargs.setdefault("named_parameters", _model().named_parameters())

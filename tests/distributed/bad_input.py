@@ -5,6 +5,7 @@ usage: bad_input.py SCENARIO
   nan        rank 1's gradient of fc2.weight is NaN at step 3 -> FloatingPointError on both ranks, buffers kept
   op_sum     DistributedOptimizer(op=hvd.Sum)                  -> RuntimeError on both ranks
   k_too_big  TopK(k=10) on a 3-element bias                     -> ValueError on both ranks
+  SCENARIO_sharded   the same with transport="sharded" (k_too_big: TopK(k=2) > a slice of the 3-element bias)
 Each rank prints "CAUGHT <type>: <message>" and, for nan, "BUFFERS_UNCHANGED <bool>".
 """
 import os
@@ -22,10 +23,11 @@ import hvd_compress.torch as hc  # noqa: E402
 def main(scenario):
     hvd.init()
     model = TinyNet()
-    spec = {"mismatch": "topk:0.3" if hvd.rank() == 0 else "randk:0.3", "k_too_big": "topk:k=10"}.get(
-        scenario, "topk:0.3")
+    scenario, sharded, _ = scenario.partition("_sharded")
+    spec = {"mismatch": "topk:0.3" if hvd.rank() == 0 else "randk:0.3",
+            "k_too_big": "topk:k=2" if sharded else "topk:k=10"}.get(scenario, "topk:0.3")
     compression = hc.Compression(spec, error_feedback=True, server="topk:0.5",
-                                 named_parameters=model.named_parameters())
+                                 named_parameters=model.named_parameters(), transport="sharded" if sharded else None)
     optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR),
                                          named_parameters=model.named_parameters(), compression=compression,
                                          op=hvd.Sum if scenario == "op_sum" else hvd.Average)

@@ -13,9 +13,8 @@ import torch
 import horovod.torch as hvd
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import TinyNet, train_distributed  # noqa: E402
+from common import TinyNet, make_compression, train_distributed  # noqa: E402
 
-import hvd_compress.torch as hc  # noqa: E402
 
 
 def same(a, b):
@@ -40,8 +39,7 @@ def main(cases_path, path):
         saved = torch.load(path)
         model = TinyNet()
         model.load_state_dict(saved["model"])
-        compression = hc.Compression(case["compressor"], error_feedback=case.get("error_feedback", False),
-                                     server=case.get("server"), named_parameters=model.named_parameters())
+        compression = make_compression(case, model)
         compression.load_state_dict(saved["compression"])
         resumed, resumed_comp = train_distributed(case, 10, model=model, compression=compression, start=10)
         report[case["id"]] = {

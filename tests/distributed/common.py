@@ -6,6 +6,7 @@
 import torch
 
 from hvd_compress.simulate import Simulation
+from hvd_compress.transport import Link
 
 LR = 0.03
 
@@ -55,7 +56,9 @@ def train_reference(case, n, steps):
     """Parameters after ``steps`` SGD steps of n simulated workers (half-precision gradients are compressed
     in float32, as the plug-in documents)."""
     model = TinyNet(DTYPES[case.get("dtype", "float64")])
-    sim = Simulation(case["compressor"], case.get("error_feedback", False), case.get("server"), n=n)
+    link = Link.gbit(case["link_gbps"]) if case.get("link_gbps") else None
+    sim = Simulation(case["compressor"], case.get("error_feedback", False), case.get("server"), n=n,
+                     transport=case.get("transport"), link=link)
     passes = case.get("backward_passes_per_step", 1)
     for step in range(steps):
         grads = [{k: g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
@@ -70,12 +73,10 @@ def train_reference(case, n, steps):
 def train_distributed(case, steps, model=None, compression=None, start=0):
     """The same training with Horovod; returns (model, compression)."""
     import horovod.torch as hvd
-    import hvd_compress.torch as hc
 
     model = model or TinyNet(DTYPES[case.get("dtype", "float64")])
     if compression is None:
-        compression = hc.Compression(case["compressor"], error_feedback=case.get("error_feedback", False),
-                                     server=case.get("server"), named_parameters=model.named_parameters())
+        compression = make_compression(case, model)
     passes = case.get("backward_passes_per_step", 1)
     optimizer = hvd.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=LR), named_parameters=model.named_parameters(),
@@ -86,3 +87,10 @@ def train_distributed(case, steps, model=None, compression=None, start=0):
             loss_of(model, passes * step + k, hvd.rank()).backward()
         optimizer.step()
     return model, compression
+
+
+def make_compression(case, model):
+    import hvd_compress.torch as hc
+    return hc.Compression(case["compressor"], error_feedback=case.get("error_feedback", False),
+                          server=case.get("server"), named_parameters=model.named_parameters(),
+                          transport=case.get("transport"), link_gbps=case.get("link_gbps"))

@@ -1,0 +1,170 @@
+"""How payloads travel, what each way costs, and the automatic choice: shared by the plug-ins, the
+simulation and the benchmarks.
+
+Transports of one gradient tensor of d elements on n ranks (P: worker payload bytes, S: server payload):
+
+    allgather  every rank receives all n payloads P and decodes them; a server pass runs on the root, which
+               broadcasts its payload S.                     bytes per rank ~ (n - 1) P  (grows with n)
+    allreduce  summable payloads (shared RandK, Identity) are averaged by Horovod.        ~ 2 P
+    sharded    rank j owns slice j of the tensor (n nearly equal contiguous slices). Each rank compresses
+               every slice on its own, an alltoall hands slice j's n payloads to rank j, which averages
+               them, runs the server pass on its slice with its own server error buffer (or, without a
+               server compressor, keeps the average as it is), and the n results are allgathered.
+                                                              ~ P + S (or 4d) : flat in n
+    dense      no compression for this tensor: Horovod's fp32 allreduce of the exact gradient (no error
+               buffers, no server pass); for tensors too small to be worth compressing.   ~ 2 * 4d
+
+allgather and allreduce give the same update; sharded compresses slice by slice (TopK keeps the top
+k/n of each slice, a scale such as ScaledSign's is per slice), so its update is that of the same compressors
+applied blockwise, which the simulation reproduces exactly.
+
+The cost model (``step_seconds``) prices a tensor's transport as latency * messages + bytes / bandwidth +
+kernel time, with ring collectives; ``choose`` picks the cheapest one for a tensor, and is what
+``transport="auto"`` does per tensor. It is a per-tensor model: the benchmarks (scripts/bench.py) measure
+how well it predicts whole steps.
+"""
+import math
+from dataclasses import dataclass
+
+from . import compressors as C
+
+TRANSPORTS = ("allgather", "allreduce", "sharded", "dense")
+AUTO = "auto"
+WHOLE = ("allgather", "allreduce")      # the tensor compressed as one piece
+
+
+def check(transport, config):
+    """The transport (or "auto" / None = allreduce for summable compressors, allgather otherwise) for a
+    configuration; raises ValueError naming a bad value."""
+    if transport is None:
+        return None
+    if transport != AUTO and transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}; known: {', '.join(TRANSPORTS + (AUTO,))}")
+    if transport == "allreduce" and not config.worker.summable:
+        raise ValueError(f"transport 'allreduce' needs summable payloads (shared RandK, none); "
+                         f"{config.worker!r} travels by allgather or sharded")
+    return transport
+
+
+def default(config):
+    return "allreduce" if config.worker.summable else "allgather"
+
+
+def bounds(d, n):
+    """The n + 1 boundaries of the n contiguous slices of d elements (sizes differ by at most one)."""
+    return [(j * d) // n for j in range(n + 1)]
+
+
+def shard_name(name, j):
+    """The name that keys slice j's compressor calls (seeds) and collectives."""
+    return f"{name}#{j}"
+
+
+# ---- the cost model ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Link:
+    """A rank's network link: bandwidth in bytes per second, latency per message in seconds."""
+    bandwidth: float
+    latency: float = 50e-6
+
+    @classmethod
+    def gbit(cls, gbit_per_s, latency_us=50.0):
+        if not (isinstance(gbit_per_s, (int, float)) and gbit_per_s > 0 and math.isfinite(gbit_per_s)):
+            raise ValueError(f"link bandwidth must be a positive number of Gbit/s, got {gbit_per_s!r}")
+        return cls(gbit_per_s * 1e9 / 8, latency_us * 1e-6)
+
+
+# Kernel seconds per element (encode, decode) on one CPU core, from `python scripts/bench.py kernels` on the
+# development machine (2.5e7 float32 elements); a GPU is far faster, which only makes compression cheaper.
+KERNEL_SECONDS_PER_ELEMENT = {
+    "TopK": (6.0e-9, 1.5e-9), "RandK": (3.0e-9, 1.5e-9), "Natural": (6.0e-9, 3.0e-9),
+    "ScaledSign": (4.0e-9, 3.0e-9), "OneBit": (6.0e-9, 3.0e-9), "QSGD": (8.0e-9, 3.0e-9),
+    "Identity": (0.0, 0.0),
+}
+# Fixed cost of compressing one tensor, whatever its size: the Python and kernel-launch overhead of encode,
+# pack, unpack and decode (the kernels benchmark's time at 10^4 elements).
+KERNEL_CALL_SECONDS = 2e-4
+
+
+def kernel_seconds(compressor, d):
+    """(encode, decode) seconds of ``compressor`` on d elements, from the table above."""
+    if compressor is None:
+        return 0.0, 0.0
+    if isinstance(compressor, C.Scaled):
+        return kernel_seconds(compressor.compressor, d)
+    if isinstance(compressor, C.Compose):
+        e1, d1 = kernel_seconds(compressor.first, d)
+        e2, d2 = kernel_seconds(compressor.second, compressor.first.k_for(d))
+        return e1 + e2, d1 + d2
+    enc, dec = KERNEL_SECONDS_PER_ELEMENT.get(type(compressor).__name__, (1e-8, 5e-9))
+    return enc * d, dec * d
+
+
+def traffic(transport, config, d, n, value_itemsize=4):
+    """(bytes, messages) one rank sends for one tensor, ring algorithms; the root's share for a server
+    pass on the root (binomial-tree broadcast)."""
+    worker, server = config.worker, config.server
+    if n == 1:
+        return 0, 0
+    if transport == "dense":
+        # no messages of its own: Horovod fuses it into the step's allreduce, which runs anyway (it carries
+        # the compressed tensors' step markers)
+        return 2 * (n - 1) / n * value_itemsize * d, 0
+    if transport == "allreduce":
+        return 2 * (n - 1) / n * worker.wire_bytes(d, value_itemsize), 2 * (n - 1)
+    if transport == "allgather":
+        sent, messages = (n - 1) * worker.wire_bytes(d, value_itemsize), n - 1
+        if server is not None:
+            rounds = math.ceil(math.log2(n))
+            sent += rounds * server.wire_bytes(d, value_itemsize)
+            messages += rounds
+        return sent, messages
+    if transport == "sharded":
+        b = bounds(d, n)
+        slices = [b[j + 1] - b[j] for j in range(n)]
+        downlink = server or C.Identity()
+        up = sum(worker.wire_bytes(s, value_itemsize) for s in slices if s) * (n - 1) / n
+        down = (n - 1) * max(downlink.wire_bytes(s, value_itemsize) if s else 0 for s in slices)
+        return up + down, 2 * (n - 1)
+    raise ValueError(f"unknown transport {transport!r}")
+
+
+def step_seconds(transport, config, d, n, link, value_itemsize=4):
+    """Modelled seconds for one tensor of d elements: network (latency + bytes / bandwidth) + kernels."""
+    sent, messages = traffic(transport, config, d, n, value_itemsize)
+    network = messages * link.latency + sent / link.bandwidth
+    if transport == "dense":
+        return network
+    enc, dec = kernel_seconds(config.worker, d)
+    senc, sdec = kernel_seconds(config.server, d)
+    if transport == "allreduce":
+        kernels = enc + dec
+    elif transport == "allgather":
+        kernels = enc + n * dec + senc + sdec   # n whole payloads decoded; the root's server pass
+    else:
+        kernels = enc + dec + senc / n + sdec   # n payloads of one slice; the server pass on one slice
+    return network + kernels + KERNEL_CALL_SECONDS
+
+
+def candidates(config):
+    return ["dense", default(config), "sharded"]
+
+
+def choose(config, d, n, link, value_itemsize=4):
+    """The cheapest transport for one tensor by the cost model (ties go to the earlier candidate)."""
+    if n == 1:
+        return default(config)
+    costs = {t: step_seconds(t, config, d, n, link, value_itemsize) for t in candidates(config)}
+    return min(costs, key=costs.get)
+
+
+def resolve(transport, config, d, n, link=None, value_itemsize=4):
+    """The transport a tensor of d elements actually uses."""
+    if transport is None:
+        return default(config)
+    if transport == AUTO:
+        if link is None:
+            raise ValueError("transport='auto' needs a link (measured or given)")
+        return choose(config, d, n, link, value_itemsize)
+    return transport
