@@ -171,6 +171,24 @@ def test_bit_packing_round_trip(d):
         assert out.dtype == torch.bool and torch.equal(out, bits)
 
 
+@pytest.mark.parametrize("dist", ["normal", "ties", "skewed", "zeros"])
+@pytest.mark.parametrize("d, k", [(1 << 17, 1), (1 << 17, 1310), (300_001, 3000), (300_001, 37_000)])
+def test_fast_topk_keeps_a_true_top_k_set(dist, d, k):
+    """Large tensors take the sampled-threshold path of the TopK kernel: it must return k distinct indices
+    whose magnitudes are >= every other magnitude, as torch.topk does (any subset among ties)."""
+    g = torch.Generator().manual_seed(d + k)
+    a = {"normal": lambda: torch.randn(d, generator=g).abs(),
+         "ties": lambda: torch.randint(0, 5, (d,), generator=g).float(),
+         "skewed": lambda: torch.cat([torch.full((d - 100,), 1.0), torch.arange(100.0) + 2]),   # the sample misses
+         "zeros": lambda: torch.zeros(d)}[dist]()
+    idx = K._topk_indices(a, k)
+    assert idx.numel() == k and torch.unique(idx).numel() == k
+    chosen = torch.zeros(d, dtype=torch.bool)
+    chosen[idx] = True
+    assert a[chosen].min() >= (a[~chosen].max() if (~chosen).any() else -1)
+    assert torch.equal(torch.sort(a[idx]).values, torch.sort(torch.topk(a, k).values).values)
+
+
 def test_bit_packing_order_is_little_endian():
     bits = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1], dtype=torch.bool)
     assert K.pack_bits(bits).tolist() == [1, 2 + 128, 1]

@@ -183,11 +183,7 @@ class Compression:
         seed = worker_seed(worker, self.seed, self._step, hvd.rank(), key)   # only shared draws decode by seed
         if received.dtype != torch.uint8:
             return K.decode(worker, [received], d, seed, dtype)
-        total = None
-        for payload in received.view(n, -1):
-            decoded = K.decode(worker, K.unpack(worker, payload, d, dtype), d, seed, dtype)
-            total = decoded if total is None else total + decoded
-        return total / n
+        return K.decode_sum(worker, received.view(n, -1), d, seed, dtype) / n
 
     def _server_pass(self, gbar, key, error):
         """The server's payload bytes for gbar (+ its error buffer) and the candidate new error buffer
@@ -269,17 +265,18 @@ class Compression:
         s["dense_bytes"] += 4 * p.shape.numel()
         if p.transport == "dense":
             return
+        error = p.x - p.local
         if self.config.error_feedback:
-            self._worker_error[name] = p.x - p.local
+            self._worker_error[name] = error
         if p.server_error is not None:
             self._server_error[name] = p.server_error
-        residual = torch.sum((p.x - p.local) ** 2)   # ||C(x) - x||^2, also ||e||^2 with error feedback
+        residual = torch.dot(error, error)   # ||C(x) - x||^2, also ||e||^2 with error feedback
         s["residual"] += residual
-        s["norm"] += torch.sum(p.x ** 2)
+        s["norm"] += torch.dot(p.x, p.x)
         if self.config.error_feedback:
             s["worker_error"] += residual
         if p.server_error is not None:
-            s["server_error"] += torch.sum(p.server_error ** 2)
+            s["server_error"] += torch.dot(p.server_error, p.server_error)
 
     def _end_step(self):
         self._last_stats, self._step_stats = self._step_stats, self._new_stats()

@@ -52,8 +52,28 @@ def unpack_bits(packed, d):
 
 # ---- the compressors --------------------------------------------------------------------------------------
 
+def _topk_indices(a, k):
+    """Indices of k largest elements of a (any k-subset among ties). torch.topk over millions of elements
+    is many times slower than a pass over memory, so large tensors first keep the candidates above a
+    threshold estimated from a strided sample (about 2k of them), and run topk on those alone; when fewer
+    than k pass (a skewed sample), the plain topk decides."""
+    d = a.numel()
+    if d < _FAST_TOPK_MIN or 8 * k > d:
+        return torch.topk(a, k, sorted=False).indices
+    sample = a[::d // _SAMPLE]
+    rank = max(1, min(sample.numel(), int(sample.numel() * (1 - 2 * k / d))))
+    threshold = torch.kthvalue(sample, rank).values
+    candidates = torch.nonzero(a >= threshold).squeeze(1)
+    if candidates.numel() < k:
+        return torch.topk(a, k, sorted=False).indices
+    return candidates[torch.topk(a[candidates], k, sorted=False).indices]
+
+
+_FAST_TOPK_MIN, _SAMPLE = 1 << 17, 1 << 14
+
+
 def _topk_encode(c, x, seed):
-    idx = torch.topk(x.abs(), c.k_for(x.numel()), sorted=False).indices
+    idx = _topk_indices(x.abs(), c.k_for(x.numel()))
     return [idx.to(torch.int32), x[idx]]
 
 
@@ -197,6 +217,23 @@ def decode(c, parts, d, seed=0, dtype=torch.float32):
     if isinstance(c, C.Identity):
         return parts[0]
     raise TypeError(f"no PyTorch kernel for {c!r}")
+
+
+def decode_sum(c, payloads, d, seed, dtype):
+    """sum_j decode(payload_j), added in row order, from the rows of ``payloads`` (packed bytes, one row
+    per rank). Sparse payloads are added into one dense tensor instead of decoded one dense tensor each
+    (the same sums: 0 + v is v)."""
+    if isinstance(c, C.TopK) or isinstance(c, C.RandK) and not c.shared:
+        total = torch.zeros(d, dtype=dtype, device=payloads.device)
+        for row in payloads:
+            idx, values = unpack(c, row, d, dtype)
+            total.index_add_(0, idx, values)
+        return total
+    total = None
+    for row in payloads:
+        decoded = decode(c, unpack(c, row, d, dtype), d, seed, dtype)
+        total = decoded if total is None else total + decoded
+    return total
 
 
 # ---- payloads as bytes -------------------------------------------------------------------------------------
