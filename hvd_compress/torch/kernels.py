@@ -31,7 +31,18 @@ def _uniform(x, seed):
 
 
 def _random_indices(d, k, seed, device):
-    return torch.randperm(d, generator=_generator(seed, device), device=device)[:k]
+    """A uniformly random k-subset of range(d). For k << d, the first k distinct values of iid uniform
+    draws (each new value is uniform over those not seen yet) instead of an O(d) permutation."""
+    g = _generator(seed, device)
+    if 8 * k > d:
+        return torch.randperm(d, generator=g, device=device)[:k]
+    draws = torch.randint(d, (k + k // 4 + 16,), generator=g, device=device)
+    values, inverse = torch.unique(draws, return_inverse=True)
+    if values.numel() < k:   # too many repeats (rare): a permutation decides
+        return torch.randperm(d, generator=g, device=device)[:k]
+    position = torch.arange(draws.numel(), device=device)
+    first = torch.full_like(values, draws.numel()).scatter_reduce_(0, inverse, position, "amin")
+    return values[torch.argsort(first)[:k]]
 
 
 # ---- bit packing ----------------------------------------------------------------------------------------
