@@ -52,6 +52,15 @@ class _Pending:
     server_error: Optional[torch.Tensor] = None  # root (sharded: every rank, its slice): the candidate new d
 
 
+def _all_finite(x):
+    """0-d bool: no NaN or Inf in x. min and max propagate NaN, and read x once without a temporary
+    (torch.isfinite(x).all() writes a mask as large as x: 20 times slower on CPU)."""
+    if x.numel() == 0:
+        return torch.tensor(True, device=x.device)
+    low, high = torch.aminmax(x)
+    return torch.isfinite(low) & torch.isfinite(high)
+
+
 class Compression:
     """Gradient compression with optional worker error feedback and DoubleSqueeze server pass.
 
@@ -141,7 +150,7 @@ class Compression:
         marker = torch.full((1,), float(self._step + 1), dtype=torch.float32, device=x.device)
         self._pending[name] = _Pending(how, tensor.shape, tensor.dtype,
                                        sent.numel() * sent.element_size() + marker.element_size(),
-                                       x, local, torch.isfinite(x).all(), handle)
+                                       x, local, _all_finite(x), handle)
         return marker, name
 
     def decompress(self, output, name):
@@ -238,8 +247,10 @@ class Compression:
             second.append((name, p, handle))
         for name, p, handle in second:
             data, d, dtype = hvd.synchronize(handle), p.x.numel(), p.x.dtype
-            if p.transport == "sharded":
-                b, downlink = T.bounds(d, n), self.config.server or C.Identity()
+            if p.transport == "sharded" and server is None:   # the rank-ordered slices of gbar: the tensor
+                p.update = data.view(dtype)
+            elif p.transport == "sharded":
+                b, downlink = T.bounds(d, n), server
                 sizes = [downlink.wire_bytes(b[j + 1] - b[j], p.x.element_size()) if b[j + 1] > b[j] else 0
                          for j in range(n)]
                 chunks = torch.split(data, sizes)

@@ -259,7 +259,9 @@ def _packing_order(dtypes):
 
 
 def pack(parts):
-    """The parts as one uint8 tensor: the bytes that travel."""
+    """The parts as one uint8 tensor: the bytes that travel (a view, not a copy, of a single part)."""
+    if len(parts) == 1:
+        return parts[0].contiguous().view(torch.uint8)
     order = _packing_order([p.dtype for p in parts])
     return torch.cat([parts[i].contiguous().view(torch.uint8) for i in order])
 
