@@ -87,17 +87,18 @@ KERNEL_SECONDS_PER_ELEMENT = {
 KERNEL_CALL_SECONDS = 2e-4
 
 
-def kernel_seconds(compressor, d):
-    """(encode, decode) seconds of ``compressor`` on d elements, from the table above."""
+def kernel_seconds(compressor, d, table=None):
+    """(encode, decode) seconds of ``compressor`` on d elements, from ``table`` (default: the one above)."""
+    table = KERNEL_SECONDS_PER_ELEMENT if table is None else table
     if compressor is None:
         return 0.0, 0.0
     if isinstance(compressor, C.Scaled):
-        return kernel_seconds(compressor.compressor, d)
+        return kernel_seconds(compressor.compressor, d, table)
     if isinstance(compressor, C.Compose):
-        e1, d1 = kernel_seconds(compressor.first, d)
-        e2, d2 = kernel_seconds(compressor.second, compressor.first.k_for(d))
+        e1, d1 = kernel_seconds(compressor.first, d, table)
+        e2, d2 = kernel_seconds(compressor.second, compressor.first.k_for(d), table)
         return e1 + e2, d1 + d2
-    enc, dec = KERNEL_SECONDS_PER_ELEMENT.get(type(compressor).__name__, (1e-8, 5e-9))
+    enc, dec = table.get(type(compressor).__name__, (1e-8, 5e-9))
     return enc * d, dec * d
 
 
@@ -130,21 +131,22 @@ def traffic(transport, config, d, n, value_itemsize=4):
     raise ValueError(f"unknown transport {transport!r}")
 
 
-def step_seconds(transport, config, d, n, link, value_itemsize=4):
-    """Modelled seconds for one tensor of d elements: network (latency + bytes / bandwidth) + kernels."""
+def step_seconds(transport, config, d, n, link, value_itemsize=4, table=None, call_seconds=None):
+    """Modelled seconds for one tensor of d elements: network (latency + bytes / bandwidth) + kernels
+    (``table`` and ``call_seconds`` default to KERNEL_SECONDS_PER_ELEMENT and KERNEL_CALL_SECONDS)."""
     sent, messages = traffic(transport, config, d, n, value_itemsize)
     network = messages * link.latency + sent / link.bandwidth
     if transport == "dense":
         return network
-    enc, dec = kernel_seconds(config.worker, d)
-    senc, sdec = kernel_seconds(config.server, d)
+    enc, dec = kernel_seconds(config.worker, d, table)
+    senc, sdec = kernel_seconds(config.server, d, table)
     if transport == "allreduce":
         kernels = enc + dec
     elif transport == "allgather":
         kernels = enc + n * dec + senc + sdec   # n whole payloads decoded; the root's server pass
     else:
         kernels = enc + dec + senc / n + sdec   # n payloads of one slice; the server pass on one slice
-    return network + kernels + KERNEL_CALL_SECONDS
+    return network + kernels + (KERNEL_CALL_SECONDS if call_seconds is None else call_seconds)
 
 
 def candidates(config):
