@@ -9,8 +9,8 @@ Transports of one gradient tensor of d elements on n ranks (P: worker payload by
     sharded    rank j owns slice j of the tensor (n nearly equal contiguous slices). Each rank compresses
                every slice on its own, an alltoall hands slice j's n payloads to rank j, which averages
                them, runs the server pass on its slice with its own server error buffer (or, without a
-               server compressor, keeps the average as it is), and the n results are allgathered.
-                                                              ~ P + S (or 4d) : flat in n
+               server compressor, keeps the exact average, sent as its nonzeros where that is smaller),
+               and the n results are allgathered.        ~ P + S : flat in n (no server: P + min(4d, n P))
     dense      no compression for this tensor: Horovod's fp32 allreduce of the exact gradient (no error
                buffers, no server pass); for tensors too small to be worth compressing.   ~ 2 * 4d
 
@@ -124,11 +124,27 @@ def traffic(transport, config, d, n, value_itemsize=4):
     if transport == "sharded":
         b = bounds(d, n)
         slices = [b[j + 1] - b[j] for j in range(n)]
-        downlink = server or C.Identity()
         up = sum(worker.wire_bytes(s, value_itemsize) for s in slices if s) * (n - 1) / n
-        down = (n - 1) * max(downlink.wire_bytes(s, value_itemsize) if s else 0 for s in slices)
+        if server is not None:
+            down = (n - 1) * max(server.wire_bytes(s, value_itemsize) if s else 0 for s in slices)
+        else:   # the exact average: at most n payloads' nonzeros
+            down = (n - 1) * max(exact_bytes(s, min(s, n * nonzeros(worker, s)), value_itemsize) for s in slices)
         return up + down, 2 * (n - 1)
     raise ValueError(f"unknown transport {transport!r}")
+
+
+def nonzeros(compressor, d):
+    """At most how many nonzeros C(x) has for d elements."""
+    inner = compressor.compressor if isinstance(compressor, C.Scaled) else compressor
+    inner = inner.first if isinstance(inner, C.Compose) else inner
+    return inner.k_for(d) if d and isinstance(inner, (C.TopK, C.RandK)) else d
+
+
+def exact_bytes(d, nnz, value_itemsize=4):
+    """Bytes of an exact slice of d elements with nnz nonzeros as the sharded transport sends it without a
+    server compressor: an int32 header, then the nonzeros (int32 index + value each) or all d values,
+    whichever is smaller."""
+    return 4 + min(d * value_itemsize, nnz * (4 + value_itemsize))
 
 
 def step_seconds(transport, config, d, n, link, value_itemsize=4, table=None, call_seconds=None):

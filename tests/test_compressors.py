@@ -189,6 +189,24 @@ def test_fast_topk_keeps_a_true_top_k_set(dist, d, k):
     assert torch.equal(torch.sort(a[idx]).values, torch.sort(torch.topk(a, k).values).values)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_slices_round_trip_sparse_or_dense(dtype):
+    """The sharded transport's exact downlink: nonzeros where smaller, else dense; sizes as the formula says."""
+    from hvd_compress.transport import exact_bytes
+    g = torch.Generator().manual_seed(1)
+    slices = [torch.zeros(0, dtype=dtype), torch.randn(7, generator=g, dtype=dtype),
+              torch.zeros(50, dtype=dtype), torch.zeros(50, dtype=dtype).index_fill_(0, torch.tensor([3, 40]), -2.5),
+              torch.randn(3, generator=g, dtype=dtype)]
+    packed = [K.pack_exact(v) for v in slices]
+    for v, data in zip(slices, packed):
+        itemsize = v.element_size()
+        assert data.numel() == exact_bytes(v.numel(), int((v != 0).sum()), itemsize)
+    out = K.unpack_exact(torch.cat(packed), [v.numel() for v in slices], dtype)
+    assert torch.equal(out, torch.cat(slices))
+    with pytest.raises(ValueError, match="parsed"):
+        K.unpack_exact(torch.cat(packed + [torch.zeros(3, dtype=torch.uint8)]), [v.numel() for v in slices], dtype)
+
+
 def test_bit_packing_order_is_little_endian():
     bits = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1], dtype=torch.bool)
     assert K.pack_bits(bits).tolist() == [1, 2 + 128, 1]

@@ -10,7 +10,8 @@ One step, per gradient g of parameter ``name`` on rank i of n (DESIGN.md section
 
 With ``transport="sharded"`` the same runs per slice: x's n slices are compressed one by one, an alltoall
 hands rank j the n payloads of slice j, rank j aggregates them and runs the server pass on its slice with
-its own slice of d, and the n results are allgathered. ``"dense"`` leaves a tensor to Horovod's own
+its own slice of d (without a server compressor: the exact average, sent sparse where that is smaller), and
+the n results are allgathered. ``"dense"`` leaves a tensor to Horovod's own
 allreduce; ``"auto"`` picks per tensor by the cost model of ``hvd_compress.transport``.
 
 Horovod calls compress() from each parameter's backward hook and decompress() from synchronize(), after
@@ -196,16 +197,15 @@ class Compression:
 
     def _server_pass(self, gbar, key, error):
         """The server's payload bytes for gbar (+ its error buffer) and the candidate new error buffer
-        (less decode of the payload, subtracted once that is decoded). Without a server compressor the
-        average travels as it is (the sharded transport's downlink)."""
-        server = self.config.server or C.Identity()
+        (less decode of the payload, subtracted once that is decoded)."""
+        server = self.config.server
         if gbar.numel() == 0:
             return torch.empty(0, dtype=torch.uint8, device=gbar.device), gbar
         y = gbar + error.to(gbar.device, gbar.dtype) if error is not None else gbar
         return K.pack(K.encode(server, y, server_seed(server, self.seed, self._step, key))), y
 
     def _decode_server(self, data, d, key, dtype):
-        server = self.config.server or C.Identity()
+        server = self.config.server
         if d == 0:
             return torch.empty(0, dtype=dtype, device=data.device)
         seed = server_seed(server, self.seed, self._step, key)
@@ -228,9 +228,10 @@ class Compression:
                 b = T.bounds(d, n)
                 key, size = T.shard_name(name, rank), b[rank + 1] - b[rank]
                 gbar = self._average(received[0], size, key, p.x.dtype) if size else p.x[:0]
-                data, p.server_error = self._server_pass(gbar, key, self._server_error.get(name))
-                if server is None:
-                    p.server_error = None
+                if server is None:   # the exact average of the slice, sparse where that is smaller
+                    data = K.pack_exact(gbar)
+                else:
+                    data, p.server_error = self._server_pass(gbar, key, self._server_error.get(name))
                 handle = hvd.allgather_async(data, name=f"hc.s.{name}")
             else:
                 gbar = self._average(received, d, name, p.x.dtype)
@@ -247,8 +248,9 @@ class Compression:
             second.append((name, p, handle))
         for name, p, handle in second:
             data, d, dtype = hvd.synchronize(handle), p.x.numel(), p.x.dtype
-            if p.transport == "sharded" and server is None:   # the rank-ordered slices of gbar: the tensor
-                p.update = data.view(dtype)
+            if p.transport == "sharded" and server is None:
+                b = T.bounds(d, n)
+                p.update = K.unpack_exact(data, [b[j + 1] - b[j] for j in range(n)], dtype)
             elif p.transport == "sharded":
                 b, downlink = T.bounds(d, n), server
                 sizes = [downlink.wire_bytes(b[j + 1] - b[j], p.x.element_size()) if b[j + 1] > b[j] else 0

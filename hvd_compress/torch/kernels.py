@@ -284,6 +284,46 @@ def unpack(c, data, d, value_dtype):
     return parts
 
 
+def _view(data, dtype):
+    """data (uint8) viewed as dtype, copied first where it starts unaligned for dtype."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return (data.clone() if data.storage_offset() % itemsize else data).view(dtype)
+
+
+def pack_exact(v):
+    """A slice of an exact average as bytes (``hvd_compress.transport.exact_bytes``): an int32 header,
+    then its nonzeros (header = their count; int32 indices, then values), or all of it (header = -1)
+    when that is not larger. The average of n sparse payloads is sparse: this keeps it exact and small."""
+    idx = torch.nonzero(v).squeeze(1)
+    if idx.numel() * (4 + v.element_size()) < v.numel() * v.element_size():
+        parts = [idx.to(torch.int32), v[idx]]
+    else:
+        idx, parts = None, [v]
+    header = torch.tensor([-1 if idx is None else idx.numel()], dtype=torch.int32, device=v.device)
+    return torch.cat([t.contiguous().view(torch.uint8) for t in [header] + parts])
+
+
+def unpack_exact(data, sizes, dtype):
+    """The concatenated slices (of ``sizes`` elements) from the back-to-back ``pack_exact`` bytes."""
+    out = torch.zeros(sum(sizes), dtype=dtype, device=data.device)
+    itemsize, offset, start = out.element_size(), 0, 0
+    for size in sizes:
+        count = int(_view(data[offset:offset + 4], torch.int32).item())
+        offset += 4
+        if count < 0:
+            out[start:start + size] = _view(data[offset:offset + size * itemsize], dtype)
+            offset += size * itemsize
+        else:
+            idx = _view(data[offset:offset + 4 * count], torch.int32)
+            values = _view(data[offset + 4 * count:offset + count * (4 + itemsize)], dtype)
+            out[start + idx.long()] = values
+            offset += count * (4 + itemsize)
+        start += size
+    if offset != data.numel():
+        raise ValueError(f"exact slices of {data.numel()} bytes, parsed {offset}")
+    return out
+
+
 def compute_dtype(dtype):
     """Half-precision gradients are compressed in float32 (and their error buffers kept in float32)."""
     if not dtype.is_floating_point:
