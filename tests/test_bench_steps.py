@@ -1,0 +1,68 @@
+"""`scripts/bench.py steps --quick` runs end to end: ranks in network namespaces over tc-limited veths.
+
+Needs root (CAP_NET_ADMIN) and iproute2; skipped otherwise. No timing thresholds: it checks that every
+configuration of the quick plan was measured with a finite positive step time, that the traffic crossed the
+shaped links, and that the benchmark removed its namespaces.
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def namespaces():
+    out = subprocess.run(["ip", "netns", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.split()]
+
+
+def netns_unavailable():
+    """Why the benchmark cannot build its network here, or None."""
+    if not sys.platform.startswith("linux"):
+        return "network namespaces are Linux only"
+    if os.geteuid() != 0:
+        return "the steps benchmark needs root (CAP_NET_ADMIN) to create network namespaces, veths and tc qdiscs"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` (iproute2) is not installed"
+    probe = f"hcnstest{os.getpid()}"
+    proc = subprocess.run(["ip", "netns", "add", probe], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        return f"`ip netns add` failed (no CAP_NET_ADMIN?): {proc.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return None
+
+
+def test_steps_quick(tmp_path):
+    why = netns_unavailable()
+    if why:
+        pytest.skip(why)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "steps", "--quick", "--out",
+                           str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    output = proc.stdout[-6000:]
+    left = [ns for ns in namespaces() if ns.startswith("hcns")]
+    assert not left, f"namespaces left behind: {left}\n{output}"
+    assert proc.returncode == 0, output
+    summary = json.loads((tmp_path / "steps.json").read_text())
+    assert summary["ok"] and summary["checks"] and all(summary["checks"].values()), summary["checks"]
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmarks.steps import PLANS
+    plan = PLANS[True]
+    assert len(summary["tables"]) == len(plan["sizes"]) * len(plan["rates_gbit"]), output
+    for table in summary["tables"]:
+        rows = {row["config"]: row for row in table["rows"]}
+        assert sorted(rows) == sorted(plan["configs"]), rows
+        for name, row in rows.items():
+            t = row["median_s"]
+            assert isinstance(t, float) and math.isfinite(t) and t > 0, (name, row, output)
+            assert row["wire_bytes"] and row["wire_bytes"] > 0, (name, row)
+        assert rows["dense"]["speedup"] == 1.0
+        assert math.isfinite(table["compute_only_s"]) and table["compute_only_s"] > 0
+    assert (tmp_path / "steps.png").exists()
