@@ -244,7 +244,8 @@ class Compression:
                     data = torch.empty(server.wire_bytes(d, gbar.element_size()), dtype=torch.uint8,
                                        device=gbar.device)
                 handle = hvd.broadcast_async_(data, self.root_rank, name=f"hc.s.{name}")
-            p.bytes_sent += data.numel()
+            if p.transport == "sharded" or rank == self.root_rank:   # a broadcast's receivers send nothing
+                p.bytes_sent += data.numel()
             second.append((name, p, handle))
         for name, p, handle in second:
             data, d, dtype = hvd.synchronize(handle), p.x.numel(), p.x.dtype

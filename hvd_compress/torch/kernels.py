@@ -47,13 +47,19 @@ def _random_indices(d, k, seed, device):
 
 # ---- bit packing ----------------------------------------------------------------------------------------
 
+_GATHER_BITS = 0x0102040810204080        # x 8 flag bytes (one little-endian int64) -> the 8 flags in its top byte
+
+
 def pack_bits(bits):
     """bool tensor of d -> uint8 tensor of ceil(d/8), 8 flags per byte (little-endian bit order)."""
     d = bits.numel()
-    padded = torch.zeros((d + 7) // 8 * 8, dtype=torch.uint8, device=bits.device)
-    padded[:d] = bits
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=bits.device)
-    return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    if d % 8 == 0 and bits.is_contiguous() and bits.storage_offset() % 8 == 0:
+        padded = bits.view(torch.uint8)                  # no copy
+    else:
+        padded = torch.zeros((d + 7) // 8 * 8, dtype=torch.uint8, device=bits.device)
+        padded[:d] = bits
+    # the 8 flag bytes of an int64 times _GATHER_BITS land, without carries, as bits 56..63 (flag j at 56 + j)
+    return (((padded.view(torch.int64) * _GATHER_BITS) >> 56) & 255).to(torch.uint8)
 
 
 def unpack_bits(packed, d):
@@ -111,7 +117,45 @@ def _sparse_decode(c, parts, d, seed):
     return _scatter(parts[0], parts[1], d)
 
 
+# IEEE layouts: (int type, mantissa bits, exponent bias)
+_FLOAT_BITS = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}
+_NO_EXPONENT = -(2 ** 30)      # stands in for the exponent of a zero: below any real one, no int32 overflow
+
+
 def _natural_encode(c, x, seed):
+    """The exponent and mantissa fraction straight from the float's bits instead of torch.frexp (whose CPU
+    kernel is not vectorized), with few fresh tensors (page faults cost more than the arithmetic). Exactly
+    frexp's answer for zeros and normal numbers; tensors with a subnormal, an inf or a NaN, and other devices,
+    take the general path."""
+    itype, mbits, bias = _FLOAT_BITS[x.dtype]
+    if x.device.type != "cpu":
+        return _natural_encode_general(c, x, seed)
+    bits = x.view(itype)
+    magnitude = bits & torch.iinfo(itype).max           # without the sign bit
+    zero = magnitude == 0
+    exp = magnitude >> mbits                            # the biased exponent field: |x| in [2^(e-bias), 2^(e-bias+1))
+    if exp.max() == 2 * bias + 1 or exp.masked_fill_(zero, 1).min() == 0:   # (one sync; on CPU only)
+        return _natural_encode_general(c, x, seed)      # an inf or NaN, or a subnormal (exponent field 0)
+    nonzero = zero.logical_not()
+    if c.deterministic:
+        up = (magnitude & (2 ** mbits - 1)) >= 2 ** (mbits - 1)    # frexp's mantissa >= 0.75 (ties go up)
+    else:
+        fraction = (magnitude & (2 ** mbits - 1)).to(x.dtype).mul_(2.0 ** -mbits)   # = 2 * mantissa - 1, exactly
+        up = _uniform(x, seed) < fraction
+    exp.add_(up).sub_(bias)
+    if exp.dtype != torch.int32:
+        exp = exp.to(torch.int32)
+    exp.masked_fill_(zero, _NO_EXPONENT)
+    top = exp.max()
+    top = torch.where(top > _NO_EXPONENT, top, torch.zeros_like(top))   # all zero: 0, as frexp's path gives
+    code = exp.neg_().add_(top + 1)                     # 1..127 = exponent below the largest
+    code.masked_fill_(code > 127, 0)                    # too small, or zero
+    byte = code.to(torch.uint8)
+    sign = torch.signbit(x).logical_and_(nonzero)
+    return [top.reshape(1).to(torch.int32), byte.add_(sign.view(torch.uint8), alpha=128)]
+
+
+def _natural_encode_general(c, x, seed):
     mantissa, exponent = torch.frexp(x.abs())          # |x| = m * 2^e, m in [0.5, 1)
     low_exp = exponent - 1                               # |x| lies in [2^low_exp, 2^(low_exp+1))
     if c.deterministic:
@@ -129,33 +173,50 @@ def _natural_encode(c, x, seed):
 
 def _natural_decode(c, parts, d, seed, dtype):
     top, code = parts
-    magnitude_code = (code & 127).to(torch.int32)
-    value = torch.ldexp(torch.ones(d, dtype=dtype, device=code.device), top - magnitude_code + 1)
+    # the 256 possible values of a byte, computed as before (ldexp, zero, sign), then looked up
+    every = torch.arange(256, dtype=torch.int32, device=code.device)
+    magnitude_code = every & 127
+    value = torch.ldexp(torch.ones(256, dtype=dtype, device=code.device), top - magnitude_code + 1)
     value = torch.where(magnitude_code == 0, torch.zeros_like(value), value)
-    return torch.where(code >= 128, -value, value)
+    table = torch.where(every >= 128, -value, value)
+    return table[code.to(torch.int32)]
 
 
 def _sign_encode(c, x, seed):
     return [(x.abs().sum() / x.numel()).reshape(1), pack_bits(x < 0)]
 
 
+def _flip_sign(flags, value):
+    """where(flags, -value, value) for a one-element value, exactly (the sign bit, through its integer view)."""
+    itype, shift = (torch.int32, 31) if value.dtype == torch.float32 else (torch.int64, 63)
+    out = flags.to(itype).bitwise_left_shift_(shift)    # one fresh tensor, then in place
+    return out.bitwise_xor_(value.view(itype)).view(value.dtype)
+
+
 def _sign_decode(c, parts, d, seed):
     scale, packed = parts
-    return torch.where(unpack_bits(packed, d), -scale, scale)
+    return _flip_sign(unpack_bits(packed, d), scale)
 
 
 def _onebit_encode(c, x, seed):
     negative = x < 0
     n_neg = negative.sum()
-    neg_sum = torch.where(negative, -x, torch.zeros_like(x)).sum()
-    pos_sum = torch.where(negative, torch.zeros_like(x), x).sum()
+    # the sums of where(negative, -x, 0) and where(negative, 0, x), with two fresh tensors instead of five:
+    # summing the negative values (-0.0 elsewhere) in the same order gives exactly the negated sum (all terms
+    # share a sign); 0 - s and not -s, for +0.0 when there is no negative value
+    neg_sum = 0.0 - x.masked_fill(~negative, -0.0).sum()
+    pos_sum = x.masked_fill(negative, 0.0).sum()
     means = torch.stack([pos_sum / (x.numel() - n_neg).clamp(min=1), neg_sum / n_neg.clamp(min=1)])
     return [means, pack_bits(negative)]
 
 
 def _onebit_decode(c, parts, d, seed):
     means, packed = parts
-    return torch.where(unpack_bits(packed, d), -means[1], means[0])
+    # an exact where(flags, -means[1], means[0]) on the bits: pos ^ ((pos ^ neg) & -flag), in place
+    itype = torch.int32 if means.dtype == torch.float32 else torch.int64
+    pos, neg = means[0:1].view(itype), (-means[1:2]).view(itype)
+    out = unpack_bits(packed, d).to(itype).neg_()
+    return out.bitwise_and_(pos ^ neg).bitwise_xor_(pos).view(means.dtype)
 
 
 def _qsgd_encode(c, x, seed):
