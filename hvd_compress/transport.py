@@ -78,13 +78,13 @@ class Link:
 # Kernel seconds per element (encode, decode) on one CPU core, from `python scripts/bench.py kernels` on the
 # development machine (2.5e7 float32 elements); a GPU is far faster, which only makes compression cheaper.
 KERNEL_SECONDS_PER_ELEMENT = {
-    "TopK": (6.0e-9, 1.5e-9), "RandK": (3.0e-9, 1.5e-9), "Natural": (6.0e-9, 3.0e-9),
-    "ScaledSign": (4.0e-9, 3.0e-9), "OneBit": (6.0e-9, 3.0e-9), "QSGD": (8.0e-9, 3.0e-9),
+    "TopK": (5.2e-9, 1.5e-9), "RandK": (1.3e-9, 2.3e-9), "Natural": (2.2e-8, 8.7e-9),
+    "ScaledSign": (4.1e-9, 2.8e-9), "OneBit": (1.7e-8, 2.3e-9), "QSGD": (2.8e-8, 4.2e-9),
     "Identity": (0.0, 0.0),
 }
 # Fixed cost of compressing one tensor, whatever its size: the Python and kernel-launch overhead of encode,
 # pack, unpack and decode (the kernels benchmark's time at 10^4 elements).
-KERNEL_CALL_SECONDS = 2e-4
+KERNEL_CALL_SECONDS = 1.5e-4
 
 
 def kernel_seconds(compressor, d, table=None):
