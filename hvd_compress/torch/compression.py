@@ -11,8 +11,8 @@ One step, per gradient g of parameter ``name`` on rank i of n (DESIGN.md section
 With ``transport="sharded"`` the same runs per slice: x's n slices are compressed one by one, an alltoall
 hands rank j the n payloads of slice j, rank j aggregates them and runs the server pass on its slice with
 its own slice of d (without a server compressor: the exact average, sent sparse where that is smaller), and
-the n results are allgathered. ``"dense"`` leaves a tensor to Horovod's own
-allreduce; ``"auto"`` picks per tensor by the cost model of ``hvd_compress.transport``.
+the n results are allgathered. ``"dense"`` leaves a tensor to Horovod's own allreduce; ``"auto"`` picks per
+tensor by the cost model of ``hvd_compress.transport``.
 
 Horovod calls compress() from each parameter's backward hook and decompress() from synchronize(), after
 allreducing whatever compress() returned. Here that is a one-element step marker (4 bytes) holding the step
@@ -406,7 +406,8 @@ class Compression:
     def stats(self):
         """About the last completed step (all zero before one): bytes this rank handed to collectives,
         the dense fp32 equivalent, their ratio, the compressor's relative error ||C(x)-x||^2/||x||^2
-        over all gradients, error-buffer norms; ``steps`` and cumulative byte totals since construction."""
+        over all gradients, error-buffer norms; ``steps`` and cumulative byte totals since construction;
+        ``transports`` (the transport of each parameter) and ``link_gbps`` (the link "auto" chose by)."""
         s = self._last_stats or self._new_stats()
         value = lambda v: float(v) if not torch.is_tensor(v) else v.item()
         norm = value(s["norm"])
