@@ -31,7 +31,7 @@ DIMS = [10, 100, 1000]
 DISTRIBUTIONS = ["normal", "laplace", "student_t", "sparse", "uniform_positive", "equal_magnitudes", "one_hot",
                  "pow2_times_4/3", "pow2_times_3/2"]
 CONFIG = {  # vectors per (d, distribution); random compressors: vectors with many draws, draws per vector
-    True: {"vectors": 20, "expect_vectors": 2, "draws": 100},
+    True: {"vectors": 20, "expect_vectors": 2, "draws": 400},
     False: {"vectors": 371, "expect_vectors": 4, "draws": 1000},   # 3 x 9 x 371 = 10017 vectors
 }
 N_SE, REL_TOL = 5.0, 1e-9
