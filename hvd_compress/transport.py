@@ -30,7 +30,6 @@ from . import compressors as C
 
 TRANSPORTS = ("allgather", "allreduce", "sharded", "dense")
 AUTO = "auto"
-WHOLE = ("allgather", "allreduce")      # the tensor compressed as one piece
 
 
 def check(transport, config):
