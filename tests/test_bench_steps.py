@@ -7,7 +7,6 @@ shaped links, and that the benchmark removed its namespaces.
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from benchmarks.steps import preflight  # noqa: E402   (why the network cannot be built here, or None)
 
 
 def namespaces():
@@ -22,25 +23,8 @@ def namespaces():
     return [line.split()[0] for line in out.splitlines() if line.split()]
 
 
-def netns_unavailable():
-    """Why the benchmark cannot build its network here, or None."""
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux only"
-    if os.geteuid() != 0:
-        return "the steps benchmark needs root (CAP_NET_ADMIN) to create network namespaces, veths and tc qdiscs"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` (iproute2) is not installed"
-    probe = f"hcnstest{os.getpid()}"
-    proc = subprocess.run(["ip", "netns", "add", probe], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        return f"`ip netns add` failed (no CAP_NET_ADMIN?): {proc.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return None
-
-
 def test_steps_quick(tmp_path):
-    why = netns_unavailable()
+    why = preflight()
     if why:
         pytest.skip(why)
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "steps", "--quick", "--out",
