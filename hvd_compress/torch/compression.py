@@ -75,8 +75,9 @@ class Compression:
         root_rank: the rank that runs the server pass (transports allgather / allreduce).
         seed: base of the seeds of random compressors (each call is keyed by step, rank and parameter).
         transport: how payloads travel (``hvd_compress.transport``): None (allreduce for summable
-            payloads, allgather otherwise), "allgather", "allreduce", "sharded" (bytes per rank flat in the
-            number of ranks), "dense" (no compression), or "auto" (per tensor, by the cost model).
+            payloads, allgather otherwise), "allgather", "allreduce", "sharded" (with a server compressor,
+            bytes per rank flat in the number of ranks), "dense" (no compression), or "auto" (per tensor, by
+            the cost model).
         link_gbps: for "auto", the link bandwidth in Gbit/s; None measures it (and the latency) at the
             first step with two allreduces, and every rank takes the slowest rank's figures.
 
