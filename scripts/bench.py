@@ -12,13 +12,11 @@ Exit code 0 when the benchmark ran and its checks passed, 1 otherwise.
   all      the four, in this order (steps needs root; about 20 minutes on 2 cores)
 """
 import argparse
-import importlib
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from experiments.common import ROOT, relpath, write_json  # noqa: E402
+from experiments.common import ROOT, run_and_report  # noqa: E402
 
 BENCHMARKS = {
     "bytes": "benchmarks.bytes",
@@ -42,16 +40,7 @@ def main(argv=None):
 
 
 def run_one(name, out, quick):
-    start = time.time()
-    summary, ok = importlib.import_module(BENCHMARKS[name]).run(out, quick)
-    summary = {"benchmark": name, "quick": quick, "ok": ok, **summary, "runtime_s": round(time.time() - start, 1)}
-    write_json(out / f"{name}.json", summary)
-    for check, passed in summary.get("checks", {}).items():
-        print(f"  [{'ok' if passed else 'FAILED'}] {check}")
-    print(f"{name}{' (quick)' if quick else ''}: {'ok' if ok else 'FAILED'} in {summary['runtime_s']} s; "
-          f"{relpath(out / (name + '.json'))}")
-    return ok
-
+    return run_and_report(BENCHMARKS[name], "benchmark", name, out, quick, out / f"{name}.json")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,13 +12,11 @@ summary's "checks" say which).
   training    a CNN on Fashion-MNIST on 4 ranks: no compression, Top-k, EF, DoubleSqueeze, QSGD, Fig. 3
 """
 import argparse
-import importlib
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from experiments.common import ROOT, relpath, write_json  # noqa: E402
+from experiments.common import ROOT, run_and_report  # noqa: E402
 
 EXPERIMENTS = {
     "divergence": "experiments.divergence",
@@ -36,22 +34,11 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, help="output folder (default results/EXPERIMENT[-quick]/)")
     args = parser.parse_args(argv)
 
-    module_name = EXPERIMENTS[args.experiment]
     out = args.out or ROOT / "results" / (args.experiment + ("-quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    summary, ok = importlib.import_module(module_name).run(out, args.quick)
-    summary = {"experiment": args.experiment, "quick": args.quick, "ok": ok, **summary,
-               "runtime_s": round(time.time() - start, 1)}
-    write_json(out / "summary.json", summary)
-    for name, passed in summary.get("checks", {}).items():
-        print(f"  [{'ok' if passed else 'FAILED'}] {name}")
-    if summary.get("finding"):
-        print(f"  {summary['finding']}")
-    print(f"{args.experiment}{' (quick)' if args.quick else ''}: {'ok' if ok else 'FAILED'} in "
-          f"{summary['runtime_s']} s; {relpath(out / 'summary.json')}")
+    ok = run_and_report(EXPERIMENTS[args.experiment], "experiment", args.experiment, out, args.quick,
+                        out / "summary.json")
     return 0 if ok else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,8 @@
 """Helpers shared by the experiments: paths, JSON that survives inf/NaN, figures, progress bars."""
+import importlib
 import json
 import math
+import time
 from pathlib import Path
 
 import matplotlib
@@ -47,3 +49,20 @@ def relpath(path):
         return str(path.relative_to(ROOT))
     except ValueError:
         return str(path)
+
+
+def run_and_report(module_name, kind, name, out, quick, json_path):
+    """What reproduce.py and bench.py do with one experiment or benchmark: run ``module.run(out, quick)``,
+    write its summary (with ``kind: name``, quick, ok, runtime) to ``json_path``, print the checks, the
+    finding if any, and one verdict line; returns ok."""
+    start = time.time()
+    summary, ok = importlib.import_module(module_name).run(out, quick)
+    summary = {kind: name, "quick": quick, "ok": ok, **summary, "runtime_s": round(time.time() - start, 1)}
+    write_json(json_path, summary)
+    for check, passed in summary.get("checks", {}).items():
+        print(f"  [{'ok' if passed else 'FAILED'}] {check}")
+    if summary.get("finding"):
+        print(f"  {summary['finding']}")
+    print(f"{name}{' (quick)' if quick else ''}: {'ok' if ok else 'FAILED'} in {summary['runtime_s']} s; "
+          f"{relpath(json_path)}")
+    return ok
