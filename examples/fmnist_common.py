@@ -12,7 +12,7 @@ import time
 
 def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
     """The examples' flags; ``progress_bar`` only names the bar in ``--no-progress``'s help; ``transport``
-    adds --transport and --link-gbps (the PyTorch plug-in's transports)."""
+    adds --transport, --link-gbps, --dense-below and --bucket-mb (the PyTorch plug-in's transports)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compressor", default="topk:0.01", help='worker compressor spec, e.g. "topk:0.01", '
                    '"none", "natural", "sign", "topk:0.01+natural"')
@@ -23,6 +23,10 @@ def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
                        help="how payloads travel (default: allreduce if summable, else allgather)")
         p.add_argument("--link-gbps", type=float, default=None,
                        help="link bandwidth for --transport auto (default: measured at the first step)")
+        p.add_argument("--dense-below", type=int, default=1024,
+                       help="tensors with fewer elements travel uncompressed (0: compress all)")
+        p.add_argument("--bucket-mb", type=float, default=64,
+                       help="dense gradient MiB per bucket of compressed tensors (one collective each)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--lr", type=float, default=0.05)

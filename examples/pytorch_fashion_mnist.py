@@ -100,7 +100,8 @@ def main():
         import hvd_compress.torch as hc
         compression = hc.Compression(args.compressor or None, error_feedback=args.error_feedback,
                                      server=args.server or None, named_parameters=model.named_parameters(),
-                                     transport=args.transport, link_gbps=args.link_gbps)
+                                     transport=args.transport, link_gbps=args.link_gbps,
+                                     dense_below=args.dense_below, bucket_mb=args.bucket_mb)
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                              compression=compression)
     else:

@@ -2,8 +2,9 @@
 
 It follows DESIGN.md section 1 literally, with the compressors' C(x) and the same per-call seeds as the
 Horovod plug-ins, and shares no pipeline code with them: a distributed run must match it step for step.
-A transport (see ``hvd_compress.transport``) changes the math only where it says so: "dense" averages the
-exact gradients, "sharded" runs the pipeline on each of the n slices on its own. Gradients may be PyTorch
+A transport (see ``hvd_compress.transport``) changes the math only where it says so: "dense" averages
+the exact gradients (as do tensors under ``dense_below`` elements), "sharded" runs the pipeline on each of the
+n slices on its own. Buckets do not change the math: tensors are compressed one by one inside them. Gradients may be PyTorch
 or TensorFlow tensors; C(x) runs with the kernels of their framework.
 """
 from . import compressors as C
@@ -31,11 +32,13 @@ def _concat(pieces):
 
 
 class Simulation:
-    def __init__(self, compressor, error_feedback=False, server=None, n=2, seed=0, transport=None, link=None):
+    def __init__(self, compressor, error_feedback=False, server=None, n=2, seed=0, transport=None, link=None,
+                 dense_below=0):
         self.worker, self.server = C.parse(compressor) or C.Identity(), C.parse(server)
         self.error_feedback, self.n, self.seed = bool(error_feedback), int(n), int(seed)
         self.config = C.Config(self.worker, self.error_feedback, self.server)
         self.transport, self.link = T.check(transport, self.config), link
+        self.dense_below = int(dense_below)   # tensors with fewer elements are averaged exactly (dense)
         self.worker_error = [{} for _ in range(self.n)]   # e_i, per rank and parameter name
         self.server_error = {}                            # d, per parameter name (or slice name)
         self.steps = {}                                   # steps each parameter has been through
@@ -51,7 +54,8 @@ class Simulation:
             step = self.steps.get(name, 0)
             gs = [_reshape(grads[i][name], [-1]) for i in range(self.n)]
             d = int(gs[0].shape[0])
-            how = self.transports[name] = T.resolve(self.transport, self.config, d, self.n, self.link)
+            how = self.transports[name] = ("dense" if d < self.dense_below else
+                                           T.resolve(self.transport, self.config, d, self.n, self.link))
             if how == "dense":
                 update = sum(gs[1:], gs[0]) / self.n
             else:

@@ -87,10 +87,14 @@ KERNEL_CALL_SECONDS = 1.5e-4
 
 
 def kernel_seconds(compressor, d, table=None):
-    """(encode, decode) seconds of ``compressor`` on d elements, from ``table`` (default: the one above)."""
+    """(encode, decode) seconds of ``compressor`` on d elements, from ``table`` (default: the one above),
+    whose keys are class names or compressor objects (figures measured for that very compressor)."""
     table = KERNEL_SECONDS_PER_ELEMENT if table is None else table
     if compressor is None:
         return 0.0, 0.0
+    if compressor in table:
+        enc, dec = table[compressor]
+        return enc * d, dec * d
     if isinstance(compressor, C.Scaled):
         return kernel_seconds(compressor.compressor, d, table)
     if isinstance(compressor, C.Compose):
@@ -168,20 +172,23 @@ def candidates(config):
     return ["dense", default(config), "sharded"]
 
 
-def choose(config, d, n, link, value_itemsize=4):
-    """The cheapest transport for one tensor by the cost model (ties go to the earlier candidate)."""
+def choose(config, d, n, link, value_itemsize=4, table=None):
+    """The cheapest transport for one tensor by the cost model (ties go to the earlier candidate); ``table``:
+    measured kernel seconds per element (see ``kernel_seconds``), else the built-in one."""
     if n == 1:
         return default(config)
-    costs = {t: step_seconds(t, config, d, n, link, value_itemsize) for t in candidates(config)}
+    costs = {t: step_seconds(t, config, d, n, link, value_itemsize, table) for t in candidates(config)}
     return min(costs, key=costs.get)
 
 
-def resolve(transport, config, d, n, link=None, value_itemsize=4):
+def resolve(transport, config, d, n, link=None, value_itemsize=4, table=None):
     """The transport a tensor of d elements actually uses."""
     if transport is None:
         return default(config)
     if transport == AUTO:
+        if n == 1:
+            return default(config)
         if link is None:
             raise ValueError("transport='auto' needs a link (measured or given)")
-        return choose(config, d, n, link, value_itemsize)
+        return choose(config, d, n, link, value_itemsize, table)
     return transport

@@ -1,8 +1,10 @@
 """`scripts/bench.py steps --quick` runs end to end: ranks in network namespaces over tc-limited veths.
 
 Needs root (CAP_NET_ADMIN) and iproute2; skipped otherwise. No timing thresholds: it checks that every
-configuration of the quick plan was measured with a finite positive step time, that the traffic crossed the
-shaped links, and that the benchmark removed its namespaces.
+configuration of the quick plan was measured with a finite positive step time, that every row carries a finite
+positive efficiency against the ideal (compute only + wire bytes / link rate) and speed-ups against dense and
+the best of dense/fp16, that compute-only is its own row with efficiency 1, that the traffic crossed the shaped
+links, and that the benchmark removed its namespaces.
 """
 import json
 import math
@@ -37,16 +39,26 @@ def test_steps_quick(tmp_path):
     summary = json.loads((tmp_path / "steps.json").read_text())
     assert summary["ok"] and summary["checks"] and all(summary["checks"].values()), summary["checks"]
     sys.path.insert(0, str(ROOT / "scripts"))
-    from benchmarks.steps import PLANS
+    from benchmarks.steps import COMPUTE_ONLY, PLANS
     plan = PLANS[True]
     assert len(summary["tables"]) == len(plan["sizes"]) * len(plan["rates_gbit"]), output
     for table in summary["tables"]:
         rows = {row["config"]: row for row in table["rows"]}
-        assert sorted(rows) == sorted(plan["configs"]), rows
+        assert sorted(rows) == sorted(plan["configs"] + [COMPUTE_ONLY]), rows
+        finite = lambda v: isinstance(v, float) and math.isfinite(v) and v > 0   # noqa: E731
         for name, row in rows.items():
             t = row["median_s"]
-            assert isinstance(t, float) and math.isfinite(t) and t > 0, (name, row, output)
-            assert row["wire_bytes"] and row["wire_bytes"] > 0, (name, row)
+            assert finite(t), (name, row, output)
+            for key in ("speedup", "vs_best", "ideal_s", "efficiency", "efficiency_handed"):
+                assert finite(row[key]), (name, key, row, output)
+            if row["kind"] == "config":
+                assert row["wire_bytes"] and row["wire_bytes"] > 0, (name, row)
+                assert row["efficiency_basis"] == "wire", (name, row)   # the quick run has the tx counters
+                assert row["ideal_s"] > table["compute_only_s"], (name, row)
+        compute = rows[COMPUTE_ONLY]
+        assert compute["kind"] == "compute_only" and compute["efficiency"] == 1.0, compute
+        assert compute["median_s"] == table["compute_only_s"] == compute["ideal_s"]
         assert rows["dense"]["speedup"] == 1.0
+        assert rows[rows["dense"]["best_baseline"]]["vs_best"] == 1.0   # the best baseline against itself
         assert math.isfinite(table["compute_only_s"]) and table["compute_only_s"] > 0
     assert (tmp_path / "steps.png").exists()

@@ -46,6 +46,12 @@ def _cases():
         # a link slow enough that the larger tensors are compressed and the smallest stay dense
         {**ds, "id": "transport=auto", "transport": "auto", "link_gbps": 1e-4},
         {**ds, "id": "transport=auto/float32", "transport": "auto", "link_gbps": 1e-4, "dtype": "float32"},
+        # small tensors dense, the rest compressed; buckets of about 26 elements (several per step)
+        {**ds, "id": "dense_below=16", "dense_below": 16},
+        {**ds, "id": "bucket_mb=1e-4", "bucket_mb": 1e-4},
+        {**ds, "id": "bucket_mb=1e-4/sharded", "bucket_mb": 1e-4, "transport": "sharded"},
+        {**ds, "id": "bucket_mb=1e-4/sharded/no server", "bucket_mb": 1e-4, "transport": "sharded", "server": None},
+        {**ds, "id": "bucket_mb=1e-4/randk:0.3,shared", "bucket_mb": 1e-4, "compressor": "randk:0.3,shared"},
     ]
     return cases
 
@@ -82,6 +88,14 @@ def test_matches_simulation_and_replicas_identical(distributed_run, case):
     if case.get("transport") == "auto":   # auto mixes: dense for the smallest tensors, compressed for the rest
         assert {"dense", "sharded"} <= set(stats["transports"].values()), stats["transports"]
     assert 0 < stats["bytes_sent"] and stats["dense_bytes"] == 4 * sum(t.numel() for t in reference.values())
+    compressed = sorted(name for name, how in stats["transports"].items() if how != "dense")
+    assert sorted(name for bucket in stats["buckets"] for name in bucket) == compressed
+    if case.get("bucket_mb") == 1e-4:   # 104 bytes: [extra.weight, fc2.bias], [fc2.weight, fc1.bias], [fc1.weight]
+        assert len(stats["buckets"]) == 3
+    elif compressed:
+        assert len(stats["buckets"]) == 1
+    if case.get("dense_below"):
+        assert compressed == ["extra.weight", "fc1.weight"] and stats["dense_small_bytes"] > 0
 
 
 def test_counterexample_top1_diverges_and_error_feedback_converges():

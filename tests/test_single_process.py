@@ -23,7 +23,8 @@ def test_one_process_horovod_skips_compression(horovod):
     """With one process, hvd.DistributedOptimizer registers no hooks and never calls compress(): training
     is plain local SGD on the uncompressed gradient, and stats() reports that no step was compressed."""
     model, plain = _model(), _model()
-    compression = hc.Compression("topk:0.1", error_feedback=True, named_parameters=model.named_parameters())
+    compression = hc.Compression("topk:0.1", error_feedback=True, named_parameters=model.named_parameters(),
+                                 dense_below=0)
     _train(model, horovod.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                                named_parameters=model.named_parameters(), compression=compression))
     _train(plain, torch.optim.SGD(plain.parameters(), lr=0.1))
@@ -37,7 +38,7 @@ def test_direct_calls_with_one_rank_equal_the_simulation(horovod):
     """Calling compress()/decompress() as Horovod does, with n = 1: the pipeline equals its simulation."""
     model = _model()
     compression = hc.Compression("topk:0.3", error_feedback=True, server="natural",
-                                 named_parameters=model.named_parameters())
+                                 named_parameters=model.named_parameters(), dense_below=0)
     sim = Simulation("topk:0.3", error_feedback=True, server="natural", n=1)
     gen = torch.Generator().manual_seed(2)
     for step in range(4):
@@ -54,7 +55,8 @@ def test_direct_calls_with_one_rank_equal_the_simulation(horovod):
 
 def test_state_dict_round_trip_and_refusals(horovod):
     model = _model()
-    compression = hc.Compression("topk:0.3", error_feedback=True, named_parameters=model.named_parameters())
+    compression = hc.Compression("topk:0.3", error_feedback=True, named_parameters=model.named_parameters(),
+                                 dense_below=0)
     model(torch.randn(2, 4)).sum().backward()
     sent = [compression.compress(p.grad) for p in model.parameters()]
     with pytest.raises(RuntimeError, match="during a step"):
@@ -63,12 +65,14 @@ def test_state_dict_round_trip_and_refusals(horovod):
         compression.decompress(horovod.allreduce(marker), ctx)
     state = compression.state_dict()
     assert state["size"] == 1 and state["step"] == 1 and len(state["worker_error"][0]) == 4
-    other = hc.Compression("topk:0.3", error_feedback=True, named_parameters=model.named_parameters())
+    other = hc.Compression("topk:0.3", error_feedback=True, named_parameters=model.named_parameters(),
+                           dense_below=0)
     other.load_state_dict(state)
     restored = other.state_dict()
     assert restored["step"] == 1
     assert all(torch.equal(t, state["worker_error"][0][n]) for n, t in restored["worker_error"][0].items())
-    different = hc.Compression("randk:0.3", error_feedback=True, named_parameters=model.named_parameters())
+    different = hc.Compression("randk:0.3", error_feedback=True, named_parameters=model.named_parameters(),
+                               dense_below=0)
     with pytest.raises(ValueError, match="different configuration"):
         different.load_state_dict(state)
     with pytest.raises(ValueError, match="saved with 3 ranks"):
@@ -91,6 +95,9 @@ def test_state_dict_round_trip_and_refusals(horovod):
     ({"compressor": "topk:0.1", "transport": "auto", "link_gbps": -1}, ValueError,
      "link bandwidth must be a positive number of Gbit/s, got -1"),
     ({"compressor": "topk:0.1", "link_gbps": 10}, ValueError, "link_gbps=10 is only used by transport='auto'"),
+    ({"compressor": "topk:0.1", "dense_below": -1}, ValueError,
+     "dense_below must be an integer >= 0 (elements), got -1"),
+    ({"compressor": "topk:0.1", "bucket_mb": 0}, ValueError, "bucket_mb must be a number > 0, got 0"),
 ])
 def test_constructor_refuses_bad_arguments(kwargs, error, words):
     kwargs.setdefault("named_parameters", _model().named_parameters())
@@ -103,7 +110,8 @@ def test_compress_refuses_foreign_and_non_floating_tensors(horovod):
     model = _model()
     counts = torch.zeros(3, dtype=torch.int64)
     counts.grad = torch.ones(3, dtype=torch.int64)
-    compression = hc.Compression("topk:0.5", named_parameters=[*model.named_parameters(), ("counts", counts)])
+    compression = hc.Compression("topk:0.5", named_parameters=[*model.named_parameters(), ("counts", counts)],
+                                 dense_below=0)
     with pytest.raises(ValueError, match=r"not the .grad of any parameter"):
         compression.compress(torch.ones(3))
     with pytest.raises(TypeError, match="parameter 'counts': gradients must be floating point, got torch.int64"):
@@ -112,7 +120,8 @@ def test_compress_refuses_foreign_and_non_floating_tensors(horovod):
 
 def test_non_finite_gradient_is_refused_and_buffers_kept(horovod):
     model = _model()
-    compression = hc.Compression("topk:0.3", error_feedback=True, named_parameters=model.named_parameters())
+    compression = hc.Compression("topk:0.3", error_feedback=True, named_parameters=model.named_parameters(),
+                                 dense_below=0)
 
     def step(poison):
         model.zero_grad(set_to_none=True)

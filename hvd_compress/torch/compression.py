@@ -1,31 +1,30 @@
 """``Compression``: the object passed as ``compression=`` to stock ``hvd.DistributedOptimizer``.
 
-One step, per gradient g of parameter ``name`` on rank i of n (DESIGN.md section 1):
+One step, per gradient g of parameter ``name`` on rank i of n (the pipeline of the README's Design section):
 
     compress(g)    x = g + e_i            payload p_i = C_w(x)    e_i <- x - decode(p_i)      (e_i: error feedback)
-                   start the transport of p_i: allgather of its bytes, or allreduce when payloads are summable
     decompress()   gbar = 1/n sum_j decode(p_j)
                    root: y = gbar + d, v = C_s(y), d <- y - decode(v), broadcast v's bytes  (DoubleSqueeze)
                    every rank returns decode(v) (or gbar without a server pass) as the gradient
 
-With ``transport="sharded"`` the same runs per slice: x's n slices are compressed one by one, an alltoall
-hands rank j the n payloads of slice j, rank j aggregates them and runs the server pass on its slice with
-its own slice of d (without a server compressor: the exact average, sent sparse where that is smaller), and
-the n results are allgathered. ``"dense"`` leaves a tensor to Horovod's own allreduce; ``"auto"`` picks per
-tensor by the cost model of ``hvd_compress.transport``.
+The worker step and the server pass are the same fused kernel (``kernels.step``: one or two passes over
+memory into buffers allocated once). Payloads travel in buckets (``bucket.py``): the compressed tensors of a
+bucket are encoded one by one, as Horovod hands them over, and the bucket's payloads leave in one collective
+as soon as its last tensor is in. How a bucket travels (allgather, allreduce of summable payloads, sharded) is
+its transport object; ``"dense"`` tensors (and, by default, tensors under ``dense_below`` elements) go to
+Horovod's own fused allreduce; ``"auto"`` picks per tensor by the cost model of ``hvd_compress.transport``,
+priced with this job's measured link and kernel times.
 
 Horovod calls compress() from each parameter's backward hook and decompress() from synchronize(), after
 allreducing whatever compress() returned. Here that is a one-element step marker (4 bytes) holding the step
-number: its average tells every rank that the others are in the same step and that Horovod averages. The
-payloads travel in collectives that compress() starts asynchronously, so they overlap the rest of the
-backward pass. The first decompress() of a step finishes the whole step at once: one small allreduce tells
-every rank whether any rank's gradient was not finite, and only then are error buffers committed, so a bad
-gradient leaves every buffer as it was.
+number: its average tells every rank that the others are in the same step and that Horovod averages. The first
+decompress() of a step finishes the whole step at once: one small allreduce tells every rank whether any
+rank's gradient was not finite, and only then are error buffers committed (they are double-buffered), so a
+bad gradient leaves every buffer as it was. The update is written into the gradient's own memory, which the
+step no longer needs, and returned in its place: no fresh tensor per step.
 """
 import dataclasses
 import math
-import time
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -36,30 +35,7 @@ from .. import agreement
 from .. import transport as T
 from ..seeds import server_seed, worker_seed
 from . import kernels as K
-
-
-@dataclass
-class _Pending:
-    """A gradient between compress() and decompress()."""
-    transport: str
-    shape: torch.Size
-    grad_dtype: torch.dtype
-    bytes_sent: int
-    x: Optional[torch.Tensor] = None         # g + e, flat, compute dtype (None: dense)
-    local: Optional[torch.Tensor] = None     # decode of this rank's own payload(s)
-    finite: Optional[torch.Tensor] = None    # 0-d bool: x has no NaN/Inf (kept on device: no sync in the hook)
-    handle: object = None                    # the payload's collective
-    update: Optional[torch.Tensor] = None       # the aggregated (and server-compressed) gradient
-    server_error: Optional[torch.Tensor] = None  # root (sharded: every rank, its slice): the candidate new d
-
-
-def _all_finite(x):
-    """0-d bool: no NaN or Inf in x. min and max propagate NaN, and read x once without a temporary
-    (torch.isfinite(x).all() writes a mask as large as x: 20 times slower on CPU)."""
-    if x.numel() == 0:
-        return torch.tensor(True, device=x.device)
-    low, high = torch.aminmax(x)
-    return torch.isfinite(low) & torch.isfinite(high)
+from .bucket import Bucket, Pending, buckets_of, measure_kernels, measure_link
 
 
 class Compression:
@@ -79,20 +55,29 @@ class Compression:
             bytes per rank flat in the number of ranks), "dense" (no compression), or "auto" (per tensor, by
             the cost model).
         link_gbps: for "auto", the link bandwidth in Gbit/s; None measures it (and the latency) at the
-            first step with two allreduces, and every rank takes the slowest rank's figures.
+            first step with bucket-sized allreduces, and every rank takes the slowest rank's figures.
+        dense_below: tensors with fewer elements (biases, norms) travel uncompressed in Horovod's fused
+            dense allreduce (0: compress every tensor). ``stats()["dense_small_bytes"]`` says what it costs.
+        bucket_mb: the most dense gradient megabytes (MiB of fp32) per bucket: the compressed tensors of
+            a bucket travel in one collective (Horovod's fusion buffer is 64 MiB by default).
 
     Gradients are averaged (use Horovod's default ``op=hvd.Average``). Half-precision gradients are
     compressed in float32, with float32 error buffers, and returned in their own dtype.
     """
 
     def __init__(self, compressor, error_feedback=False, server=None, named_parameters=None, root_rank=0, seed=0,
-                 transport=None, link_gbps=None):
+                 transport=None, link_gbps=None, dense_below=1024, bucket_mb=64):
         worker = C.parse(compressor) or C.Identity()
         config = C.Config(worker, bool(error_feedback), C.parse(server))
         self.config = dataclasses.replace(config, transport=T.check(transport, config))
         self._link = None if link_gbps is None else T.Link.gbit(link_gbps)
         if link_gbps is not None and transport != T.AUTO:
             raise ValueError(f"link_gbps={link_gbps!r} is only used by transport='auto' (got {transport!r})")
+        if isinstance(dense_below, bool) or not isinstance(dense_below, int) or dense_below < 0:
+            raise ValueError(f"dense_below must be an integer >= 0 (elements), got {dense_below!r}")
+        if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be a number > 0, got {bucket_mb!r}")
+        self.dense_below, self.bucket_bytes = dense_below, int(bucket_mb * 2 ** 20)
         if named_parameters is None:
             raise ValueError("Compression needs named_parameters=model.named_parameters() (the same as the "
                              "optimizer's): Horovod passes compress() no parameter name")
@@ -106,8 +91,12 @@ class Compression:
         self.root_rank, self.seed = int(root_rank), int(seed)
         self._name_by_grad_id = {}
         self._transports = {}                             # name -> the transport its tensor uses
-        self._worker_error, self._server_error = {}, {}   # name -> flat tensor
-        self._pending = {}                                # name -> _Pending, for the step in flight
+        self._bucket_of = None                            # name -> its Bucket (compressed tensors)
+        self._buckets = []
+        self._kernel_table = None                         # "auto": measured kernel seconds per element
+        self._worker_error, self._server_error = {}, {}   # name -> flat tensor (the committed buffers)
+        self._spare = {}                                  # (kind, name) -> the other half of a double buffer
+        self._pending = {}                                # name -> Pending, for the step in flight
         self._step = 0
         self._checked = False
         self._step_stats, self._last_stats = self._new_stats(), None
@@ -121,38 +110,33 @@ class Compression:
             self._check_same_config_everywhere()
         if name in self._pending:
             raise RuntimeError(f"compress() was called twice for parameter {name!r} in one step")
-        how = self._transport_of(name, tensor.numel())
+        how = self._transport_of(name)
         if how == "dense":   # Horovod averages the gradient itself
-            self._pending[name] = _Pending(how, tensor.shape, tensor.dtype, tensor.numel() * tensor.element_size())
+            self._pending[name] = Pending(name, how, tensor.shape, tensor.dtype,
+                                          tensor.numel() * tensor.element_size())
             return tensor, name
         try:
             dtype = K.compute_dtype(tensor.dtype)
         except TypeError as err:
             raise TypeError(f"parameter {name!r}: {err}") from None
-        x = tensor.detach().reshape(-1).to(dtype)
-        error = self._worker_error.get(name)
-        if self.config.error_feedback and error is not None:
-            x = x + error.to(x.device, dtype)
+        flat = tensor.detach().reshape(-1)
+        # the update is written into the gradient's memory once the step no longer needs it (Horovod sets
+        # .grad to what decompress() returns); a gradient of another dtype gets a buffer of the compute dtype
+        work = flat if flat.dtype == dtype and flat.is_contiguous() else flat.to(dtype)
+        p = Pending(name, how, tensor.shape, tensor.dtype, 0, work=work)
+        e_in = self._worker_error.get(name) if self.config.error_feedback else None
+        e_out = self._spare_buffer("worker", name, work) if self.config.error_feedback else None
+        bucket = self._bucket_of.get(name) or self._new_bucket(name, how)
         try:
-            if how == "sharded":
-                b, n = T.bounds(x.numel(), hvd.size()), hvd.size()
-                pieces = [self._encode(x[b[j]:b[j + 1]], T.shard_name(name, j)) for j in range(n)]
-                local = torch.cat([decoded for _, decoded in pieces])
-                sent = torch.cat([data for data, _ in pieces])
-                splits = torch.tensor([data.numel() for data, _ in pieces], dtype=torch.int32)
-                handle = hvd.alltoall_async(sent, splits=splits, name=f"hc.w.{name}")
-            else:
-                parts, local = self._encode(x, name, packed=False)
-                sent = parts[0] if how == "allreduce" else K.pack(parts)
-                handle = (hvd.allreduce_async(sent, name=f"hc.w.{name}", op=hvd.Average) if how == "allreduce"
-                          else hvd.allgather_async(sent, name=f"hc.w.{name}"))
+            bucket.transport.encode(self, p, e_in, e_out)
         except ValueError as err:
             where = f" (one of its {hvd.size()} slices, transport 'sharded')" if how == "sharded" else ""
             raise ValueError(f"parameter {name!r}{where}: {err}") from None
-        marker = torch.full((1,), float(self._step + 1), dtype=torch.float32, device=x.device)
-        self._pending[name] = _Pending(how, tensor.shape, tensor.dtype,
-                                       sent.numel() * sent.element_size() + marker.element_size(),
-                                       x, local, _all_finite(x), handle)
+        p.worker_error = e_out
+        marker = torch.full((1,), float(self._step + 1), dtype=torch.float32, device=work.device)
+        p.bytes_sent += marker.element_size()
+        self._pending[name] = p
+        bucket.add(self, p)
         return marker, name
 
     def decompress(self, output, name):
@@ -169,103 +153,45 @@ class Compression:
                                    f"expected {self._step + 1}: use op=hvd.Average, and make every rank run the "
                                    f"same steps")
             self._finish_step()
-        self._commit(name, self._pending.pop(name))
-        result = pending.update.to(pending.grad_dtype).view(pending.shape)
+        self._commit(self._pending.pop(name))
+        result = pending.update.view(pending.shape)
+        if result.dtype != pending.grad_dtype:
+            result = result.to(pending.grad_dtype)
         if not self._pending:
             self._end_step()
         return result
 
     # ---- the step -------------------------------------------------------------------------------------------
 
-    def _encode(self, x, key, packed=True):
-        """C_w of one piece (keyed by ``key``: a parameter or a slice): (payload bytes or parts, decoded)."""
-        worker = self.config.worker
-        if x.numel() == 0:
-            return torch.empty(0, dtype=torch.uint8, device=x.device), x
-        seed = worker_seed(worker, self.seed, self._step, hvd.rank(), key)
-        parts = K.encode(worker, x, seed)
-        decoded = K.decode(worker, parts, x.numel(), seed, x.dtype)
-        return (K.pack(parts) if packed else parts), decoded
+    def seed_of(self, key, server=False):
+        """The seed of a compressor call on ``key`` (a parameter or a slice) in this step."""
+        if server:
+            return server_seed(self.config.server, self.seed, self._step, key)
+        return worker_seed(self.config.worker, self.seed, self._step, hvd.rank(), key)
 
-    def _average(self, received, d, key, dtype):
-        """gbar of one piece from the n payloads' bytes (rows of ``received``), or from Horovod's average
-        of summable payloads."""
-        worker, n = self.config.worker, hvd.size()
-        seed = worker_seed(worker, self.seed, self._step, hvd.rank(), key)   # only shared draws decode by seed
-        if received.dtype != torch.uint8:
-            return K.decode(worker, [received], d, seed, dtype)
-        return K.decode_sum(worker, received.view(n, -1), d, seed, dtype) / n
-
-    def _server_pass(self, gbar, key, error):
-        """The server's payload bytes for gbar (+ its error buffer) and the candidate new error buffer
-        (less decode of the payload, subtracted once that is decoded)."""
-        server = self.config.server
-        if gbar.numel() == 0:
-            return torch.empty(0, dtype=torch.uint8, device=gbar.device), gbar
-        y = gbar + error.to(gbar.device, gbar.dtype) if error is not None else gbar
-        return K.pack(K.encode(server, y, server_seed(server, self.seed, self._step, key))), y
-
-    def _decode_server(self, data, d, key, dtype):
-        server = self.config.server
-        if d == 0:
-            return torch.empty(0, dtype=dtype, device=data.device)
-        seed = server_seed(server, self.seed, self._step, key)
-        return K.decode(server, K.unpack(server, data, d, dtype), d, seed, dtype)
+    def _spare_buffer(self, kind, name, like):
+        """The free half of a parameter's double buffer: written by this step, committed only if the step
+        completes everywhere (else the committed half stays as it was)."""
+        spare = self._spare.get((kind, name))
+        if spare is None or spare.shape != like.shape or spare.dtype != like.dtype or spare.device != like.device:
+            spare = self._spare[(kind, name)] = torch.empty_like(like)
+        return spare
 
     def _finish_step(self):
-        """Wait for every payload of the step, aggregate, and run the server pass (all parameters at once,
-        in name order, so that every rank starts the second-stage collectives in the same order); then make
-        sure that no rank had a non-finite gradient before anything is committed."""
-        server, n, rank = self.config.server, hvd.size(), hvd.rank()
+        """Send the buckets still waiting (a tensor without gradient in this step), then aggregate and run the
+        server pass bucket by bucket in a fixed order (every rank starts the second-stage collectives in the
+        same order), and make sure that no rank had a non-finite gradient before anything is committed."""
         names = sorted(name for name, p in self._pending.items() if p.transport != "dense")
-        not_finite = torch.stack([~self._pending[name].finite for name in names]).to(torch.float32)
+        not_finite = torch.stack([self._pending[name].stats[2] == 0 for name in names]).to(torch.float32)
         not_finite_anywhere = hvd.allreduce_async(not_finite, name="hc.not_finite", op=hvd.Sum)
         self._step_stats["bytes_sent"] += not_finite.numel() * not_finite.element_size()
-        second = []
-        for name in names:
-            p = self._pending[name]
-            received, d = hvd.synchronize(p.handle), p.x.numel()
-            if p.transport == "sharded":   # this rank's slice of every rank's payload
-                b = T.bounds(d, n)
-                key, size = T.shard_name(name, rank), b[rank + 1] - b[rank]
-                gbar = self._average(received[0], size, key, p.x.dtype) if size else p.x[:0]
-                if server is None:   # the exact average of the slice, sparse where that is smaller
-                    data = K.pack_exact(gbar)
-                else:
-                    data, p.server_error = self._server_pass(gbar, key, self._server_error.get(name))
-                handle = hvd.allgather_async(data, name=f"hc.s.{name}")
-            else:
-                gbar = self._average(received, d, name, p.x.dtype)
-                if server is None:
-                    p.update = gbar
-                    continue
-                if rank == self.root_rank:
-                    data, p.server_error = self._server_pass(gbar, name, self._server_error.get(name))
-                else:
-                    data = torch.empty(server.wire_bytes(d, gbar.element_size()), dtype=torch.uint8,
-                                       device=gbar.device)
-                handle = hvd.broadcast_async_(data, self.root_rank, name=f"hc.s.{name}")
-            if p.transport == "sharded" or rank == self.root_rank:   # a broadcast's receivers send nothing
-                p.bytes_sent += data.numel()
-            second.append((name, p, handle))
-        for name, p, handle in second:
-            data, d, dtype = hvd.synchronize(handle), p.x.numel(), p.x.dtype
-            if p.transport == "sharded" and server is None:
-                b = T.bounds(d, n)
-                p.update = K.unpack_exact(data, [b[j + 1] - b[j] for j in range(n)], dtype)
-            elif p.transport == "sharded":
-                b, downlink = T.bounds(d, n), server
-                sizes = [downlink.wire_bytes(b[j + 1] - b[j], p.x.element_size()) if b[j + 1] > b[j] else 0
-                         for j in range(n)]
-                chunks = torch.split(data, sizes)
-                p.update = torch.cat([self._decode_server(chunks[j], b[j + 1] - b[j], T.shard_name(name, j), dtype)
-                                      for j in range(n)])
-                if p.server_error is not None:
-                    p.server_error = p.server_error - p.update[b[rank]:b[rank + 1]]
-            else:
-                p.update = self._decode_server(data, d, name, dtype)
-                if p.server_error is not None:
-                    p.server_error = p.server_error - p.update
+        active = [b for b in self._buckets if b.members_in_step(self._pending)]
+        for bucket in active:
+            bucket.launch_if_waiting(self)
+        for bucket in active:
+            bucket.transport.reduce_and_serve(self, bucket)
+        for bucket in active:
+            bucket.transport.finish(self, bucket)
         bad = [name for name, count in zip(names, hvd.synchronize(not_finite_anywhere).tolist()) if count]
         if bad:
             here = [name for name, flag in zip(names, not_finite.tolist()) if flag]
@@ -274,26 +200,33 @@ class Compression:
                 f"gradient not finite (NaN or Inf) for parameter(s) {bad} on some rank (on this rank: "
                 f"{here or 'none'}); hvd_compress dropped this step and left every error buffer unchanged")
 
-    def _commit(self, name, p):
+    def _commit(self, p):
         s = self._step_stats
         s["bytes_sent"] += p.bytes_sent
         s["dense_bytes"] += 4 * p.shape.numel()
         if p.transport == "dense":
+            if p.shape.numel() < self.dense_below:
+                s["dense_small_bytes"] += p.bytes_sent
             return
-        error = p.x - p.local
+        for kind, committed, new in (("worker", self._worker_error, p.worker_error),
+                                     ("server", self._server_error, p.server_error)):
+            if new is not None:   # swap the halves of the double buffer
+                old = committed.get(p.name)
+                committed[p.name] = new
+                if old is None:
+                    del self._spare[(kind, p.name)]
+                else:
+                    self._spare[(kind, p.name)] = old
+        s["residual"] += p.stats[0]
+        s["norm"] += p.stats[1]
         if self.config.error_feedback:
-            self._worker_error[name] = error
-        if p.server_error is not None:
-            self._server_error[name] = p.server_error
-        residual = torch.dot(error, error)   # ||C(x) - x||^2, also ||e||^2 with error feedback
-        s["residual"] += residual
-        s["norm"] += torch.dot(p.x, p.x)
-        if self.config.error_feedback:
-            s["worker_error"] += residual
-        if p.server_error is not None:
-            s["server_error"] += torch.dot(p.server_error, p.server_error)
+            s["worker_error"] += p.stats[0]
+        if p.server_stats is not None:
+            s["server_error"] += p.server_stats[0]
 
     def _end_step(self):
+        for bucket in self._buckets:
+            bucket.reset()
         self._last_stats, self._step_stats = self._step_stats, self._new_stats()
         self._totals["bytes_sent"] += self._last_stats["bytes_sent"]
         self._totals["dense_bytes"] += self._last_stats["dense_bytes"]
@@ -301,38 +234,48 @@ class Compression:
 
     def _abandon_step(self):
         self._pending.clear()
+        for bucket in self._buckets:
+            bucket.reset()
         self._step_stats = self._new_stats()
 
     @staticmethod
     def _new_stats():
-        return {"bytes_sent": 0, "dense_bytes": 0, "residual": 0.0, "norm": 0.0, "worker_error": 0.0,
-                "server_error": 0.0}
+        return {"bytes_sent": 0, "dense_bytes": 0, "dense_small_bytes": 0, "residual": 0.0, "norm": 0.0,
+                "worker_error": 0.0, "server_error": 0.0}
 
-    # ---- which transport ------------------------------------------------------------------------------------
+    # ---- which transport, which bucket ------------------------------------------------------------------------
 
-    def _transport_of(self, name, d):
-        how = self._transports.get(name)
-        if how is None:
-            if self.config.transport == T.AUTO and self._link is None and hvd.size() > 1:
-                self._link = self._measure_link()
-            how = self._transports[name] = T.resolve(self.config.transport, self.config, d, hvd.size(), self._link)
-        return how
+    def _transport_of(self, name):
+        """The transport of every parameter is chosen at the first compress(), all at once (every rank
+        alike: from sizes, the configuration and the slowest rank's measurements), and the buckets formed."""
+        if self._bucket_of is None:
+            self._plan()
+        return self._transports[name]
 
-    def _measure_link(self):
-        """The link as collectives see it: latency from a 4-byte allreduce, bandwidth from an 8 MiB one;
-        every rank takes the slowest rank's times, so that all ranks choose alike."""
-        n, device = hvd.size(), next(iter(self._params.values())).device
-        small, big = torch.zeros(1, device=device), torch.zeros(1 << 21, device=device)
-        hvd.allreduce(small, name="hc.link.warmup")
-        times = []
-        for tensor, what in ((small, "latency"), (big, "bandwidth")):
-            start = time.perf_counter()
-            hvd.allreduce(tensor, name=f"hc.link.{what}")
-            times.append(time.perf_counter() - start)
-        t_small, t_big = hvd.allreduce(torch.tensor(times, dtype=torch.float64), op=hvd.Max,
-                                       name="hc.link.agree").tolist()
-        ring = 2 * (n - 1)
-        return T.Link(bandwidth=ring / n * big.numel() * 4 / max(t_big - t_small, 1e-9), latency=t_small / ring)
+    def _plan(self):
+        n, config = hvd.size(), self.config
+        todo = [name for name in self._params if name not in self._transports]   # all, but after a resume
+        if todo and config.transport == T.AUTO and n > 1:
+            if self._link is None:
+                self._link = measure_link(self)
+            if self._kernel_table is None:
+                self._kernel_table = measure_kernels(self)
+        for name in todo:
+            d = self._params[name].numel()
+            if d < self.dense_below:
+                self._transports[name] = "dense"
+            else:
+                self._transports[name] = T.resolve(config.transport, config, d, n, self._link,
+                                                   table=self._kernel_table)
+        self._buckets = buckets_of(self._params, self._transports, self.bucket_bytes)
+        self._bucket_of = {name: b for b in self._buckets for name in b.names}
+
+    def _new_bucket(self, name, how):
+        """A bucket of its own for a parameter that had requires_grad=False when the buckets were formed."""
+        bucket = Bucket(len(self._buckets), [name], how)
+        self._buckets.append(bucket)
+        self._bucket_of[name] = bucket
+        return bucket
 
     # ---- finding a gradient's parameter, and agreeing on the configuration ---------------------------------
 
@@ -351,7 +294,8 @@ class Compression:
 
     def fingerprint(self):
         shapes = sorted((n, p.shape) for n, p in self._params.items())
-        return agreement.fingerprint(self.config, self.root_rank, self.seed, shapes)
+        extra = f" dense_below={self.dense_below} bucket_bytes={self.bucket_bytes}"
+        return agreement.fingerprint(self.config, self.root_rank, self.seed, shapes) + extra
 
     def _check_same_config_everywhere(self):
         """Every rank must start the same collectives; a rank configured differently would hang the others,
@@ -393,6 +337,7 @@ class Compression:
             raise ValueError(f"the state has error buffers for unknown parameters {sorted(unknown)}")
         self._worker_error = {n: t.clone() for n, t in state["worker_error"][hvd.rank()].items()}
         self._transports = dict(state.get("transports", {}))   # "auto" continues with the saved choices
+        self._buckets, self._bucket_of = [], None               # formed again at the next compress()
         self._link = T.Link(*state["link"]) if state.get("link") else self._link
         rank, is_root = hvd.rank(), hvd.rank() == self.root_rank
         self._server_error = {}
@@ -407,18 +352,21 @@ class Compression:
     def stats(self):
         """About the last completed step (all zero before one): bytes this rank handed to collectives,
         the dense fp32 equivalent, their ratio, the compressor's relative error ||C(x)-x||^2/||x||^2
-        over all gradients, error-buffer norms; ``steps`` and cumulative byte totals since construction;
-        ``transports`` (the transport of each parameter) and ``link_gbps`` (the link "auto" chose by)."""
+        over all compressed gradients, error-buffer norms, ``dense_small_bytes`` (the bytes of the tensors
+        left dense for being under ``dense_below`` elements); ``steps`` and cumulative byte totals since
+        construction; ``transports`` (the transport of each parameter), ``buckets`` (the parameter names of
+        each bucket of compressed tensors) and ``link_gbps`` (the link "auto" chose by)."""
         s = self._last_stats or self._new_stats()
         value = lambda v: float(v) if not torch.is_tensor(v) else v.item()
         norm = value(s["norm"])
         return {"steps": self._step, "bytes_sent": s["bytes_sent"], "dense_bytes": s["dense_bytes"],
                 "ratio": s["bytes_sent"] / s["dense_bytes"] if s["dense_bytes"] else 0.0,
+                "dense_small_bytes": s["dense_small_bytes"],
                 "variance": value(s["residual"]) / norm if norm else 0.0,
                 "worker_error_norm": math.sqrt(value(s["worker_error"])),
                 "server_error_norm": math.sqrt(value(s["server_error"])),
                 "total_bytes_sent": self._totals["bytes_sent"], "total_dense_bytes": self._totals["dense_bytes"],
-                "transports": dict(self._transports),
+                "transports": dict(self._transports), "buckets": [list(b.names) for b in self._buckets],
                 "link_gbps": self._link and self._link.bandwidth * 8 / 1e9}
 
     def __repr__(self):

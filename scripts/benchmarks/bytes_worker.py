@@ -122,14 +122,15 @@ def compression_for(cfg, model):
               "server": cfg["compressor"] if cfg["mode"] == "doublesqueeze" else None}
     try:
         return hc.Compression(cfg["compressor"], named_parameters=model.named_parameters(),
-                              transport=cfg["transport"], **kwargs), None
+                              transport=cfg["transport"], dense_below=0, **kwargs), None
     except TypeError as err:
         if "transport" not in str(err):
             raise
         if not cfg["builtin"]:
             return None, "Compression has no transport= argument yet"
         # no transport= yet: the built-in transport is what Compression does without the argument
-        return hc.Compression(cfg["compressor"], named_parameters=model.named_parameters(), **kwargs), None
+        return hc.Compression(cfg["compressor"], named_parameters=model.named_parameters(), dense_below=0,
+                              **kwargs), None
     except ValueError as err:
         return None, f"refused: {err}"
 

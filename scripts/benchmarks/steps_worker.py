@@ -9,8 +9,11 @@ Every rank runs, in order and in step with the others:
 Each timed step starts right after a tiny allreduce (a barrier), so that the ranks start together; the step
 time of a step is the slowest rank's, and a configuration's time is the median over its timed steps. Bytes
 sent by this rank's interface (``/sys/class/net/IFACE/statistics/tx_bytes`` inside the namespace) are read
-around the timed steps. Rank 0 writes the report (JSON) after every configuration, so a run cut short still
-leaves what it measured.
+around the timed steps (``wire_bytes_by_rank``; steps.py takes the busiest rank's for the ideal step time, see
+its docstring), beside the bytes handed to Horovod (``stats()["bytes_sent"]``, or 4 / 2 B per element for
+dense / fp16) and, when ``stats()`` has ``"buckets"``, their number. Configuration keys ``transport``,
+``dense_below`` and ``bucket_mb`` are handed to ``hc.Compression()`` when set (``PASSTHROUGH``). Rank 0 writes
+the report (JSON) after every configuration, so a run cut short still leaves what it measured.
 
 Usage: steps_worker.py PLAN_JSON OUT_JSON (the plan is written by steps.py).
 """
@@ -54,31 +57,60 @@ def barrier():
     hvd.allreduce(torch.zeros(1), name="steps.barrier", op=hvd.Sum)
 
 
+# configuration keys handed to hc.Compression() as keyword arguments when a configuration sets them (not None)
+PASSTHROUGH = ("transport", "dense_below", "bucket_mb")
+
+
+def accepted_keywords():
+    """(names hc.Compression() takes, whether it takes **kwargs)."""
+    try:
+        params = inspect.signature(hc.Compression).parameters
+    except (TypeError, ValueError):
+        params = inspect.signature(hc.Compression.__init__).parameters
+    return params, any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
 def make_compression(config, model, rate_bps):
     """(compression object, what was passed) for a configuration; raises TypeError when this version of
-    hc.Compression does not accept the configuration's arguments (transport= rows before it exists)."""
+    hc.Compression does not accept the configuration's arguments (e.g. transport=, dense_below=, bucket_mb=
+    rows before the library has them: the configuration is then skipped with that note)."""
     kind = config["kind"]
     if kind == "dense":
         return hvd.Compression.none, "hvd.Compression.none"
     if kind == "fp16":
         return hvd.Compression.fp16, "hvd.Compression.fp16"
     kwargs = dict(error_feedback=config.get("error_feedback", False), server=config.get("server"))
-    if config.get("transport"):
-        params = inspect.signature(hc.Compression.__init__).parameters
-        if "transport" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            raise TypeError("hc.Compression() does not accept transport= yet")
-        kwargs["transport"] = config["transport"]
-        if config.get("pass_bandwidth"):
-            # the link's configured rate (tc's), under the first name Compression accepts
-            for name, value in (("link_gbps", rate_bps / 1e9), ("bandwidth", rate_bps), ("link_bps", rate_bps)):
-                if name in params:
-                    kwargs[name] = value
-                    break
-            else:
-                raise TypeError("hc.Compression() takes no link bandwidth argument")
+    params, takes_any = accepted_keywords()
+    for key in PASSTHROUGH:
+        if config.get(key) is None:
+            continue
+        if key not in params and not takes_any:
+            raise TypeError(f"hc.Compression() does not accept {key}= yet")
+        kwargs[key] = config[key]
+    if config.get("transport") and config.get("pass_bandwidth"):
+        # the link's configured rate (tc's), under the first name Compression accepts
+        for name, value in (("link_gbps", rate_bps / 1e9), ("bandwidth", rate_bps), ("link_bps", rate_bps)):
+            if name in params:
+                kwargs[name] = value
+                break
+        else:
+            raise TypeError("hc.Compression() takes no link bandwidth argument")
     compression = hc.Compression(config["spec"], named_parameters=model.named_parameters(), **kwargs)
-    shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if v not in (None, False))
+    shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if v is not None and v is not False)
     return compression, f"hc.Compression({config['spec']!r}{', ' + shown if shown else ''})"
+
+
+def bucket_count(stats):
+    """Number of buckets when stats() reports them (``"buckets"``: one entry per bucket), else None."""
+    buckets = stats.get("buckets") if isinstance(stats, dict) else None
+    if buckets is None:
+        return None
+    if isinstance(buckets, int) and not isinstance(buckets, bool):
+        return buckets
+    try:
+        return len(buckets)
+    except TypeError:
+        return None
 
 
 class Timed:
@@ -155,7 +187,7 @@ def main():
         if rank == 0:
             report["loadavg_end"] = os.getloadavg()
             tmp = out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(report, indent=1))
+            tmp.write_text(json.dumps(report, indent=1, default=str))   # stats() may hold non-JSON values
             tmp.replace(out)
 
     def log(msg):
@@ -232,16 +264,19 @@ def main():
             spent = hvd.allgather_object(spent)   # per rank, per step: (compress s, decompress s)
             entry["compress_s"] = statistics.median(statistics.median(c for c, _ in ranks) for ranks in spent)
             entry["decompress_s"] = statistics.median(statistics.median(d for _, d in ranks) for ranks in spent)
-            if isinstance(compression, hc.Compression):
+            if callable(getattr(compression, "stats", None)):   # hc.Compression (Horovod's have no stats())
                 stats = compression.stats()
                 entry["stats"] = stats
-                entry["handed_bytes_per_rank_step"] = stats["bytes_sent"]
+                entry["handed_bytes_per_rank_step"] = stats.get("bytes_sent")
+                entry["buckets"] = bucket_count(stats)
             else:   # Horovod allreduces every gradient: 4 (fp32) or 2 (fp16) bytes per element
                 entry["handed_bytes_per_rank_step"] = numel * (2 if config["kind"] == "fp16" else 4)
             loss = nn.functional.mse_loss(model(x), y).item()
             entry["final_loss"] = loss if math.isfinite(loss) else str(loss)
+            wire = entry["wire_bytes_per_rank_step"]
             log(f"{name}: {entry['median_s']:.3f} s/step (compress() {entry['compress_s']:.3f} s, decompress() "
-                f"{entry['decompress_s']:.3f} s), wire {entry['wire_bytes_per_rank_step'] / 1e6:.2f} MB/rank/step")
+                f"{entry['decompress_s']:.3f} s), wire {'-' if wire is None else f'{wire / 1e6:.2f}'} MB/rank/step"
+                + ("" if entry.get("buckets") is None else f", buckets: {entry['buckets']}"))
         except Exception as err:   # noqa: BLE001 -- recorded; the same error is expected on every rank
             entry.update(error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-3000:])
             log(f"{name}: FAILED {entry['error']}")

@@ -34,7 +34,7 @@ def run(eta, steps, low, high, error_feedback, server):
     model = torch.nn.Module()
     model.x = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
     compression = hc.Compression(hc.TopK(k=1), error_feedback=error_feedback, server=server,
-                                 named_parameters=model.named_parameters())
+                                 named_parameters=model.named_parameters(), dense_below=0)
     optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=eta),
                                          named_parameters=model.named_parameters(), compression=compression)
     a = A[hvd.rank()]

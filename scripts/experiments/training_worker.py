@@ -80,7 +80,7 @@ def build(j, spec, cfg):
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=named)
     else:
         compression = hc.Compression(compressor, error_feedback=error_feedback, server=server,
-                                     named_parameters=named, seed=cfg["seed"])
+                                     named_parameters=named, seed=cfg["seed"], dense_below=0)
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=named, compression=compression)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     return {"model": model, "optimizer": optimizer, "compression": compression, "records": [], "failed": None,

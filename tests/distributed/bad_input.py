@@ -27,7 +27,8 @@ def main(scenario):
     spec = {"mismatch": "topk:0.3" if hvd.rank() == 0 else "randk:0.3",
             "k_too_big": "topk:k=2" if sharded else "topk:k=10"}.get(scenario, "topk:0.3")
     compression = hc.Compression(spec, error_feedback=True, server="topk:0.5",
-                                 named_parameters=model.named_parameters(), transport="sharded" if sharded else None)
+                                 named_parameters=model.named_parameters(), transport="sharded" if sharded else None,
+                                 dense_below=0)
     optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR),
                                          named_parameters=model.named_parameters(), compression=compression,
                                          op=hvd.Sum if scenario == "op_sum" else hvd.Average)

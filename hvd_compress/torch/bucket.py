@@ -1,0 +1,335 @@
+"""Buckets and transports: how the compressed tensors of one step travel.
+
+A bucket is a fixed group of compressed tensors (the same transport and dtype, in the order gradients
+become ready, up to ``bucket_mb`` of dense gradient): each tensor is still compressed on its own (so a run
+equals the simulation exactly), but the bucket's payloads leave in one collective, started as soon as its
+last tensor is compressed. A transport object says how a bucket travels, in three steps:
+
+    encode(p)            the worker step of one tensor (x = g + e, payload, new e), as Horovod hands it over
+    start(bucket)        one collective for the bucket's payloads
+    reduce_and_serve     wait, gbar = mean of the n decoded payloads, the server pass, start its collective
+    finish               wait, decode the update into each tensor's buffer
+
+Every rank forms the same buckets (from names, sizes and transports) and starts the same collectives.
+"""
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import horovod.torch as hvd
+
+from .. import transport as T
+from . import kernels as K
+
+
+@dataclass
+class Pending:
+    """A gradient between compress() and decompress()."""
+    name: str
+    transport: str
+    shape: torch.Size
+    grad_dtype: torch.dtype
+    bytes_sent: int
+    work: Optional[torch.Tensor] = None          # flat, compute dtype: g, then gbar, then the update
+    payload: object = None                       # packed bytes (sharded: one per slice; allreduce: values)
+    stats: Optional[torch.Tensor] = None         # float64 [||x - C(x)||^2, ||x||^2, finite]
+    worker_error: Optional[torch.Tensor] = None  # the candidate new e (the spare half of its double buffer)
+    server_error: Optional[torch.Tensor] = None  # root (sharded: every rank, its slice): the candidate new d
+    server_stats: Optional[torch.Tensor] = None
+    update: Optional[torch.Tensor] = None        # the aggregated (and server-compressed) gradient
+
+
+def _cat(tensors, dtype=torch.uint8, device=None):
+    """One buffer of the tensors back to back (always a copy: payloads may be views of buffers that the
+    step overwrites later)."""
+    if not tensors:
+        return torch.empty(0, dtype=dtype, device=device)
+    return torch.cat(tensors)
+
+
+class _RootServer:
+    """The server pass on the root (allgather and allreduce): y = gbar + d, v = C_s(y), d <- y - decode(v);
+    v's bytes are broadcast, and every rank decodes the same v."""
+
+    def serve(self, comp, bucket, members):
+        server = comp.config.server
+        if server is None:
+            for p in members:
+                p.update = p.work
+            return
+        datas, is_root = [], hvd.rank() == comp.root_rank
+        for p in members:
+            if is_root:
+                d_out = comp._spare_buffer("server", p.name, p.work)
+                parts, p.server_stats = K.step(server, p.work, comp._server_error.get(p.name), d_out,
+                                               comp.seed_of(p.name, server=True))
+                p.server_error = d_out
+                data = K.pack(parts)
+                p.bytes_sent += data.numel()   # a broadcast's receivers send nothing
+            else:
+                data = torch.empty(server.wire_bytes(p.work.numel(), p.work.element_size()), dtype=torch.uint8,
+                                   device=p.work.device)
+            datas.append(data)
+        bucket.sizes2 = [t.numel() for t in datas]
+        bucket.handle2 = hvd.broadcast_async_(_cat(datas, device=members[0].work.device), comp.root_rank,
+                                              name=f"hc.s.{bucket.id}")
+
+    def finish(self, comp, bucket):
+        server, members = comp.config.server, bucket.launched
+        if server is None:
+            return
+        data, offset = hvd.synchronize(bucket.handle2), 0
+        for p, size in zip(members, bucket.sizes2):
+            d = p.work.numel()
+            K.decode_mean(server, [data[offset:offset + size]], d, comp.seed_of(p.name, server=True),
+                          p.work.dtype, out=p.work)
+            offset += size
+            p.update = p.work
+
+
+class Allgather(_RootServer):
+    """Every rank receives every rank's payloads and decodes them. Bytes per rank ~ (n - 1) P."""
+
+    def encode(self, comp, p, e_in, e_out):
+        parts, p.stats = K.step(comp.config.worker, p.work, e_in, e_out, comp.seed_of(p.name))
+        p.payload = K.pack(parts)
+        p.bytes_sent += p.payload.numel()
+
+    def start(self, comp, bucket, members):
+        bucket.sizes = [p.payload.numel() for p in members]
+        bucket.handle = hvd.allgather_async(_cat([p.payload for p in members], device=members[0].work.device),
+                                            name=f"hc.w.{bucket.id}")
+
+    def reduce_and_serve(self, comp, bucket):
+        members, n = bucket.launched, hvd.size()
+        received = hvd.synchronize(bucket.handle)
+        total = sum(bucket.sizes)
+        needs_gbar = comp.config.server is None or hvd.rank() == comp.root_rank   # others wait for v
+        offset = 0
+        for p, size in zip(members, bucket.sizes):
+            if needs_gbar:
+                rows = [received[j * total + offset:j * total + offset + size] for j in range(n)]
+                K.decode_mean(comp.config.worker, rows, p.work.numel(), comp.seed_of(p.name), p.work.dtype,
+                              out=p.work)
+            offset += size
+        self.serve(comp, bucket, members)
+
+
+class Allreduce(_RootServer):
+    """Summable payloads (shared RandK, Identity): Horovod averages their values. Bytes per rank ~ 2 P."""
+
+    def encode(self, comp, p, e_in, e_out):
+        parts, p.stats = K.step(comp.config.worker, p.work, e_in, e_out, comp.seed_of(p.name))
+        p.payload = parts[0]
+        p.bytes_sent += p.payload.numel() * p.payload.element_size()
+
+    def start(self, comp, bucket, members):
+        bucket.sizes = [p.payload.numel() for p in members]
+        bucket.handle = hvd.allreduce_async(_cat([p.payload for p in members], dtype=members[0].work.dtype),
+                                            name=f"hc.w.{bucket.id}", op=hvd.Average)
+
+    def reduce_and_serve(self, comp, bucket):
+        members = bucket.launched
+        averaged, offset = hvd.synchronize(bucket.handle), 0
+        for p, size in zip(members, bucket.sizes):
+            d = p.work.numel()
+            p.work.copy_(K.decode(comp.config.worker, [averaged[offset:offset + size]], d, comp.seed_of(p.name),
+                                  p.work.dtype))
+            offset += size
+        self.serve(comp, bucket, members)
+
+
+class Sharded:
+    """Rank j owns slice j of every tensor: each rank compresses its n slices, an alltoall hands rank j the
+    n payloads of slice j, rank j averages them and runs the server pass on its slice with its slice of d
+    (without a server compressor: the exact average, sent as its nonzeros where that is smaller), and the n
+    results are allgathered. Bytes per rank ~ P + S, flat in n."""
+
+    def encode(self, comp, p, e_in, e_out):
+        n, d, worker = hvd.size(), p.work.numel(), comp.config.worker
+        b = T.bounds(d, n)
+        p.payload, stats = [], []
+        for j in range(n):
+            piece = slice(b[j], b[j + 1])
+            parts, s = K.step(worker, p.work[piece], None if e_in is None else e_in[piece],
+                              None if e_out is None else e_out[piece], comp.seed_of(T.shard_name(p.name, j)))
+            p.payload.append(K.pack(parts))
+            stats.append(s)
+        stats = torch.stack(stats)
+        p.stats = torch.stack([stats[:, 0].sum(), stats[:, 1].sum(), stats[:, 2].min()])
+        p.bytes_sent += sum(t.numel() for t in p.payload)
+
+    def start(self, comp, bucket, members):
+        n = hvd.size()
+        send = [p.payload[j] for j in range(n) for p in members]
+        splits = torch.tensor([sum(p.payload[j].numel() for p in members) for j in range(n)], dtype=torch.int32)
+        bucket.handle = hvd.alltoall_async(_cat(send, device=members[0].work.device), splits=splits,
+                                           name=f"hc.w.{bucket.id}")
+
+    def reduce_and_serve(self, comp, bucket):
+        members, n, rank = bucket.launched, hvd.size(), hvd.rank()
+        worker, server = comp.config.worker, comp.config.server
+        received = hvd.synchronize(bucket.handle)[0]
+        sizes = [p.payload[rank].numel() for p in members]   # every rank's slice `rank` has the same size
+        chunk, offset, datas = sum(sizes), 0, []
+        for p, size in zip(members, sizes):
+            b = T.bounds(p.work.numel(), n)
+            mine, key = p.work[b[rank]:b[rank + 1]], T.shard_name(p.name, rank)
+            rows = [received[i * chunk + offset:i * chunk + offset + size] for i in range(n)]
+            offset += size
+            if mine.numel():
+                K.decode_mean(worker, rows, mine.numel(), comp.seed_of(key), mine.dtype, out=mine)
+            if server is None:   # the exact average of the slice, sparse where that is smaller
+                data = K.pack_exact(mine)
+            else:
+                d_out = comp._spare_buffer("server", p.name, mine)
+                parts, p.server_stats = K.step(server, mine, comp._server_error.get(p.name), d_out,
+                                               comp.seed_of(key, server=True))
+                p.server_error = d_out
+                data = K.pack(parts)
+            p.bytes_sent += data.numel()
+            datas.append(data)
+        bucket.handle2 = hvd.allgather_async(_cat(datas, device=members[0].work.device), name=f"hc.s.{bucket.id}")
+
+    def finish(self, comp, bucket):
+        members, n, rank = bucket.launched, hvd.size(), hvd.rank()
+        server = comp.config.server
+        data, offset = hvd.synchronize(bucket.handle2), 0
+        for j in range(n):
+            for p in members:
+                b, itemsize = T.bounds(p.work.numel(), n), p.work.element_size()
+                piece, size = p.work[b[j]:b[j + 1]], b[j + 1] - b[j]
+                if server is None:
+                    length = _exact_length(data, offset, size, itemsize)
+                    if j != rank:   # this rank's own slice already holds the exact average
+                        piece.copy_(K.unpack_exact(data[offset:offset + length], [size], piece.dtype))
+                else:
+                    length = server.wire_bytes(size, itemsize) if size else 0
+                    if size:
+                        K.decode_mean(server, [data[offset:offset + length]], size,
+                                      comp.seed_of(T.shard_name(p.name, j), server=True), piece.dtype, out=piece)
+                offset += length
+        for p in members:
+            p.update = p.work
+
+
+def _exact_length(data, offset, size, itemsize):
+    """Bytes of the ``kernels.pack_exact`` slice of ``size`` elements at ``offset``, from its int32 header."""
+    count = int(data[offset:offset + 4].clone().view(torch.int32).item())
+    return 4 + (size * itemsize if count < 0 else count * (4 + itemsize))
+
+
+TRANSPORTS = {"allgather": Allgather(), "allreduce": Allreduce(), "sharded": Sharded()}
+
+
+class Bucket:
+    """A fixed group of compressed tensors that travel together; per step, the members handed over so far."""
+
+    def __init__(self, id, names, transport):
+        self.id, self.names, self.kind = id, tuple(names), transport
+        self.transport = TRANSPORTS[transport]
+        self.reset()
+
+    def reset(self):
+        self.arrived, self.launched = 0, None
+        self.handle = self.handle2 = None
+        self.sizes = self.sizes2 = None
+
+    def add(self, comp, p):
+        """One more member is compressed; the last one sends the bucket."""
+        self.arrived += 1
+        if self.arrived == len(self.names):
+            self._launch(comp, [comp._pending[name] for name in self.names])
+
+    def members_in_step(self, pending):
+        return [name for name in self.names if name in pending]
+
+    def launch_if_waiting(self, comp):
+        """At the end of the step: send a bucket some of whose tensors had no gradient (every rank skips
+        the same ones: the same model code runs everywhere)."""
+        if self.launched is None:
+            self._launch(comp, [comp._pending[name] for name in self.members_in_step(comp._pending)])
+
+    def _launch(self, comp, members):
+        self.launched = members
+        self.transport.start(comp, self, members)
+
+
+def buckets_of(params, transports, bucket_bytes):
+    """The buckets of the compressed tensors: in reverse parameter order (the order in which backward
+    produces gradients), grouped by transport, compute dtype and device, each up to ``bucket_bytes`` of
+    dense fp32 gradient (a larger tensor gets a bucket of its own)."""
+    buckets, open_ = [], {}
+    for name in reversed(list(params)):
+        how, param = transports.get(name), params[name]
+        if how in (None, "dense") or not param.requires_grad:
+            continue
+        key = (how, K.compute_dtype(param.dtype), param.device)
+        size = 4 * param.numel()
+        names, used = open_.get(key, ([], 0))
+        if names and used + size > bucket_bytes:
+            buckets.append((key, names))
+            names, used = [], 0
+        names.append(name)
+        open_[key] = (names, used + size)
+    buckets += [(key, names) for key, (names, _) in open_.items() if names]
+    return [Bucket(i, names, key[0]) for i, (key, names) in enumerate(buckets)]
+
+
+# ---- what "auto" measures at the first step ----------------------------------------------------------------
+
+def _slowest(values, name):
+    """Every rank takes the largest of each value over ranks, so that all ranks choose alike."""
+    return hvd.allreduce(torch.tensor(values, dtype=torch.float64), op=hvd.Max, name=name).tolist()
+
+
+def measure_link(comp, repeats=3):
+    """The link as collectives of real bucket size see it: latency from a 4-byte allreduce, bandwidth from
+    allreduces as large as a bucket (or the whole compressible model, if smaller), medians of ``repeats``."""
+    n, device = hvd.size(), next(iter(comp._params.values())).device
+    model_bytes = sum(4 * p.numel() for p in comp._params.values() if p.numel() >= comp.dense_below)
+    elements = max(1 << 14, min(comp.bucket_bytes, model_bytes) // 4)
+    small, big = torch.zeros(1, device=device), torch.zeros(elements, device=device)
+    hvd.allreduce(small, name="hc.link.warmup")
+    times = {"latency": [], "bandwidth": []}
+    for r in range(repeats):
+        for tensor, what in ((small, "latency"), (big, "bandwidth")):
+            start = time.perf_counter()
+            hvd.allreduce(tensor, name=f"hc.link.{what}.{r}")
+            times[what].append(time.perf_counter() - start)
+    t_small, t_big = _slowest([statistics.median(times["latency"]), statistics.median(times["bandwidth"])],
+                              "hc.link.agree")
+    ring = 2 * (n - 1)
+    return T.Link(bandwidth=ring / n * elements * 4 / max(t_big - t_small, 1e-9), latency=t_small / ring)
+
+
+def measure_kernels(comp, repeats=3):
+    """Seconds per element of this job's kernels, measured on this rank while every rank measures (ranks
+    that share cores or a GPU are priced as they are): {compressor: (step, decode of one payload)}, the
+    slowest rank's, for the cost model (``transport.kernel_seconds``)."""
+    device = next(iter(comp._params.values())).device
+    largest = max((p.numel() for p in comp._params.values()), default=0)
+    d = max(1 << 14, min(largest, comp.bucket_bytes // 4, 1 << 22))
+    g = torch.randn(d, generator=torch.Generator().manual_seed(0)).to(device)
+    e_in, e_out = torch.zeros_like(g), torch.empty_like(g)
+    n = hvd.size()
+    compressors = [c for c in (comp.config.worker, comp.config.server) if c is not None]
+    figures = []
+    for c in compressors:
+        step, decode = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            parts, _ = K.step(c, g, e_in, e_out, (1, 0))
+            data = K.pack(parts)
+            step.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            if c.summable:
+                K.decode(c, [data.view(g.dtype)], d, (1, 0), g.dtype)
+            else:
+                K.decode_mean(c, [data] * n, d, (1, 0), g.dtype, out=e_in)
+            decode.append(time.perf_counter() - start)
+        figures += [statistics.median(step) / d, statistics.median(decode) / d / (1 if c.summable else n)]
+    figures = _slowest(figures, "hc.kernels.agree")
+    return {c: (figures[2 * i], figures[2 * i + 1]) for i, c in enumerate(compressors)}
