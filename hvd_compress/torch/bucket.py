@@ -6,11 +6,14 @@ equals the simulation exactly), but the bucket's payloads leave in one collectiv
 last tensor is compressed. A transport object says how a bucket travels, in three steps:
 
     encode(p)            the worker step of one tensor (x = g + e, payload, new e), as Horovod hands it over
-    start(bucket)        one collective for the bucket's payloads
-    reduce_and_serve     wait, gbar = mean of the n decoded payloads, the server pass, start its collective
+    start(bucket)        one collective for the bucket's payloads, each tensor's finiteness flag appended
+    receive(bucket)      wait for it; which tensors were not finite on some rank (then the step stops here)
+    reduce_and_serve     gbar = mean of the n decoded payloads, the server pass, start its collective
     finish               wait, decode the update into each tensor's buffer
 
-Every rank forms the same buckets (from names, sizes and transports) and starts the same collectives.
+The flags ride in the payload collective, so checking that no rank's gradient was NaN/Inf before anything is
+committed costs no collective of its own. Every rank forms the same buckets (from names, sizes and
+transports) and starts the same collectives.
 """
 import statistics
 import time
@@ -47,6 +50,17 @@ def _cat(tensors, dtype=torch.uint8, device=None):
     if not tensors:
         return torch.empty(0, dtype=dtype, device=device)
     return torch.cat(tensors)
+
+
+def _flags(members, dtype=torch.uint8):
+    """One element per member: 1 where its x is not finite on this rank."""
+    return torch.stack([p.stats[2] == 0 for p in members]).to(dtype)
+
+
+def _not_finite(members, flags):
+    """Names of the members flagged on some rank; ``flags``: one row per rank (or their average)."""
+    anywhere = flags.reshape(-1, len(members)).to(torch.float64).sum(0).tolist()
+    return [p.name for p, count in zip(members, anywhere) if count]
 
 
 class _RootServer:
@@ -99,13 +113,20 @@ class Allgather(_RootServer):
 
     def start(self, comp, bucket, members):
         bucket.sizes = [p.payload.numel() for p in members]
-        bucket.handle = hvd.allgather_async(_cat([p.payload for p in members], device=members[0].work.device),
+        for p in members:
+            p.bytes_sent += 1
+        bucket.handle = hvd.allgather_async(_cat([p.payload for p in members] + [_flags(members)]),
                                             name=f"hc.w.{bucket.id}")
+
+    def receive(self, comp, bucket):
+        members, n = bucket.launched, hvd.size()
+        bucket.received = hvd.synchronize(bucket.handle).view(n, -1)
+        return _not_finite(members, bucket.received[:, -len(members):])
 
     def reduce_and_serve(self, comp, bucket):
         members, n = bucket.launched, hvd.size()
-        received = hvd.synchronize(bucket.handle)
-        total = sum(bucket.sizes)
+        received = bucket.received.reshape(-1)
+        total = sum(bucket.sizes) + len(members)
         needs_gbar = comp.config.server is None or hvd.rank() == comp.root_rank   # others wait for v
         offset = 0
         for p, size in zip(members, bucket.sizes):
@@ -127,12 +148,20 @@ class Allreduce(_RootServer):
 
     def start(self, comp, bucket, members):
         bucket.sizes = [p.payload.numel() for p in members]
-        bucket.handle = hvd.allreduce_async(_cat([p.payload for p in members], dtype=members[0].work.dtype),
+        for p in members:
+            p.bytes_sent += p.payload.element_size()
+        flags = _flags(members, members[0].payload.dtype)
+        bucket.handle = hvd.allreduce_async(_cat([p.payload for p in members] + [flags]),
                                             name=f"hc.w.{bucket.id}", op=hvd.Average)
+
+    def receive(self, comp, bucket):
+        members = bucket.launched
+        bucket.received = hvd.synchronize(bucket.handle)
+        return _not_finite(members, bucket.received[-len(members):])
 
     def reduce_and_serve(self, comp, bucket):
         members = bucket.launched
-        averaged, offset = hvd.synchronize(bucket.handle), 0
+        averaged, offset = bucket.received, 0
         for p, size in zip(members, bucket.sizes):
             d = p.work.numel()
             p.work.copy_(K.decode(comp.config.worker, [averaged[offset:offset + size]], d, comp.seed_of(p.name),
@@ -162,18 +191,25 @@ class Sharded:
         p.bytes_sent += sum(t.numel() for t in p.payload)
 
     def start(self, comp, bucket, members):
-        n = hvd.size()
-        send = [p.payload[j] for j in range(n) for p in members]
-        splits = torch.tensor([sum(p.payload[j].numel() for p in members) for j in range(n)], dtype=torch.int32)
-        bucket.handle = hvd.alltoall_async(_cat(send, device=members[0].work.device), splits=splits,
-                                           name=f"hc.w.{bucket.id}")
+        n, flags = hvd.size(), _flags(members)
+        for p in members:
+            p.bytes_sent += n
+        send = [t for j in range(n) for t in [p.payload[j] for p in members] + [flags]]
+        splits = torch.tensor([sum(p.payload[j].numel() for p in members) + len(members) for j in range(n)],
+                              dtype=torch.int32)
+        bucket.handle = hvd.alltoall_async(_cat(send), splits=splits, name=f"hc.w.{bucket.id}")
+
+    def receive(self, comp, bucket):
+        members, n, rank = bucket.launched, hvd.size(), hvd.rank()
+        bucket.received = hvd.synchronize(bucket.handle)[0].view(n, -1)   # every rank's slice `rank` payloads
+        return _not_finite(members, bucket.received[:, -len(members):])
 
     def reduce_and_serve(self, comp, bucket):
         members, n, rank = bucket.launched, hvd.size(), hvd.rank()
         worker, server = comp.config.worker, comp.config.server
-        received = hvd.synchronize(bucket.handle)[0]
+        received = bucket.received.reshape(-1)
         sizes = [p.payload[rank].numel() for p in members]   # every rank's slice `rank` has the same size
-        chunk, offset, datas = sum(sizes), 0, []
+        chunk, offset, datas = sum(sizes) + len(members), 0, []
         for p, size in zip(members, sizes):
             b = T.bounds(p.work.numel(), n)
             mine, key = p.work[b[rank]:b[rank + 1]], T.shard_name(p.name, rank)
@@ -234,7 +270,7 @@ class Bucket:
 
     def reset(self):
         self.arrived, self.launched = 0, None
-        self.handle = self.handle2 = None
+        self.handle = self.handle2 = self.received = None
         self.sizes = self.sizes2 = None
 
     def add(self, comp, p):

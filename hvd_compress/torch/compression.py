@@ -178,27 +178,24 @@ class Compression:
         return spare
 
     def _finish_step(self):
-        """Send the buckets still waiting (a tensor without gradient in this step), then aggregate and run the
-        server pass bucket by bucket in a fixed order (every rank starts the second-stage collectives in the
-        same order), and make sure that no rank had a non-finite gradient before anything is committed."""
-        names = sorted(name for name, p in self._pending.items() if p.transport != "dense")
-        not_finite = torch.stack([self._pending[name].stats[2] == 0 for name in names]).to(torch.float32)
-        not_finite_anywhere = hvd.allreduce_async(not_finite, name="hc.not_finite", op=hvd.Sum)
-        self._step_stats["bytes_sent"] += not_finite.numel() * not_finite.element_size()
+        """Send the buckets still waiting (a tensor without gradient in this step) and receive all of them;
+        stop there if some rank's gradient was not finite (every rank sees every rank's flags, so all stop
+        alike and nothing is committed); else aggregate and run the server pass bucket by bucket in a fixed
+        order (every rank starts the second-stage collectives in the same order), and finish."""
         active = [b for b in self._buckets if b.members_in_step(self._pending)]
         for bucket in active:
             bucket.launch_if_waiting(self)
-        for bucket in active:
-            bucket.transport.reduce_and_serve(self, bucket)
-        for bucket in active:
-            bucket.transport.finish(self, bucket)
-        bad = [name for name, count in zip(names, hvd.synchronize(not_finite_anywhere).tolist()) if count]
+        bad = sorted(name for bucket in active for name in bucket.transport.receive(self, bucket))
         if bad:
-            here = [name for name, flag in zip(names, not_finite.tolist()) if flag]
+            here = sorted(name for name, p in self._pending.items() if p.stats is not None and p.stats[2] == 0)
             self._abandon_step()
             raise FloatingPointError(
                 f"gradient not finite (NaN or Inf) for parameter(s) {bad} on some rank (on this rank: "
                 f"{here or 'none'}); hvd_compress dropped this step and left every error buffer unchanged")
+        for bucket in active:
+            bucket.transport.reduce_and_serve(self, bucket)
+        for bucket in active:
+            bucket.transport.finish(self, bucket)
 
     def _commit(self, p):
         s = self._step_stats

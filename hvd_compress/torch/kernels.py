@@ -5,11 +5,22 @@
 (no host round trips). Random compressors draw from a generator seeded by ``seed`` alone, so a call is
 reproducible from (compressor, x, seed): that is what makes a multi-rank run equal its simulation. A seed
 is an integer or a (key, step) pair (see ``hvd_compress.seeds``).
+
+On the CPU (float32 / float64, contiguous tensors) the work runs in the fused C kernels of
+``hvd_compress.torch.fused`` (one or two passes over memory per call; ``step`` does a worker's whole step:
+x = g + e, encode, the new error x - decode, statistics). Elsewhere, or with ``HVD_COMPRESS_FUSED=0``, or
+without a C compiler, the same functions run as torch ops. Both paths draw the same random numbers (a
+counter-based hash of the element index and the seed, ``_uniform``) and give the same payloads up to the
+rounding of a reduction (a scale, a mean, a norm); each path is bitwise consistent with itself: ``decode``
+of a payload is exactly what ``step`` subtracts, and ``apply`` equals ``step``'s C(x).
 """
+import math
+
 import torch
 
 from .. import compressors as C
 from ..seeds import as_pair, second_stage
+from . import fused
 
 _DTYPES = {C.INT32: torch.int32, C.UINT8: torch.uint8, C.INT8: torch.int8, C.INT16: torch.int16}
 _MASK64 = 2 ** 64 - 1
@@ -26,8 +37,41 @@ def _generator(seed, device):
     return g
 
 
+def _hash_keys(seed):
+    """(k1, k2): the low and high 32 bits of splitmix64 of (key, step), as ``_generator`` mixes them."""
+    key, step = as_pair(seed)
+    z = ((key & 0xFFFFFFFF) << 32 | step & 0xFFFFFFFF) + 0x9E3779B97F4A7C15 & _MASK64
+    z = (z ^ z >> 30) * 0xBF58476D1CE4E5B9 & _MASK64
+    z = (z ^ z >> 27) * 0x94D049BB133111EB & _MASK64
+    z ^= z >> 31
+    return z & 0xFFFFFFFF, z >> 32
+
+
+def _mix32(h):
+    # "lowbias32" on uint32 values held in an int64 tensor (products wrap mod 2^64: the low 32 bits are right)
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def _hash32(d, seed, device):
+    """The counter-based stream: h_i = mix32(mix32(i ^ k1) + k2) for i < d (uint32 values, int64 tensor).
+    The fused C kernels compute the same numbers element by element (hvd_compress/csrc/fused.c)."""
+    k1, k2 = _hash_keys(seed)
+    i = torch.arange(d, dtype=torch.int64, device=device)
+    return _mix32((_mix32(i ^ k1) + k2) & 0xFFFFFFFF)
+
+
 def _uniform(x, seed):
-    return torch.rand(x.shape, generator=_generator(seed, x.device), device=x.device, dtype=x.dtype)
+    """Uniform draws in [0, 1) of x's shape and dtype, one per element: float32 (h >> 8) 2^-24, float64 h 2^-32."""
+    h = _hash32(x.numel(), seed, x.device)
+    if x.dtype == torch.float64:
+        u = h.to(torch.float64).mul_(2.0 ** -32)
+    else:
+        u = (h >> 8).to(torch.float32).mul_(2.0 ** -24).to(x.dtype)
+    return u.view(x.shape)
 
 
 def _random_indices(d, k, seed, device):
@@ -248,6 +292,17 @@ def _compose_decode(c, parts, d, seed, dtype):
 
 def encode(c, x, seed=0):
     """Parts of the payload of flat tensor x (float32 or float64), in the order of ``c.layout(d)``."""
+    lib = _fused_lib(x)
+    if lib is not None:
+        inner, lam = _unscaled(c)
+        if isinstance(inner, _FUSED_ENCODE):
+            done = _step_fused(lib, inner, lam, x, None, None, seed)
+            if done is not None:
+                return done[0]
+    return _encode_torch(c, x, seed)
+
+
+def _encode_torch(c, x, seed):
     if isinstance(c, C.TopK):
         return _topk_encode(c, x, seed)
     if isinstance(c, C.RandK):
@@ -272,6 +327,14 @@ def encode(c, x, seed=0):
 def decode(c, parts, d, seed=0, dtype=torch.float32):
     """The dense flat tensor of d elements that the parts encode. ``dtype`` matters only where no part
     carries values (Natural)."""
+    inner, lam = _unscaled(c)
+    if isinstance(inner, _FUSED_DECODE):
+        dtype = parts[0].dtype if not isinstance(inner, C.Natural) else dtype
+        lib = _fused_lib(parts[-1], dtype=dtype)
+        if lib is not None:
+            out = torch.empty(d, dtype=dtype)
+            _decode_fused(lib, inner, lam, parts, d, out, False, 0)
+            return out
     if isinstance(c, (C.TopK, C.RandK)):
         return _sparse_decode(c, parts, d, seed)
     if isinstance(c, C.Natural):
@@ -306,6 +369,252 @@ def decode_sum(c, payloads, d, seed, dtype):
         decoded = decode(c, unpack(c, row, d, dtype), d, seed, dtype)
         total = decoded if total is None else total + decoded
     return total
+
+
+# ---- the fused step (C kernels on the CPU) -------------------------------------------------------------------
+
+_FUSED_ENCODE = (C.TopK, C.Natural, C.ScaledSign, C.OneBit, C.QSGD)
+_FUSED_STEP = _FUSED_ENCODE + (C.RandK, C.Identity)
+_FUSED_DECODE = (C.Natural, C.ScaledSign, C.OneBit, C.QSGD)
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _unscaled(c):
+    """(compressor, lam): Scaled(c, lam) as its parts, any other compressor with lam = 1."""
+    if isinstance(c, C.Scaled) and not isinstance(c.compressor, C.Scaled):
+        return c.compressor, c.lam
+    return c, 1.0
+
+
+def _fused_lib(*tensors, dtype=None):
+    """The fused library, when it is on and every given tensor is one it can take (None otherwise)."""
+    for t in tensors:
+        if t is not None and (t.device.type != "cpu" or not t.is_contiguous()
+                              or t.is_floating_point() and t.dtype not in _FLOATS):
+            return None
+    if dtype is not None and dtype not in _FLOATS:
+        return None
+    return fused.lib()
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _stats(residual, sumsq, finite):
+    return torch.tensor([max(residual, 0.0), sumsq, 1.0 if finite else 0.0], dtype=torch.float64)
+
+
+def _materialize(ns, g, e_in, e_out, st):
+    """x = g + e_in (into e_out when given, else a fresh tensor; g itself without e_in), with st = [sum x^2,
+    finiteness] from the same pass."""
+    xout = e_out if e_out is not None else (torch.empty_like(g) if e_in is not None else None)
+    bad = ns.addx(_ptr(g), _ptr(e_in), _ptr(xout), g.numel(), st.data_ptr())
+    return (g if xout is None else xout), not bad
+
+
+def _natural_table(top, dtype, lam):
+    """The 256 values a Natural byte decodes to (exactly as ``_natural_decode`` computes them), times lam."""
+    table = _natural_decode(None, [torch.tensor(top, dtype=torch.int32), torch.arange(256, dtype=torch.uint8)],
+                            256, 0, dtype)
+    return table * lam if lam != 1.0 else table
+
+
+def _step_fused(lib, c, lam, g, e_in, e_out, seed):
+    """((parts, stats)) of compressor c (unscaled; lam the Scaled factor) with the C kernels, or None where the
+    general path must decide (a non-finite or subnormal input for the kernels that cannot take one)."""
+    d, dtype = g.numel(), g.dtype
+    ns = lib.f if dtype == torch.float32 else lib.d
+    st = torch.zeros(8, dtype=torch.float64)
+    sp = st.data_ptr()
+    G, E, O = _ptr(g), _ptr(e_in), _ptr(e_out)
+    if isinstance(c, (C.ScaledSign, C.OneBit)):
+        bits = torch.empty((d + 7) // 8, dtype=torch.uint8)
+        if isinstance(c, C.ScaledSign):
+            if ns.sign1(G, E, O, d, bits.data_ptr(), sp):
+                return None
+            sumsq, sumabs = st[0].item(), st[1].item()
+            head = torch.tensor([sumabs / d if d else math.nan], dtype=dtype)
+            vals = head * lam if lam != 1.0 else head
+            vpos, vneg = vals.item(), (-vals).item()
+            npos, nneg, spos, sneg = d, 0, sumabs, 0.0
+        else:
+            if ns.onebit1(G, E, O, d, bits.data_ptr(), sp):
+                return None
+            sumsq, spos, sneg, nneg = st[0].item(), st[1].item(), st[2].item(), int(st[3].item())
+            npos = d - nneg
+            head = torch.tensor([spos / max(npos, 1), (0.0 - sneg) / max(nneg, 1)], dtype=dtype)
+            vals = head * lam if lam != 1.0 else head
+            vpos, vneg = vals[0].item(), (-vals[1]).item()
+        if e_out is not None:
+            ns.select2(G, E, O, d, vpos, vneg, sp)
+            residual = st[0].item()
+        elif d:   # sum over both groups of (x - value)^2, in closed form
+            residual = sumsq - 2 * vpos * spos + npos * vpos * vpos - 2 * vneg * sneg + nneg * vneg * vneg
+        else:
+            residual = 0.0
+        return [head, bits], _stats(residual, sumsq, True)
+    if isinstance(c, C.Natural):
+        code = torch.empty(d, dtype=torch.uint8)
+        top = torch.zeros(1, dtype=torch.int64)
+        k1, k2 = (0, 0) if c.deterministic else _hash_keys(seed)
+        if ns.natural1(G, E, O, d, int(c.deterministic), k1, k2, code.data_ptr(), top.data_ptr(), sp):
+            return None
+        sumsq, top = st[0].item(), int(top.item())
+        table = _natural_table(top, dtype, lam)
+        ns.natural2(G, E, O, d, top, code.data_ptr(), table.data_ptr(), sp)
+        return [torch.tensor([top], dtype=torch.int32), code], _stats(st[0].item(), sumsq, True)
+    if isinstance(c, C.QSGD):
+        if ns.qsgd1(G, E, O, d, sp):
+            return None
+        sumsq, peak = st[0].item(), st[1].item()
+        if dtype == torch.float64 and (peak > 1e150 or 0 < peak < 1e-150):   # the sum of squares over/underflows
+            x = e_out if e_out is not None else (g if e_in is None else g + e_in)
+            norm = peak * torch.linalg.vector_norm(x / peak).item()
+        else:
+            norm = math.sqrt(sumsq)
+        head = torch.tensor([norm], dtype=dtype)
+        wide = c.levels > 127
+        levels = torch.empty(d, dtype=torch.int16 if wide else torch.int8)
+        k1, k2 = _hash_keys(seed)
+        ns.qsgd2(G, E, O, d, head.item(), float(c.levels), lam, k1, k2, levels.data_ptr(), int(wide), sp)
+        return [head, levels], _stats(st[0].item(), sumsq, True)
+    if isinstance(c, C.TopK):
+        k = c.k_for(d)
+        if d < _FAST_TOPK_MIN or 8 * k > d:
+            x, finite = _materialize(ns, g, e_in, e_out, st)
+            if not finite:
+                return None
+            idx = torch.topk(x.abs(), k, sorted=False).indices
+            values = x[idx]
+        else:   # the sampled threshold of _topk_indices, its candidates found in the one pass
+            step = d // _SAMPLE
+            sample = (g[::step] if e_in is None else g[::step] + e_in[::step]).abs()
+            rank = max(1, min(sample.numel(), int(sample.numel() * (1 - 2 * k / d))))
+            threshold = torch.kthvalue(sample, rank).values.item()
+            cap = min(d, 3 * k + 1024)
+            cidx, cval = torch.empty(cap, dtype=torch.int64), torch.empty(cap, dtype=dtype)
+            count = ns.topk1(G, E, O, d, threshold, cidx.data_ptr(), cval.data_ptr(), cap, sp)
+            if st[1].item() != 0.0:
+                return None
+            if k <= count <= cap:
+                sel = torch.topk(cval[:count].abs(), k, sorted=False).indices
+                idx, values = cidx[sel], cval[sel]
+            else:   # a skewed sample: the plain topk decides
+                x = e_out if e_out is not None else (g if e_in is None else g + e_in)
+                idx = torch.topk(x.abs(), k, sorted=False).indices
+                values = x[idx]
+        sumsq = st[0].item()
+        decoded = values * lam if lam != 1.0 else values
+        left = values - decoded
+        if e_out is not None:
+            e_out[idx] = left
+        vd, ld = values.double(), left.double()
+        residual = sumsq - torch.dot(vd, vd).item() + torch.dot(ld, ld).item()
+        return [idx.to(torch.int32), values], _stats(residual, sumsq, True)
+    if isinstance(c, C.RandK):
+        x, finite = _materialize(ns, g, e_in, e_out, st)
+        sumsq = st[0].item()
+        idx = _randk_indices(c, d, seed, g.device)
+        kept = x[idx]
+        values = kept * (d / idx.numel()) if c.unbiased else kept
+        decoded = values * lam if lam != 1.0 else values
+        left = kept - decoded
+        if e_out is not None:
+            e_out[idx] = left
+        kd, ld = kept.double(), left.double()
+        residual = sumsq - torch.dot(kd, kd).item() + torch.dot(ld, ld).item()
+        parts = [values] if c.shared else [idx.to(torch.int32), values]
+        return parts, _stats(residual, sumsq, finite)
+    if isinstance(c, C.Identity):
+        x = torch.empty_like(g) if e_in is not None else None
+        bad = ns.addx(G, E, _ptr(x), d, sp)
+        x = g if x is None else x
+        if e_out is not None:
+            torch.sub(x, x, out=e_out)
+        return [x], _stats(0.0 if not bad else math.nan, st[0].item(), not bad)
+    raise TypeError(f"no fused kernel for {c!r}")
+
+
+def _step_general(c, g, e_in, e_out, seed):
+    x = g if e_in is None else g + e_in
+    d = x.numel()
+    parts = encode(c, x, seed)
+    decoded = decode(c, parts, d, seed, x.dtype)
+    left = torch.sub(x, decoded, out=e_out) if e_out is not None else x - decoded
+    left = left.double()
+    residual = torch.dot(left, left) if d else torch.zeros((), dtype=torch.float64)
+    xd = x.double()
+    sumsq = torch.dot(xd, xd) if d else torch.zeros((), dtype=torch.float64)
+    return parts, torch.stack([residual, sumsq, torch.isfinite(x).all().double()])
+
+
+def step(c, g, e_in=None, e_out=None, seed=0):
+    """One step on flat tensor g (float32 or float64): x = g + e_in (x = g without e_in), parts = encode(c, x,
+    seed), and, when e_out is given, e_out[:] = x - decode(parts) (e_out preallocated like g, never the same
+    tensor as e_in). Returns (parts, stats) with stats = float64 [||x - C(x)||^2, ||x||^2, 1.0 if every
+    element of x is finite else 0.0]. g and e_in are not modified."""
+    lib = _fused_lib(g, e_in, e_out)
+    if lib is not None:
+        inner, lam = _unscaled(c)
+        if isinstance(inner, _FUSED_STEP):
+            done = _step_fused(lib, inner, lam, g, e_in, e_out, seed)
+            if done is not None:
+                return done
+            if e_out is not None:        # the kernel's first pass left x in e_out
+                g, e_in = e_out, None
+    return _step_general(c, g, e_in, e_out, seed)
+
+
+def _decode_fused(lib, c, lam, parts, d, out, accumulate, divide):
+    """out = decode(parts) (accumulate False) or out + decode(parts) (True), then / divide when divide != 0:
+    with the C kernels, for an unscaled c of _FUSED_DECODE (lam the Scaled factor)."""
+    ns = lib.f if out.dtype == torch.float32 else lib.d
+    acc, div = int(accumulate), float(divide)
+    if isinstance(c, C.Natural):
+        table = _natural_table(int(parts[0].item()), out.dtype, lam)
+        ns.dec_table(parts[1].data_ptr(), d, table.data_ptr(), out.data_ptr(), acc, div)
+    elif isinstance(c, C.ScaledSign):
+        vals = parts[0] * lam if lam != 1.0 else parts[0]
+        ns.dec_bits(parts[1].data_ptr(), d, vals.item(), (-vals).item(), out.data_ptr(), acc, div)
+    elif isinstance(c, C.OneBit):
+        vals = parts[0] * lam if lam != 1.0 else parts[0]
+        ns.dec_bits(parts[1].data_ptr(), d, vals[0].item(), (-vals[1]).item(), out.data_ptr(), acc, div)
+    else:   # QSGD
+        ns.dec_qsgd(parts[1].data_ptr(), int(c.levels > 127), d, parts[0].item(), float(c.levels), lam,
+                    out.data_ptr(), acc, div)
+    return out
+
+
+def decode_mean(c, rows, d, seed, dtype, out=None):
+    """(sum_j decode(row_j)) / n for the packed payloads ``rows`` (n of them, as ``pack`` makes them; rows of
+    an allgather may start unaligned): summed left to right from decode(row_0), then divided by n, exactly as
+    torch's elementwise ops in ``dtype`` give it. Written into ``out`` (d elements of dtype) when given."""
+    n = len(rows)
+    if n == 0:
+        raise ValueError("decode_mean needs at least one payload")
+    device = rows[0].device
+    if out is None:
+        out = torch.empty(d, dtype=dtype, device=device)
+    inner, lam = _unscaled(c)
+    lib = _fused_lib(out, *rows, dtype=dtype) if isinstance(inner, _FUSED_DECODE) else None
+    if lib is not None:
+        for j, row in enumerate(rows):
+            _decode_fused(lib, inner, lam, unpack(c, row, d, dtype), d, out, j > 0, n if j == n - 1 else 0)
+        return out
+    if isinstance(c, C.TopK) or isinstance(c, C.RandK) and not c.shared:
+        out.zero_()
+        for row in rows:
+            idx, values = unpack(c, row, d, dtype)
+            out.index_add_(0, idx, values)
+        return out.div_(n)
+    for j, row in enumerate(rows):
+        decoded = decode(c, unpack(c, row, d, dtype), d, seed, dtype)
+        if j == 0:
+            out.copy_(decoded)
+        else:
+            out.add_(decoded)
+    return out.div_(n)
 
 
 # ---- payloads as bytes -------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ buffer: nothing leaves them). The formula per rank and step, for T gradient tens
                                   the data, so those rows are checked against an upper bound (nnz <= n k)
   + 4 T                           the step marker: a float32 per gradient, what compress() returns for
                                   Horovod's own allreduce
-  + 4 T                           the finiteness flags: one float32 per gradient, one allreduce per step
+  + F T                           the finiteness flags, in the payload's collective: per gradient one byte
+                                  (allgather), one fp32 value (allreduce), one byte per destination rank
+                                  (sharded alltoall: F = n)
   + sum_p C_s.wire_bytes(d_p)     allgather / allreduce with DoubleSqueeze, root only: the server payload it
                                   broadcasts
     transport "dense": 4 d_p per tensor and nothing else (Horovod's fp32 allreduce of the gradient).
@@ -89,7 +91,8 @@ PAYLOAD_FORMULA = {
     "dense": lambda c, server, d, n, rank: (4 * d, True),    # Horovod's fp32 allreduce of the gradient itself
 }
 MARKER_BYTES = 4    # per gradient: the step marker compress() hands to Horovod's allreduce
-FLAG_BYTES = 4      # per gradient: the finiteness flag (one float32 each, one allreduce per step)
+# per gradient: its finiteness flag, appended to the bucket's payload collective
+FLAG_BYTES = {"allgather": lambda n: 1, "allreduce": lambda n: 4, "sharded": lambda n: n}
 TOLERANCE = 0.01    # counted vs formula (the "within 1%"; in practice they are equal)
 TARGETS = {         # ratio to dense fp32 per rank (uplink, plain mode): (spec, expected, allowed range)
     "TopK 1% ~ 2.0% of dense": ("topk:0.01", 0.020, (0.019, 0.021)),
@@ -147,7 +150,8 @@ def formula(cfg, params, n, rank):
         return dense, {"dense fp32 allreduce": dense}, True
     pieces = [payload(c, server, d, n, rank) for d in params.values()]
     terms = {"payload": sum(b for b, _ in pieces),
-             "step markers": MARKER_BYTES * len(params), "finiteness flags": FLAG_BYTES * len(params)}
+             "step markers": MARKER_BYTES * len(params),
+             "finiteness flags": FLAG_BYTES[cfg["transport"]](n) * len(params)}
     if server is not None and cfg["transport"] in ("allgather", "allreduce") and rank == 0:
         terms["server payload (root's broadcast)"] = sum(server.wire_bytes(d) for d in params.values())
     return sum(terms.values()), terms, all(exact for _, exact in pieces)
@@ -263,7 +267,8 @@ def run(out, quick):
                   "parameters": sum(params.values()), "tensors": len(params), "param_sizes": params,
                   "dense_bytes": dense, "compressors": QUICK_COMPRESSORS if quick else COMPRESSORS,
                   "modes": MODES, "transports": TRANSPORTS, "tolerance": TOLERANCE, "commit": _commit(),
-                  "formula": "sum_p wire_bytes(d_p) + 4 T (step markers) + 4 T (finiteness flags) "
+                  "formula": "sum_p wire_bytes(d_p) + 4 T (step markers) + F T (finiteness flags: F = 1 "
+                             "allgather, 4 allreduce, n sharded) "
                              "[+ sum_p server wire_bytes(d_p) on the root with DoubleSqueeze]"},
         "rows": all_rows, "skipped": all_skipped, "targets": targets,
         "max_abs_agreement": max((abs(r["agreement"]) for r in with_formula), default=None),

@@ -1,0 +1,117 @@
+/* Fused CPU kernels of hvd_compress (see hvd_compress/torch/fused.py, which builds and loads this file).
+
+Plain C, no torch headers: the Python side passes data pointers. One training step per tensor is one or two
+passes over memory, in chunks that stay in L1: pass 1 forms x = g + e (stored into the caller's error buffer
+when there is one), accumulates the statistics and whatever the encoding needs globally (a scale, a norm, the
+largest exponent, TopK's candidates); pass 2, where the encoding needs that global, writes the payload and the
+new error x - decode(payload). Compiled with -ffp-contract=off and without fast-math: every float operation is
+the IEEE one written here, in the order written, so decode matches torch's elementwise ops bitwise. Sums use
+fixed lanes (element i of a chunk goes to lane i % LANES) summed in a fixed order at the end: deterministic.
+The float and double versions come from fused_impl.h, included twice. */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define LANES 16
+#define CHUNK 2048
+
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
+    return x;
+}
+
+/* the counter-based random stream: element i of a call with keys (k1, k2) */
+static inline uint32_t hash32(uint32_t i, uint32_t k1, uint32_t k2) { return mix32(mix32(i ^ k1) + k2); }
+
+static inline float uniform_f(uint32_t h) { return (float)(int32_t)(h >> 8) * 0x1p-24f; }
+static inline double uniform_d(uint32_t h) {
+    /* h as a double, exactly (2^52 + h - 2^52), without an unsigned conversion AVX2 lacks */
+    uint64_t b = 0x4330000000000000ULL | (uint64_t)h; double v; memcpy(&v, &b, 8);
+    return (v - 4503599627370496.0) * 0x1p-32;
+}
+
+#ifdef __AVX2__
+static inline __m256i mix32_v(__m256i x) {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x846ca68bU));
+    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+
+/* uniform_f of elements i .. i + 7 */
+static inline __m256 uniform8_f(uint32_t i, uint32_t k1, uint32_t k2) {
+    __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)i), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i h = mix32_v(_mm256_add_epi32(mix32_v(_mm256_xor_si256(idx, _mm256_set1_epi32((int)k1))),
+                                         _mm256_set1_epi32((int)k2)));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(0x1p-24f));
+}
+
+/* the low bytes of 8 int32 lanes (values that fit) to 8 bytes at out */
+static inline void store8_u8(void *out, __m256i v) {
+    __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(v, v), _mm256_setzero_si256());
+    uint32_t lo = (uint32_t)_mm_cvtsi128_si32(_mm256_castsi256_si128(w));
+    uint32_t hi = (uint32_t)_mm_cvtsi128_si32(_mm256_extracti128_si256(w, 1));
+    memcpy(out, &lo, 4); memcpy((char *)out + 4, &hi, 4);
+}
+
+static inline void store8_i16(void *out, __m256i v) {
+    __m256i w = _mm256_packs_epi32(v, v);
+    _mm_storel_epi64((__m128i *)out, _mm256_castsi256_si128(w));
+    _mm_storel_epi64((__m128i *)((char *)out + 8), _mm256_extracti128_si256(w, 1));
+}
+#endif
+
+static double sum_lanes(const double *a) {
+    double s = 0.0;
+    for (int l = 0; l < LANES; l++) s += a[l];
+    return s;
+}
+
+int hvdc_version(void) { return 1; }
+
+/* a debugging aid: n draws of the stream, as the kernels see them */
+void hvdc_hash(uint32_t *out, int64_t n, uint32_t k1, uint32_t k2) {
+    for (int64_t i = 0; i < n; i++) out[i] = hash32((uint32_t)i, k1, k2);
+}
+
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define FN(name) CAT(hvdc_##name, SUF)
+
+#define T float
+#define IS_FLOAT 1
+#define SUF f
+#define IT int32_t
+#define UT uint32_t
+#define MBITS 23
+#define BIAS 127
+#define EMAX 255
+#define ONE_BITS 0x3f800000U
+#define UNIFORM uniform_f
+#include "fused_impl.h"
+#undef T
+#undef SUF
+#undef IT
+#undef UT
+#undef MBITS
+#undef BIAS
+#undef EMAX
+#undef ONE_BITS
+#undef UNIFORM
+
+#undef IS_FLOAT
+#define T double
+#define IS_FLOAT 0
+#define SUF d
+#define IT int64_t
+#define UT uint64_t
+#define MBITS 52
+#define BIAS 1023
+#define EMAX 2047
+#define ONE_BITS 0x3ff0000000000000ULL
+#define UNIFORM uniform_d
+#include "fused_impl.h"

@@ -1,0 +1,210 @@
+"""The fused CPU kernels (hvd_compress/csrc, hvd_compress/torch/fused.py) behind ``kernels.step``, ``encode``,
+``decode`` and ``decode_mean``: self-consistency (step's payload and error are exactly encode's and
+x - decode's), the statistics, decode_mean against the torch-ops formula, and the C path against the
+pure-torch path (HVD_COMPRESS_FUSED=0): bitwise for element-wise compressors (one random stream for both),
+to rounding for the reductions (a scale, a mean, a norm)."""
+import math
+
+import pytest
+import torch
+
+from hvd_compress import compressors as C
+from hvd_compress.torch import fused
+from hvd_compress.torch import kernels as K
+
+SPECS = ["topk:0.3", "topk:k=2", "randk:0.3", "randk:0.3,biased", "randk:0.3,shared", "natural", "natural:det",
+         "sign", "onebit", "qsgd:4", "qsgd:200", "topk:0.3+natural", "0.5*topk:0.3", "0.5*sign", "none"]
+SIZES = [0, 1, 7, 1000, 300_000]     # 300000: TopK's sampled-threshold path
+DTYPES = [torch.float32, torch.float64]
+SEED = (987654321, 12)
+REDUCTIONS = {"sign", "onebit", "qsgd:4", "qsgd:200", "0.5*sign"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library():
+    if fused.lib() is None:
+        pytest.skip("the fused kernels could not be built here (no C compiler?)")
+
+
+def _vector(d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(d, generator=g, dtype=torch.float64) * torch.rand(d, generator=g, dtype=torch.float64)
+            * 3).to(dtype)
+
+
+def _equal(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8) if a.numel() else a,
+                                                                      b.view(torch.uint8) if b.numel() else b)
+
+
+def _encodable(c, d, dtype):
+    try:
+        K.encode(c, torch.zeros(d, dtype=dtype), SEED)
+        return True
+    except (ValueError, RuntimeError, IndexError, ZeroDivisionError):
+        return False
+
+
+CASES = [(s, d, dt) for s in SPECS for d in SIZES for dt in DTYPES]
+
+
+@pytest.mark.parametrize("spec,d,dtype", CASES, ids=[f"{s}-{d}-{str(dt)[6:]}" for s, d, dt in CASES])
+def test_step_equals_encode_and_decode(spec, d, dtype):
+    c = C.parse(spec)
+    if not _encodable(c, d, dtype):
+        with pytest.raises((ValueError, RuntimeError, IndexError, ZeroDivisionError)):
+            K.step(c, torch.zeros(d, dtype=dtype), None, torch.empty(d, dtype=dtype), SEED)
+        return
+    g, e = _vector(d, dtype, 1), _vector(d, dtype, 2) * 0.5
+    g0, e0 = g.clone(), e.clone()
+    for e_in in (None, e):
+        x = g if e_in is None else g + e_in
+        parts = K.encode(c, x, SEED)
+        decoded = K.decode(c, parts, d, SEED, dtype)
+        expected_error = x - decoded
+        assert _equal(K.apply(c, x, SEED), decoded)
+        for with_out in (False, True):
+            e_out = torch.full((d,), 7.0, dtype=dtype) if with_out else None
+            got, stats = K.step(c, g, e_in, e_out, SEED)
+            assert len(got) == len(parts) and all(_equal(a, b) for a, b in zip(got, parts)), spec
+            if with_out:
+                assert _equal(e_out, expected_error)
+            assert stats.dtype == torch.float64 and stats.shape == (3,)
+            r, xd = expected_error.double(), x.double()
+            assert stats[0].item() == pytest.approx(r.dot(r).item(), rel=1e-6, abs=1e-12)
+            assert stats[1].item() == pytest.approx(xd.dot(xd).item(), rel=1e-6, abs=1e-12)
+            assert stats[2].item() == 1.0
+    assert _equal(g, g0) and _equal(e, e0)
+
+
+def _rows(c, d, dtype, n):
+    rows = []
+    for j in range(n):
+        packed = K.pack(K.encode(c, _vector(d, dtype, 10 + j), (SEED[0], SEED[1] + j)))
+        buf = torch.empty(packed.numel() + 1, dtype=torch.uint8)[1:]    # an allgather row may start unaligned
+        buf.copy_(packed)
+        rows.append(buf)
+    return rows
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 7, 1000, 300_000])
+def test_decode_mean_is_the_torch_formula(spec, dtype, d):
+    c = C.parse(spec)
+    if not _encodable(c, d, dtype):
+        return
+    for n in (1, 2, 3):
+        rows = _rows(c, d, dtype, n)
+        decoded = [K.decode(c, K.unpack(c, row, d, dtype), d, SEED, dtype) for row in rows]
+        total = decoded[0]
+        for dec in decoded[1:]:
+            total = total + dec
+        expected = total / n
+        got = K.decode_mean(c, rows, d, SEED, dtype)
+        if isinstance(c, (C.TopK, C.RandK)) and not c.summable:   # index_add_ from +0.0: -0.0 may become +0.0
+            assert torch.equal(got, expected)
+        else:
+            assert _equal(got, expected), spec
+        out = torch.full((d,), 3.0, dtype=dtype)
+        assert K.decode_mean(c, rows, d, SEED, dtype, out=out) is out and torch.equal(out, got)
+
+
+def _torch_path(fn, *args):
+    with fused.disabled():
+        assert fused.lib() is None
+        return fn(*args)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [7, 1000, 300_000])
+def test_c_path_matches_torch_path(spec, dtype, d):
+    c = C.parse(spec)
+    if not _encodable(c, d, dtype):
+        return
+    x = _vector(d, dtype, 5)      # distinct values: TopK keeps one set
+    ours, theirs = K.encode(c, x, SEED), _torch_path(K.encode, c, x, SEED)
+    assert [p.dtype for p in ours] == [p.dtype for p in theirs]
+    dec, tdec = K.decode(c, ours, d, SEED, dtype), _torch_path(K.decode, c, theirs, d, SEED, dtype)
+    e = torch.empty_like(x)
+    (tparts, tstats) = _torch_path(K.step, c, x, None, e, SEED)
+    assert all(_equal(a, b) for a, b in zip(tparts, theirs))
+    if spec not in REDUCTIONS:
+        assert all(_equal(a, b) for a, b in zip(ours, theirs)), spec
+        assert _equal(dec, tdec)
+    else:
+        rtol = 1e-5 if dtype == torch.float32 else 1e-12
+        assert torch.allclose(ours[0], theirs[0], rtol=rtol, atol=0)
+        if spec.startswith("qsgd"):   # a level may round the other way where the norms differ in the last bit
+            diff = (ours[1].long() - theirs[1].long()).abs()
+            assert diff.max() <= 1 and diff.float().mean() < 1e-3
+        else:
+            assert _equal(ours[1], theirs[1])
+        assert torch.allclose(dec, tdec, rtol=rtol, atol=rtol * dec.abs().max().item())
+    # the same decoded values either way, given the same payload
+    assert torch.allclose(_torch_path(K.decode, c, ours, d, SEED, dtype), dec, rtol=1e-6 if dtype == torch.float32
+                          else 1e-14, atol=0)
+    _, stats = K.step(c, x, None, torch.empty_like(x), SEED)
+    assert torch.allclose(stats, tstats, rtol=1e-4 if spec.startswith("qsgd") else 1e-6)
+
+
+def test_uniform_stream_is_the_c_stream():
+    lib = fused.lib()
+    for seed in [(1, 2), (2 ** 31 - 1, 2 ** 40 + 3), 5, 2 ** 64 - 1]:
+        h = torch.empty(1000, dtype=torch.int32)
+        k1, k2 = K._hash_keys(seed)
+        lib.dll.hvdc_hash(h.data_ptr(), 1000, k1, k2)
+        assert torch.equal(h.long() & 0xFFFFFFFF, K._hash32(1000, seed, "cpu"))
+    u = K._uniform(torch.empty(100_000, dtype=torch.float64), SEED)
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+    assert not torch.equal(u, K._uniform(u, (SEED[0], SEED[1] + 1)))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_non_finite_input_is_reported(spec, dtype, bad):
+    c = C.parse(spec)
+    for d in (1000, 300_000):
+        g = _vector(d, dtype, 3)
+        g[d // 3] = bad
+        e_out = torch.empty_like(g)
+        parts, stats = K.step(c, g, torch.zeros_like(g), e_out, SEED)
+        assert stats[2].item() == 0.0
+        assert [p.numel() for p in parts] == [n for _, n in c.layout(d)]
+
+
+@pytest.mark.parametrize("spec", ["natural", "natural:det", "sign", "onebit", "qsgd:4", "topk:0.3"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_subnormal_input(spec, dtype):
+    c = C.parse(spec)
+    tiny = torch.finfo(dtype).tiny
+    x = _vector(1000, dtype, 4)
+    x[::7] = tiny / 4            # subnormals
+    x[3] = 0.0
+    e_out = torch.empty_like(x)
+    parts, stats = K.step(c, x, None, e_out, SEED)
+    decoded = K.decode(c, parts, x.numel(), SEED, dtype)
+    assert all(_equal(a, b) for a, b in zip(parts, K.encode(c, x, SEED)))
+    assert _equal(e_out, x - decoded)
+    assert stats[2].item() == 1.0
+    if spec.startswith("natural"):    # the C kernel hands subnormals to the general path: same as torch's
+        theirs = _torch_path(K.encode, c, x, SEED)
+        assert all(_equal(a, b) for a, b in zip(parts, theirs))
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("HVD_COMPRESS_FUSED", "0")
+    assert fused.lib() is None
+    x = _vector(100, torch.float32, 6)
+    parts, stats = K.step(C.parse("sign"), x, None, torch.empty_like(x), SEED)
+    assert stats[2].item() == 1.0
+
+
+def test_library_is_cached_by_source_flags_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("HVD_COMPRESS_CACHE", str(tmp_path))
+    path = fused.library_path()
+    assert path.parent == tmp_path and path.name.startswith("hvdc_fused_") and path.suffix == ".so"
+    monkeypatch.setattr(fused, "_cpu_flags", lambda: "some other cpu")
+    assert fused.library_path() != path
