@@ -81,6 +81,28 @@ def test_kernels_quick(tmp_path):
             assert math.isfinite(value) and value > 0, (d, key)
         assert math.isfinite(s["allreduce"][str(d)]["allreduce_s"]) and s["allreduce"][str(d)]["allreduce_s"] > 0
     assert s["targets"] and all(isinstance(t["all_met"], bool) for t in s["targets"].values())
+    # the worker step with error feedback + the decode of 2 payloads, as a multiple of memcpy time
+    step = s["step"]
+    largest = max(setup["sizes"])
+    by_key = {}
+    for r in step["rows"]:
+        by_key.setdefault((r["framework"], r["compressor"], r["d"]), set()).add(r["path"])
+        for key in ("step_s", "decode_s", "total_s", "x_memcpy"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["x_memcpy"] == r["total_s"] / step["memcpy"][str(r["d"])]["memcpy_s"]
+        assert r["path"] != "eager" or r["d"] == largest
+        assert r["path"] != "tf.function" or r["xla_refused"]   # plain TF only where XLA refused, with why
+    for spec in step["setup"]["compressors"]:
+        for d in setup["sizes"]:
+            assert "fused" in by_key[("torch", spec, d)], (spec, d)
+        assert "eager" in by_key[("torch", spec, largest)], spec
+    for spec in step["setup"]["tf_compressors"]:
+        for d in setup["sizes"]:
+            assert len(by_key[("tf", spec, d)] & {"xla", "tf.function"}) == 1, (spec, d)
+    assert any(C.parse(spec).summable for spec in step["setup"]["compressors"])   # both decode paths ran
+    assert step["targets"] and all(isinstance(t["all_met"], bool) and t["d"] == largest
+                                   and all(isinstance(m, bool) for m in t["met"].values())
+                                   for t in step["targets"].values())
     figure = ROOT / s["figures"]["throughput"] if not Path(s["figures"]["throughput"]).is_absolute() \
         else Path(s["figures"]["throughput"])
     assert figure.is_file() and figure.stat().st_size > 10_000

@@ -7,8 +7,8 @@ from conftest import ROOT, launch
 def test_example_trains_compressed_with_identical_replicas(tmp_path):
     out = tmp_path / "run.json"
     proc = launch(2, ROOT / "examples" / "pytorch_fashion_mnist.py", "--compressor", "topk:0.05",
-                  "--error-feedback", "--server", "topk:0.1", "--epochs", "2", "--train-limit", "3000",
-                  "--test-limit", "1000", "--no-progress", "--check-replicas", "--json", out)
+                  "--error-feedback", "--server", "topk:0.1", "--dense-below", "0", "--epochs", "2",
+                  "--train-limit", "3000", "--test-limit", "1000", "--no-progress", "--check-replicas", "--json", out)
     assert proc.returncode == 0, proc.stdout[-5000:]
     assert "replicas identical: True" in proc.stdout
     lines = [line for line in proc.stdout.splitlines() if "epoch 2/2" in line and "test_acc" in line]
@@ -16,7 +16,7 @@ def test_example_trains_compressed_with_identical_replicas(tmp_path):
     record = json.loads(out.read_text())
     last = record["epochs"][-1]
     # rank 0 sends TopK 5% (8 bytes per kept element: 0.10 of dense fp32) and, as the root, the server's
-    # TopK 10% (0.20), plus 8 bytes per tensor per step
+    # TopK 10% (0.20), plus 5 bytes per tensor per step (step marker, finiteness flag)
     assert 0.30 <= last["ratio"] < 0.301
     assert last["test_acc"] > 0.5   # ten classes: chance is 0.1
     assert last["last_step_stats"]["steps"] == 2 * (3000 // 2 // 64)

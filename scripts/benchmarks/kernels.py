@@ -16,6 +16,19 @@ limit); ``x.clone()`` (allocation + page faults + copy, what a kernel's fresh ou
 it. Timings are medians of several repeats, interleaved (every repeat times memcpy and every kernel in turn,
 in a rotating order) so that the load of other jobs on the machine hits all of them alike. The dense
 allreduce runs in a 2-rank Gloo job of the same benchmark run (kernels_worker.py), before the kernels.
+
+The "step" section times what the issue's targets are about, per compressor and size: **the worker step with
+error feedback plus the decode of 2 payloads**, as a multiple of memcpy time (time / memcpy time; memcpy timed
+in the same interleaved repeats). PyTorch, buffers preallocated once per size (g, e_in, e_out, out):
+``parts, stats = K.step(c, g, e_in, e_out, seed)``; ``data = K.pack(parts)`` (``K.step_packed`` instead of the
+two where the library has it); then ``K.decode_mean(c, [data, data2], d, seed, float32, out=out)``, data2 a
+second rank's payload made once beforehand from another input. Summable payloads travel as they are (Horovod's
+allreduce averages them): ``K.decode(c, [parts[0]], ...)`` once instead. The same with the fused C kernels off
+(``fused.disabled()``: the pure-torch path) for contrast, at the largest size only (seconds per call).
+TensorFlow: the same step with hvd_compress/tensorflow/kernels.py (x = g + e; parts = encode(x); e_out = x -
+decode(parts); data = pack(parts)) and the mean of 2 decoded packed payloads, as two ``tf.function(
+jit_compile=True)`` (XLA; the allgather sits between them), compiled before timing; where XLA refuses a
+compressor, the reason is reported and the same functions run as plain ``tf.function``s. No target for TF.
 """
 import json
 import math
@@ -39,11 +52,20 @@ BIN = Path(sys.executable).parent
 CONFIG = {
     True: {"sizes": [10 ** 4, 10 ** 5, 10 ** 6],
            "compressors": ["topk:0.01", "randk:0.01", "natural", "sign"],
-           "repeats": {10 ** 4: 7, 10 ** 5: 7, 10 ** 6: 5}},
+           "repeats": {10 ** 4: 7, 10 ** 5: 7, 10 ** 6: 5},
+           # the step section: torch (fused) on these; TF/XLA on a few only (each size and compressor compiles)
+           "step_compressors": ["topk:0.01", "randk:0.01", "randk:0.01,shared", "natural", "sign"],
+           "tf_step_compressors": ["sign", "topk:0.01", "randk:0.01,shared"],
+           "eager_repeats": 3},
     False: {"sizes": [10 ** 4, 10 ** 5, 10 ** 6, 10 ** 7, 25 * 10 ** 6],
             "compressors": ["topk:0.01", "randk:0.01", "randk:0.01,shared", "natural", "natural:det", "sign",
                             "onebit", "qsgd:16", "topk:0.01+natural"],
-            "repeats": {10 ** 4: 11, 10 ** 5: 11, 10 ** 6: 7, 10 ** 7: 5, 25 * 10 ** 6: 5}},
+            "repeats": {10 ** 4: 11, 10 ** 5: 11, 10 ** 6: 7, 10 ** 7: 5, 25 * 10 ** 6: 5},
+            "step_compressors": ["topk:0.01", "randk:0.01", "randk:0.01,shared", "natural", "natural:det", "sign",
+                                 "onebit", "qsgd:16", "topk:0.01+natural"],
+            "tf_step_compressors": ["topk:0.01", "randk:0.01", "randk:0.01,shared", "natural", "natural:det",
+                                    "sign", "onebit", "qsgd:16", "topk:0.01+natural"],
+            "eager_repeats": 3},   # the pure-torch step, at the largest size only: seconds per call
 }
 FRAMEWORKS = ["torch", "tf"]
 SEED = (123456789, 7)     # a (key, step) pair, as the pipeline passes
@@ -54,6 +76,15 @@ MEMORY_BOUND = ["sign", "natural", "natural:det", "randk:0.01", "randk:0.01,shar
 MEMORY_BOUND_TARGET = 0.5
 TOPK = ["topk:0.01"]
 TOPK_TARGET = MEMORY_BOUND_TARGET / 2
+# The issue's targets for the worker step with error feedback + the decode of 2 payloads (PyTorch, one thread,
+# at the largest size): time <= this many times memcpy's.
+STEP_TARGETS = [("step + decode of 2 <= 2x memcpy", ["sign", "onebit", "natural", "natural:det", "qsgd:16",
+                                                      "randk:0.01", "randk:0.01,shared"], 2.0),
+                ("TopK step + decode of 2 <= 4x memcpy", ["topk:0.01"], 4.0)]
+# A step path taking over SLOW_S s per call (probed once before timing; the probe is its first sample) gets
+# SLOW_REPEATS samples, over VERY_SLOW_S s the probe only (TF/XLA's RandK takes ~30 s per call at 2.5e7)
+SLOW_S, SLOW_REPEATS, VERY_SLOW_S = 1.0, 3, 8.0
+ERROR_SCALE = 0.01   # the error buffer e_in: small random values (a residual is small against the gradient)
 
 
 # ---- the pipelines ------------------------------------------------------------------------------------------
@@ -129,6 +160,221 @@ def measure_size(d, compressors, repeats, tf):
     return result
 
 
+# ---- the worker step with error feedback + the decode of 2 payloads ------------------------------------------
+
+def torch_step(c, d, bufs, eager):
+    """(step, decode): step(g) = the worker step with error feedback into the preallocated buffers,
+    returning what travels (packed bytes; the values for summable payloads); decode(payload) = the mean of
+    payload and data2 decoded into ``out`` (summable: payload decoded once). ``eager``: fused kernels off."""
+    from hvd_compress.torch import fused
+    from hvd_compress.torch import kernels as K
+    _, e_in, e_out, out, g2 = bufs
+    step_packed = getattr(K, "step_packed", None)   # one call where the library has it
+
+    def step(g):
+        if c.summable:   # the values travel as they are
+            return K.step(c, g, e_in, e_out, SEED)[0][0]
+        if step_packed is not None:
+            return step_packed(c, g, e_in, e_out, SEED)[0]
+        parts, _ = K.step(c, g, e_in, e_out, SEED)
+        return K.pack(parts)
+
+    data2 = None
+    if c.summable:   # Horovod's allreduce averages the values: one decode
+        def decode(values):
+            return K.decode(c, [values], d, SEED, torch.float32)
+    else:
+        def decode(data):
+            return K.decode_mean(c, [data, data2], d, SEED, torch.float32, out=out)
+    if eager:
+        step_fused, decode_fused = step, decode
+
+        def step(g):
+            with fused.disabled():
+                return step_fused(g)
+
+        def decode(data):
+            with fused.disabled():
+                return decode_fused(data)
+    if not c.summable:   # a second rank's payload, made once from another input (a copy: nothing reuses it)
+        data2 = step(g2).clone()
+    return step, decode
+
+
+def tf_step(c, d, xla):
+    """(step, decode) of the same worker step in TensorFlow, each a ``tf.function`` (``jit_compile=xla``),
+    not yet traced: step(g, e, seed_step) -> (what travels, e_out); decode(data, data2) -> their decoded mean
+    (summable: decode(values)). The seed's step is an input, as in training (no constant folding of draws)."""
+    import tensorflow as tf
+    from hvd_compress.tensorflow import kernels as K
+    x_spec, s_spec = tf.TensorSpec([d], tf.float32), tf.TensorSpec([], tf.int64)
+
+    def step(g, e, seed_step):
+        seed = (SEED[0], seed_step)
+        x = g + e
+        parts = K.encode(c, x, seed)
+        e_out = x - K.decode(c, parts, d, seed, tf.float32)
+        return (parts[0] if c.summable else K.pack(parts)), e_out
+
+    if c.summable:
+        def decode(values, seed_step):
+            return K.decode(c, [values], d, (SEED[0], seed_step), tf.float32)
+        d_specs = [tf.TensorSpec([c.wire_bytes(d) // 4], tf.float32), s_spec]
+    else:
+        def decode(data, data2, seed_step):
+            seed = (SEED[0], seed_step)
+            total = K.decode(c, K.unpack(c, data, d, tf.float32), d, seed, tf.float32) + \
+                K.decode(c, K.unpack(c, data2, d, tf.float32), d, seed, tf.float32)
+            return total / 2.0
+        d_specs = [tf.TensorSpec([c.wire_bytes(d)], tf.uint8)] * 2 + [s_spec]
+    return (tf.function(step, input_signature=[x_spec, x_spec, s_spec], jit_compile=xla),
+            tf.function(decode, input_signature=d_specs, jit_compile=xla))
+
+
+def _reason(err):
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}"
+
+
+def tf_step_kernel(c, d, g, e, g2, tf):
+    """(step, decode, path, reason): the TF step compiled with XLA, else as plain tf.functions (path
+    "tf.function", with the reason XLA refused); traced / compiled here, before timing."""
+    seed_step = tf.constant(SEED[1], tf.int64)
+    reason = None
+    for xla in (True, False):
+        step_fn, decode_fn = tf_step(c, d, xla)
+        try:
+            def step(x, step_fn=step_fn):
+                return step_fn(x, e, seed_step)[0]   # e_out is computed (an output), not kept
+
+            if c.summable:
+                def decode(values, decode_fn=decode_fn):
+                    return decode_fn(values, seed_step)
+            else:
+                data2 = step(g2)   # a second rank's payload, made once
+
+                def decode(data, decode_fn=decode_fn, data2=data2):
+                    return decode_fn(data, data2, seed_step)
+            decode(step(g))   # trace + compile
+            return step, decode, ("xla" if xla else "tf.function"), reason
+        except Exception as err:   # XLA refused an op (or the function failed): say why, run without XLA
+            if not xla:
+                raise
+            reason = _reason(err)
+
+
+def measure_steps(d, step_specs, tf_specs, repeats, eager_repeats, tf):
+    """Median times at one size of the worker step with EF (step_s) + the decode of 2 payloads (decode_s), per
+    path (torch fused; torch eager when eager_repeats; TF with XLA or plain), and memcpy's in the same repeats."""
+    gen = torch.Generator().manual_seed(d + 1)
+    g, g2 = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+    e_in = ERROR_SCALE * torch.randn(d, generator=gen)
+    e_out, out = torch.empty_like(g), torch.empty_like(g)
+    bufs = (g, e_in, e_out, out, g2)
+    dst = torch.empty_like(g)
+    dst.copy_(g)   # touched once, as in measure_size
+    kernels, extra = {}, {}
+    for spec in step_specs:
+        c = C.parse(spec)
+        for path in ("fused", "eager") if eager_repeats else ("fused",):
+            step, decode = torch_step(c, d, bufs, path == "eager")
+            result = decode(step(g))   # warm-up
+            kernels[("torch", path, spec)] = (step, decode, g)
+            if path == "fused":
+                reference = (result.clone(), e_out.clone())
+            else:   # the same numbers with and without the fused kernels? (information, not a check)
+                extra[("torch", path, spec)] = {
+                    "same_as_fused": bool(torch.equal(result, reference[0]) and torch.equal(e_out, reference[1]))}
+            del result
+    if tf_specs:
+        tg, tg2, te = (tf.constant(t.numpy()) for t in (g, g2, e_in))
+        for spec in tf_specs:
+            step, decode, path, reason = tf_step_kernel(C.parse(spec), d, tg, te, tg2, tf)
+            kernels[("tf", path, spec)] = (step, decode, tg)
+            if reason is not None:
+                extra[("tf", path, spec)] = {"xla_refused": reason}
+    keys = list(kernels)
+    times = {"memcpy": [], **{key: [] for key in kernels}}
+    limit = {}   # samples per path: eager_repeats for eager; fewer where one call is slow (the probe counts)
+    for key in keys:
+        if key[1] == "eager":
+            limit[key] = min(repeats, eager_repeats)
+            continue
+        step, decode, arg = kernels[key]
+        w_step, c_step, payload = timed(step, arg)
+        w_dec, c_dec, result = timed(decode, payload)
+        del payload, result
+        took = w_step + w_dec
+        limit[key] = 1 if took > VERY_SLOW_S else min(repeats, SLOW_REPEATS) if took > SLOW_S else repeats
+        if took > SLOW_S:
+            times[key].append((w_step, w_dec, c_step + c_dec))
+    for r in range(repeats):
+        times["memcpy"].append(timed(dst.copy_, g)[:2])
+        active = [k for k in keys if len(times[k]) < limit[k]]
+        shift = (r * 3) % max(len(active), 1)
+        for key in active[shift:] + active[:shift]:
+            step, decode, arg = kernels[key]
+            w_step, c_step, payload = timed(step, arg)
+            w_dec, c_dec, result = timed(decode, payload)
+            times[key].append((w_step, w_dec, c_step + c_dec))
+            del payload, result
+        times["memcpy"].append(timed(dst.copy_, g)[:2])
+    med = statistics.median
+    memcpy_s, memcpy_cpu_s = med(t[0] for t in times["memcpy"]), med(t[1] for t in times["memcpy"])
+    rows = []
+    for key in keys:
+        fw, path, spec = key
+        t = times[key]
+        total = med(p[0] + p[1] for p in t)
+        total_cpu = med(p[2] for p in t)
+        rows.append({"d": d, "framework": fw, "path": path, "compressor": spec, "step_s": med(p[0] for p in t),
+                     "decode_s": med(p[1] for p in t), "total_s": total, "total_min_s": min(p[0] + p[1] for p in t),
+                     "total_cpu_s": total_cpu, "x_memcpy": total / memcpy_s,
+                     "x_memcpy_cpu": total_cpu / max(memcpy_cpu_s, 1e-9), "repeats": len(t), **extra.get(key, {})})
+    return {"memcpy_s": memcpy_s, "memcpy_cpu_s": memcpy_cpu_s, "repeats": repeats}, rows
+
+
+def step_targets(rows, d):
+    """The issue's step targets at size d (PyTorch, the fused path: what a torch rank runs)."""
+    out = {}
+    for label, specs, limit in STEP_TARGETS:
+        mine = [r for r in rows if r["d"] == d and r["framework"] == "torch" and r["path"] == "fused"
+                and r["compressor"] in specs]
+        if mine:
+            measured = {r["compressor"]: r["x_memcpy"] for r in mine}
+            out[f"torch: {label}"] = {
+                "d": d, "target_x_memcpy": limit, "measured_x_memcpy": measured,
+                "met": {s: v <= limit for s, v in measured.items()},
+                "all_met": all(v <= limit for v in measured.values()),
+                "measured_x_memcpy_cpu": {r["compressor"]: r["x_memcpy_cpu"] for r in mine}}
+    return out
+
+
+def step_table(memcpy, rows):
+    lines = ["step: the worker step with error feedback + the decode of 2 payloads, time / memcpy time "
+             "(torch: fused kernels, K.step+pack or step_packed, decode_mean; eager: fused.disabled(); "
+             "TF: tf.function(jit_compile=True))"]
+    for d, m in memcpy.items():
+        lines.append(f"d = {d:,}: memcpy {m['memcpy_s'] * 1e3:.3f} ms")
+        lines.append(f"  {'compressor':20s} {'torch step ms':>13s} {'decode ms':>10s} {'x memcpy':>9s} "
+                     f"{'(cpu)':>7s} {'eager x':>8s} {'TF step ms':>11s} {'decode ms':>10s} {'x memcpy':>9s}  TF path")
+        mine = [r for r in rows if r["d"] == d]
+        for spec in dict.fromkeys(r["compressor"] for r in mine):
+            get = {(r["framework"], r["path"]): r for r in mine if r["compressor"] == spec}
+            t, e = get.get(("torch", "fused")), get.get(("torch", "eager"))
+            f = get.get(("tf", "xla")) or get.get(("tf", "tf.function"))
+            line = f"  {spec:20s} "
+            line += (f"{t['step_s'] * 1e3:13.3f} {t['decode_s'] * 1e3:10.3f} {t['x_memcpy']:9.2f} "
+                     f"{t['x_memcpy_cpu']:7.2f} " if t else f"{'-':>13s} {'-':>10s} {'-':>9s} {'-':>7s} ")
+            line += f"{e['x_memcpy']:8.2f} " if e else f"{'-':>8s} "
+            line += (f"{f['step_s'] * 1e3:11.3f} {f['decode_s'] * 1e3:10.3f} {f['x_memcpy']:9.2f}  {f['path']}"
+                     if f else f"{'-':>11s} {'-':>10s} {'-':>9s}  -")
+            lines.append(line)
+            if f and f.get("xla_refused"):
+                lines.append(f"  {'':20s} TF XLA: not compiled ({f['xla_refused']}); timed as plain tf.function")
+    return "\n".join(lines)
+
+
 def allreduce_times(sizes, repeats, tmp):
     """Dense fp32 hvd.allreduce of each size on 2 ranks (a Gloo job)."""
     out = Path(tmp) / "allreduce.json"
@@ -174,10 +420,13 @@ def table(results, rows, allreduce):
     return "\n".join(lines)
 
 
-def plot(results, rows, allreduce, compressors, path):
+def plot(results, rows, allreduce, compressors, path, step_memcpy=None, step_rows=()):
     sizes = list(results)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(20, 5), gridspec_kw={"width_ratios": [1, 1, 1.1]})
+    axes[1].sharey(axes[0])
     colors = plt.get_cmap("tab10")
+    specs = list(dict.fromkeys(list(compressors) + [r["compressor"] for r in step_rows]))
+    color = {spec: colors(i % 10) for i, spec in enumerate(specs)}
     for ax, fw, title in zip(axes, FRAMEWORKS, ["PyTorch kernels", "TensorFlow kernels (tf.function)"]):
         ax.plot(sizes, [4 * d / results[d]["memcpy_s"] / 1e9 for d in sizes], "k-", lw=2.5, label="memcpy (copy_)")
         ax.plot(sizes, [4 * d / results[d]["clone_s"] / 1e9 for d in sizes], "k:", lw=1.5, label="clone")
@@ -186,15 +435,43 @@ def plot(results, rows, allreduce, compressors, path):
         for i, spec in enumerate(compressors):
             ys = [next(r["throughput_gbps"] for r in rows if r["d"] == d and r["framework"] == fw
                        and r["compressor"] == spec) for d in sizes]
-            ax.plot(sizes, ys, "o-", color=colors(i), ms=4, label=spec)
+            ax.plot(sizes, ys, "o-", color=color[spec], ms=4, label=spec)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("fp32 elements d")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("GB/s of fp32 input (4d bytes / time)")
-    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle("compress + decompress throughput, one CPU core (encode+pack, unpack+decode)")
+    ax = axes[2]   # the worker step with EF + the decode of 2 payloads, as a multiple of memcpy time
+    for spec in dict.fromkeys(r["compressor"] for r in step_rows):
+        for fw, style, lw in (("torch", "o-", 1.5), ("tf", "s--", 1)):
+            mine = sorted((r for r in step_rows if r["compressor"] == spec and r["framework"] == fw
+                           and r["path"] != "eager"), key=lambda r: r["d"])
+            if mine:
+                ax.plot([r["d"] for r in mine], [r["x_memcpy"] for r in mine], style, color=color[spec], ms=4,
+                        lw=lw, label=spec if fw == "torch" else None)
+        eager = [r for r in step_rows if r["compressor"] == spec and r["path"] == "eager"]
+        ax.plot([r["d"] for r in eager], [r["x_memcpy"] for r in eager], "x", color=color[spec], ms=8, mew=2)
+    for limit in sorted({limit for _, _, limit in STEP_TARGETS}):
+        ax.axhline(limit, color="k", ls=":", lw=1.2)
+        ax.text(0.01, limit * 1.05, f"target {limit:g}x", fontsize=7, transform=ax.get_yaxis_transform())
+    ax.plot([], [], "k-", label="PyTorch (fused)")
+    ax.plot([], [], "k--", lw=1, label="TensorFlow (XLA, else tf.function)")
+    ax.plot([], [], "kx", ms=8, mew=2, label="PyTorch eager")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("fp32 elements d")
+    ax.set_ylabel("time / memcpy time")
+    ax.set_title("worker step with EF + decode of 2 payloads")
+    ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[1].get_legend_handles_labels()
+    h2, l2 = ax.get_legend_handles_labels()
+    seen = set(labels)
+    handles += [h for h, lab in zip(h2, l2) if lab not in seen]
+    labels += [lab for lab in l2 if lab not in seen]
+    ax.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle("compress + decompress throughput (encode+pack, unpack+decode) and the worker step, "
+                 "one CPU core")
     return save(fig, path)
 
 
@@ -235,22 +512,44 @@ def run(out, quick):
         if not quick:
             print(f"kernels: d = {d:,} ...", flush=True)
         results[d] = measure_size(d, cfg["compressors"], cfg["repeats"][d], tf)
+    step_memcpy, step_rows = {}, []
+    largest = max(cfg["sizes"])
+    for d in progress(cfg["sizes"], quick, desc="kernels: step"):
+        if not quick:
+            print(f"kernels: step, d = {d:,} ...", flush=True)
+        step_memcpy[d], mine = measure_steps(d, cfg["step_compressors"], cfg["tf_step_compressors"],
+                                             cfg["repeats"][d], cfg["eager_repeats"] if d == largest else 0, tf)
+        step_rows += mine
     rows = rows_of(results, allreduce)
     print(table(results, rows, allreduce))
-    figure = plot(results, rows, allreduce, cfg["compressors"], out / "kernels.png")
-    largest = max(cfg["sizes"])
+    print(step_table(step_memcpy, step_rows))
+    figure = plot(results, rows, allreduce, cfg["compressors"], out / "kernels.png", step_memcpy, step_rows)
     targets = targets_of(rows, largest)
     for label, t in targets.items():
         shown = ", ".join(f"{s} {f:.3f} (vs clone {t['measured_vs_clone'][s]:.3f})"
                           for s, f in t["measured"].items())
         print(f"  target at d={largest:,} {label}: {'met' if t['all_met'] else 'NOT met'} ({shown})")
+    s_targets = step_targets(step_rows, largest)
+    for label, t in s_targets.items():
+        shown = ", ".join(f"{s} {x:.2f}x" for s, x in t["measured_x_memcpy"].items())
+        print(f"  step target at d={largest:,} {label}: {'met' if t['all_met'] else 'NOT met'} ({shown})")
+    from hvd_compress.torch import fused, kernels as torch_kernels
+    fused_loaded = fused.lib() is not None
+    if not fused_loaded:
+        print("  note: the fused library did not load: the torch 'fused' step rows ran the pure-torch kernels")
     every = [(fw, s, d) for fw in FRAMEWORKS for s in cfg["compressors"] for d in cfg["sizes"]]
+    step_every = {("torch", s, d) for s in cfg["step_compressors"] for d in cfg["sizes"]} | \
+        {("tf", s, d) for s in cfg["tf_step_compressors"] for d in cfg["sizes"]}
     checks = {
         "a finite positive throughput for every framework x compressor x size": len(rows) == len(every) and all(
             math.isfinite(r["throughput_gbps"]) and r["throughput_gbps"] > 0 for r in rows),
         "finite positive memcpy and allreduce times at every size": all(
             0 < results[d]["memcpy_s"] < math.inf and 0 < allreduce[d]["allreduce_s"] < math.inf
             for d in cfg["sizes"]),
+        "a finite positive step time (torch at every size, TF at every size) for every step compressor": {
+            (r["framework"], r["compressor"], r["d"]) for r in step_rows
+            if r["path"] != "eager" and 0 < r["total_s"] < math.inf} == step_every
+        and all(0 < r["total_s"] < math.inf for r in step_rows),
     }
     summary = {
         "setup": {"sizes": cfg["sizes"], "compressors": cfg["compressors"], "frameworks": FRAMEWORKS,
@@ -265,6 +564,27 @@ def run(out, quick):
         "memcpy": {d: {"memcpy_s": r["memcpy_s"], "memcpy_cpu_s": r["memcpy_cpu_s"], "clone_s": r["clone_s"],
                        "memcpy_gbps": 4 * d / r["memcpy_s"] / 1e9} for d, r in results.items()},
         "allreduce": allreduce, "rows": rows, "targets": targets,
+        "step": {
+            "setup": {"compressors": cfg["step_compressors"], "tf_compressors": cfg["tf_step_compressors"],
+                      "eager_sizes": [largest], "repeats": cfg["repeats"], "eager_repeats": cfg["eager_repeats"],
+                      "slow": f"paths over {SLOW_S} s per call (probed once before timing, the probe being "
+                              f"the first sample) get {SLOW_REPEATS} samples, over {VERY_SLOW_S} s the probe only "
+                              f"(the row's repeats)",
+                      "fused_library_loaded": fused_loaded,
+                      "step_packed": hasattr(torch_kernels, "step_packed"), "error_scale": ERROR_SCALE,
+                      "timed": "step_s: torch K.step(c, g, e_in, e_out, seed) + K.pack (K.step_packed where it "
+                               "exists; summable: parts[0] as it is), buffers preallocated per size; TF: x = g + "
+                               "e, encode, e_out = x - decode, pack, one tf.function. decode_s: torch "
+                               "K.decode_mean(c, [data, data2], ..., out=out) (summable: K.decode once); TF: "
+                               "the mean of the 2 payloads decoded, one tf.function. total_s = median of their "
+                               "sum; x_memcpy = total_s / memcpy_s (memcpy timed in the same repeats)",
+                      "paths": {"fused": "torch, the fused C kernels (as a rank runs them)",
+                                "eager": "torch under fused.disabled(): the pure-torch kernels (largest size)",
+                                "xla": "TF, tf.function(jit_compile=True)",
+                                "tf.function": "TF without XLA, where XLA refused (xla_refused: why)"}},
+            "memcpy": step_memcpy, "rows": step_rows, "targets": s_targets,
+            "xla_not_compiled": {f"{r['compressor']} d={r['d']}": r["xla_refused"] for r in step_rows
+                                 if r.get("xla_refused")}},
         "figures": {"throughput": relpath(figure)}, "checks": checks,
     }
     return summary, all(checks.values())

@@ -63,7 +63,7 @@ GROUPS = {  # the plots: every configuration, then each seed's set
     "fig3": [NONE, TOPK5, RANDK5, NATURAL, TOPK5_NAT],
 }
 SETUP = {  # quick: a tiny model, 2048 examples, few steps (each step is several collectives); full: wider, 20000
-    True: {"epochs": 4, "batch_size": 32, "lr": 0.2, "momentum": 0.0, "seed": 42, "train_limit": 2048,
+    True: {"epochs": 6, "batch_size": 32, "lr": 0.15, "momentum": 0.0, "seed": 42, "train_limit": 2048,
            "test_limit": 1000, "width": 8},
     False: {"epochs": 6, "batch_size": 32, "lr": 0.1, "momentum": 0.0, "seed": 42, "train_limit": 20000,
             "test_limit": 10000, "width": 16},
