@@ -141,3 +141,19 @@ def test_bad_setup_fails_clearly_on_every_rank(scenario, error, words):
         assert f"CAUGHT {error}: " in line and words in line, line
     if scenario.startswith("nan"):
         assert proc.stdout.count("BUFFERS_UNCHANGED True") == 2, proc.stdout[-3000:]
+
+
+def test_mixed_precision_overflows_skip_the_step_like_dense_horovod():
+    """GradScaler with overflows forced on either rank: every rank skips the same steps, the loss scale
+    history equals stock Horovod's dense run, replicas stay identical and training goes on."""
+    steps = 12
+    proc = launch(2, DISTRIBUTED / "amp.py", steps, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    runs = result_line(proc)
+    dense = runs["dense"]["scales"]
+    assert len(dense) == steps and min(dense) < dense[0] < max(dense)   # halved on overflow, grown after
+    for kind in ("ef", "ds"):
+        r = runs[kind]
+        assert r["scales"] == dense, kind
+        assert r["identical"] and r["finite"], kind
+        assert r["skipped"] == 4 and r["steps"] == steps - 4, kind

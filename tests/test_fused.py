@@ -208,3 +208,102 @@ def test_library_is_cached_by_source_flags_and_cpu(tmp_path, monkeypatch):
     assert path.parent == tmp_path and path.name.startswith("hvdc_fused_") and path.suffix == ".so"
     monkeypatch.setattr(fused, "_cpu_flags", lambda: "some other cpu")
     assert fused.library_path() != path
+
+
+def _growing(d, dtype):
+    """Values whose magnitude grows along the tensor by many powers of two: the one-pass Natural kernel codes
+    early blocks with a smaller largest exponent than the final one (and some end up too small to code)."""
+    x = _vector(d, dtype, 8)
+    scale = torch.logspace(-45 if dtype == torch.float64 else -30, 5, d, base=2.0 ** 4, dtype=torch.float64)
+    x = (x.double() * scale).to(dtype)
+    x[::97] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("spec", ["natural", "natural:det"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [5000, 70_001])
+def test_natural_one_pass_with_growing_top(spec, dtype, d):
+    c = C.parse(spec)
+    x = _growing(d, dtype)
+    g, e = x * 0.75, x * 0.25
+    xs = g + e
+    theirs = _torch_path(K.encode, c, xs, SEED)
+    e_out = torch.empty_like(xs)
+    parts, stats = K.step(c, g, e, e_out, SEED)
+    assert all(_equal(a, b) for a, b in zip(parts, theirs))
+    assert (parts[1] & 127).eq(0).logical_and(xs != 0).any()      # some values too small to code
+    decoded = _torch_path(K.decode, c, theirs, d, SEED, dtype)
+    assert _equal(e_out, xs - decoded)
+    r = (xs - decoded).double()
+    assert stats[0].item() == pytest.approx(r.dot(r).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["randk:0.01", "randk:0.01,shared", "randk:0.01,biased", "topk:0.01"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_small_k_matches_torch_path(spec, dtype):
+    """k << d: RandK's index draw (first distinct of uniform draws) and the sparse decode_mean."""
+    c, d = C.parse(spec), 300_000
+    g, e = _vector(d, dtype, 1), _vector(d, dtype, 2) * 0.5
+    e_out = torch.empty_like(g)
+    parts, stats = K.step(c, g, e, e_out, SEED)
+    t_out = torch.empty_like(g)
+    tparts, tstats = _torch_path(K.step, c, g, e, t_out, SEED)
+    assert all(_equal(a, b) for a, b in zip(parts, tparts))
+    assert _equal(e_out, t_out)
+    assert torch.allclose(stats, tstats, rtol=1e-6)
+    rows = _rows(c, d, dtype, 3)
+    for n in (1, 2, 3):
+        got = K.decode_mean(c, rows[:n], d, SEED, dtype)
+        want = _torch_path(K.decode_mean, c, rows[:n], d, SEED, dtype)
+        assert _equal(got, want) if c.summable else torch.equal(got, want)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 7, 1000, 300_000])
+def test_step_packed_is_pack_of_step(spec, dtype, d):
+    c = C.parse(spec)
+    if not _encodable(c, d, dtype):
+        return
+    g, e = _vector(d, dtype, 1), _vector(d, dtype, 2) * 0.5
+    for e_in in (None, e):
+        for with_out in (False, True):
+            e_out, e_ref = (torch.empty_like(g), torch.empty_like(g)) if with_out else (None, None)
+            parts, stats = K.step(c, g, e_in, e_ref, SEED)
+            packed, pstats = K.step_packed(c, g, e_in, e_out, SEED)
+            assert packed.dtype == torch.uint8 and _equal(packed, K.pack(parts)), spec
+            assert torch.equal(pstats, stats)
+            if with_out:
+                assert _equal(e_out, e_ref)
+            got = K.unpack(c, packed, d, dtype)
+            assert all(_equal(a, b) for a, b in zip(got, parts))
+
+
+@pytest.mark.parametrize("spec", ["sign", "onebit", "natural", "natural:det", "qsgd:4", "0.5*natural"])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_step_packed_non_finite_or_subnormal(spec, bad):
+    c = C.parse(spec)
+    for value in (bad, torch.finfo(torch.float32).tiny / 4):
+        g = _vector(1000, torch.float32, 3)
+        g[333] = value
+        e_out, e_ref = torch.empty_like(g), torch.empty_like(g)
+        parts, stats = K.step(c, g, torch.zeros_like(g), e_ref, SEED)
+        packed, pstats = K.step_packed(c, g, torch.zeros_like(g), e_out, SEED)
+        assert _equal(packed, K.pack(parts)) and torch.equal(pstats.isnan(), stats.isnan())
+        assert torch.equal(pstats.nan_to_num(), stats.nan_to_num())
+        assert _equal(e_out, e_ref)
+
+
+@pytest.mark.parametrize("spec", ["sign", "onebit", "natural", "qsgd:200", "topk:0.3", "randk:0.3,shared", "none",
+                                  "0.5*natural"])
+def test_step_packed_into_out(spec):
+    c, d, dtype = C.parse(spec), 1000, torch.float32
+    g, e = _vector(d, dtype, 1), _vector(d, dtype, 2) * 0.5
+    out = torch.full((K.packed_nbytes(c, d, dtype),), 255, dtype=torch.uint8)
+    for seed in (SEED, (SEED[0], SEED[1] + 1)):
+        want, wstats = K.step_packed(c, g, e, None, seed)
+        got, stats = K.step_packed(c, g, e, None, seed, out=out)
+        assert got is out and _equal(got, want) and torch.equal(stats, wstats)
+    with pytest.raises(ValueError):
+        K.step_packed(c, g, e, None, SEED, out=out[1:])

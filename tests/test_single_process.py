@@ -121,7 +121,7 @@ def test_compress_refuses_foreign_and_non_floating_tensors(horovod):
 def test_non_finite_gradient_is_refused_and_buffers_kept(horovod):
     model = _model()
     compression = hc.Compression("topk:0.3", error_feedback=True, named_parameters=model.named_parameters(),
-                                 dense_below=0)
+                                 dense_below=0, nonfinite="raise")
 
     def step(poison):
         model.zero_grad(set_to_none=True)
@@ -140,3 +140,38 @@ def test_non_finite_gradient_is_refused_and_buffers_kept(horovod):
     assert all(torch.equal(before["worker_error"][0][n], t) for n, t in after["worker_error"][0].items())
     step(False)   # and the next step goes on normally
     assert compression.stats()["steps"] == 2
+
+
+def test_non_finite_gradient_skips_the_step_by_default(horovod):
+    """As a dense allreduce: every gradient of the step comes back non-finite, no buffer changes, the step
+    is counted as skipped and repeated with the same seeds; the next step is normal."""
+    model = _model()
+    compression = hc.Compression("natural", error_feedback=True, server="topk:0.5",
+                                 named_parameters=model.named_parameters(), dense_below=0)
+    reference = hc.Compression("natural", error_feedback=True, server="topk:0.5",
+                               named_parameters=model.named_parameters(), dense_below=0)
+
+    def step(comp, grads):
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        sent = [comp.compress(p.grad) for p in model.parameters()]
+        return [comp.decompress(horovod.allreduce(m), ctx) for m, ctx in sent]
+
+    gen = torch.Generator().manual_seed(5)
+    grads = [[torch.randn(p.shape, generator=gen) for p in model.parameters()] for _ in range(3)]
+    poisoned = [g.clone() for g in grads[1]]
+    poisoned[1][0] = float("inf")
+    step(compression, grads[0])
+    before = compression.state_dict()
+    out = step(compression, poisoned)
+    assert all(torch.isnan(o).all() for o in out)
+    after = compression.state_dict()
+    assert all(torch.equal(before["worker_error"][0][n], t) for n, t in after["worker_error"][0].items())
+    stats = compression.stats()
+    assert stats["steps"] == 1 and stats["skipped_steps"] == 1 and stats["last_step_skipped"]
+    # the run goes on as if the bad step had never happened
+    got = [step(compression, grads[1]), step(compression, grads[2])]
+    expected = [step(reference, grads[0]) and step(reference, grads[1]), step(reference, grads[2])]
+    for a, b in zip(got, expected):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert compression.stats()["steps"] == 3 and not compression.stats()["last_step_skipped"]

@@ -60,13 +60,18 @@ class Compression:
             dense allreduce (0: compress every tensor). ``stats()["dense_small_bytes"]`` says what it costs.
         bucket_mb: the most dense gradient megabytes (MiB of fp32) per bucket: the compressed tensors of
             a bucket travel in one collective (Horovod's fusion buffer is 64 MiB by default).
+        nonfinite: what a step does when some rank's gradient holds NaN or Inf. "skip" (as stock Horovod,
+            whose averaged gradient is then non-finite too): every rank returns NaN gradients, so that
+            ``torch.amp.GradScaler`` and users see the overflow, no error buffer changes, and the step is
+            counted in ``stats()["skipped_steps"]``; the next step is normal. "raise": every rank raises
+            FloatingPointError naming the parameters (the buffers are kept likewise).
 
     Gradients are averaged (use Horovod's default ``op=hvd.Average``). Half-precision gradients are
     compressed in float32, with float32 error buffers, and returned in their own dtype.
     """
 
     def __init__(self, compressor, error_feedback=False, server=None, named_parameters=None, root_rank=0, seed=0,
-                 transport=None, link_gbps=None, dense_below=1024, bucket_mb=64):
+                 transport=None, link_gbps=None, dense_below=1024, bucket_mb=64, nonfinite="skip"):
         worker = C.parse(compressor) or C.Identity()
         config = C.Config(worker, bool(error_feedback), C.parse(server))
         self.config = dataclasses.replace(config, transport=T.check(transport, config))
@@ -77,7 +82,9 @@ class Compression:
             raise ValueError(f"dense_below must be an integer >= 0 (elements), got {dense_below!r}")
         if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be a number > 0, got {bucket_mb!r}")
-        self.dense_below, self.bucket_bytes = dense_below, int(bucket_mb * 2 ** 20)
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        self.dense_below, self.bucket_bytes, self.nonfinite = dense_below, int(bucket_mb * 2 ** 20), nonfinite
         if named_parameters is None:
             raise ValueError("Compression needs named_parameters=model.named_parameters() (the same as the "
                              "optimizer's): Horovod passes compress() no parameter name")
@@ -100,7 +107,8 @@ class Compression:
         self._step = 0
         self._checked = False
         self._step_stats, self._last_stats = self._new_stats(), None
-        self._totals = {"bytes_sent": 0, "dense_bytes": 0}
+        self._totals = {"bytes_sent": 0, "dense_bytes": 0, "skipped_steps": 0}
+        self._skipping = False                            # this step had a non-finite gradient somewhere
 
     # ---- Horovod's Compressor interface -----------------------------------------------------------------
 
@@ -186,6 +194,13 @@ class Compression:
         for bucket in active:
             bucket.launch_if_waiting(self)
         bad = sorted(name for bucket in active for name in bucket.transport.receive(self, bucket))
+        if bad and self.nonfinite == "skip":   # as a dense allreduce would: every rank gets non-finite gradients
+            self._skipping = True
+            for p in self._pending.values():
+                if p.transport != "dense":
+                    p.update = p.work.fill_(math.nan)
+                    p.worker_error = p.server_error = None   # nothing is committed
+            return
         if bad:
             here = sorted(name for name, p in self._pending.items() if p.stats is not None and p.stats[2] == 0)
             self._abandon_step()
@@ -204,6 +219,8 @@ class Compression:
         if p.transport == "dense":
             if p.shape.numel() < self.dense_below:
                 s["dense_small_bytes"] += p.bytes_sent
+            return
+        if self._skipping:
             return
         for kind, committed, new in (("worker", self._worker_error, p.worker_error),
                                      ("server", self._server_error, p.server_error)):
@@ -227,10 +244,16 @@ class Compression:
         self._last_stats, self._step_stats = self._step_stats, self._new_stats()
         self._totals["bytes_sent"] += self._last_stats["bytes_sent"]
         self._totals["dense_bytes"] += self._last_stats["dense_bytes"]
-        self._step += 1
+        if self._skipping:   # the same step (and seeds) again next time, on every rank alike
+            self._totals["skipped_steps"] += 1
+            self._last_stats["skipped"] = True
+            self._skipping = False
+        else:
+            self._step += 1
 
     def _abandon_step(self):
         self._pending.clear()
+        self._skipping = False
         for bucket in self._buckets:
             bucket.reset()
         self._step_stats = self._new_stats()
@@ -291,7 +314,7 @@ class Compression:
 
     def fingerprint(self):
         shapes = sorted((n, p.shape) for n, p in self._params.items())
-        extra = f" dense_below={self.dense_below} bucket_bytes={self.bucket_bytes}"
+        extra = f" dense_below={self.dense_below} bucket_bytes={self.bucket_bytes} nonfinite={self.nonfinite}"
         return agreement.fingerprint(self.config, self.root_rank, self.seed, shapes) + extra
 
     def _check_same_config_everywhere(self):
@@ -347,7 +370,9 @@ class Compression:
         self._step = int(state["step"])
 
     def stats(self):
-        """About the last completed step (all zero before one): bytes this rank handed to collectives,
+        """About the last step (all zero before one; ``steps`` counts completed steps, ``skipped_steps`` those
+        dropped for a non-finite gradient, ``last_step_skipped`` whether the last one was): bytes this rank
+        handed to collectives,
         the dense fp32 equivalent, their ratio, the compressor's relative error ||C(x)-x||^2/||x||^2
         over all compressed gradients, error-buffer norms, ``dense_small_bytes`` (the bytes of the tensors
         left dense for being under ``dense_below`` elements); ``steps`` and cumulative byte totals since
@@ -356,7 +381,9 @@ class Compression:
         s = self._last_stats or self._new_stats()
         value = lambda v: float(v) if not torch.is_tensor(v) else v.item()
         norm = value(s["norm"])
-        return {"steps": self._step, "bytes_sent": s["bytes_sent"], "dense_bytes": s["dense_bytes"],
+        return {"steps": self._step, "skipped_steps": self._totals["skipped_steps"],
+                "last_step_skipped": bool(s.get("skipped")),
+                "bytes_sent": s["bytes_sent"], "dense_bytes": s["dense_bytes"],
                 "ratio": s["bytes_sent"] / s["dense_bytes"] if s["dense_bytes"] else 0.0,
                 "dense_small_bytes": s["dense_small_bytes"],
                 "variance": value(s["residual"]) / norm if norm else 0.0,

@@ -3,6 +3,7 @@
 usage: bad_input.py SCENARIO
   mismatch   rank 1 is configured with another compressor     -> ValueError on both ranks
   nan        rank 1's gradient of fc2.weight is NaN at step 3 -> FloatingPointError on both ranks, buffers kept
+             (Compression(nonfinite="raise"); the default skips such a step, see tests/distributed/amp.py)
   op_sum     DistributedOptimizer(op=hvd.Sum)                  -> RuntimeError on both ranks
   k_too_big  TopK(k=10) on a 3-element bias                     -> ValueError on both ranks
   SCENARIO_sharded   the same with transport="sharded" (k_too_big: TopK(k=2) > a slice of the 3-element bias)
@@ -28,7 +29,7 @@ def main(scenario):
             "k_too_big": "topk:k=2" if sharded else "topk:k=10"}.get(scenario, "topk:0.3")
     compression = hc.Compression(spec, error_feedback=True, server="topk:0.5",
                                  named_parameters=model.named_parameters(), transport="sharded" if sharded else None,
-                                 dense_below=0)
+                                 dense_below=0, nonfinite="raise")
     optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR),
                                          named_parameters=model.named_parameters(), compression=compression,
                                          op=hvd.Sum if scenario == "op_sum" else hvd.Average)
@@ -45,8 +46,8 @@ def main(scenario):
             optimizer.step()
     except Exception as err:   # noqa: BLE001 - the test reads what each rank caught
         print(f"CAUGHT {type(err).__name__}: {err}".replace("\n", " | "), flush=True)
+        hvd.barrier()   # leave together: a rank that exits first shuts Horovod down under the other
         if before is not None:
-            hvd.barrier()
             after = compression.state_dict()
             unchanged = all(torch.equal(before["worker_error"][r][n], after["worker_error"][r][n])
                             for r in range(hvd.size()) for n in before["worker_error"][r]) and all(

@@ -1,0 +1,66 @@
+"""Run under horovodrun with 2 ranks: Horovod's documented mixed-precision loop with ``torch.amp.GradScaler``
+(``synchronize()``, ``unscale_``, ``skip_synchronize()`` + ``scaler.step``, ``update``), with overflows forced
+on chosen ranks at chosen steps (one rank's loss times 1e39). Runs it dense (stock Horovod) and with
+hvd_compress (Top-k + error feedback, DoubleSqueeze, default ``nonfinite="skip"``) from the same weights;
+rank 0 prints RESULT {run: {"scales": [...], "skipped": n, "identical": bool, "finite": bool}}.
+
+usage: amp.py STEPS
+"""
+import json
+import os
+import sys
+
+import torch
+import horovod.torch as hvd
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import TinyNet, batch  # noqa: E402
+
+import hvd_compress.torch as hc  # noqa: E402
+
+# (step, rank whose gradient overflows); every rank knows the schedule, only that rank's loss explodes
+OVERFLOWS = {2: 1, 5: 0, 6: 1, 9: 0}
+
+
+def run(kind, steps):
+    model = TinyNet(torch.float32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    compression = None
+    if kind != "dense":
+        compression = hc.Compression("topk:0.3", error_feedback=True, server="topk:0.5" if kind == "ds" else None,
+                                     named_parameters=model.named_parameters(), dense_below=0)
+    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                         **({"compression": compression} if compression else {}))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=2)
+    scales = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        x, y = batch(step, hvd.rank(), torch.float32)
+        loss = ((model(x, step) - y) ** 2).mean()
+        if OVERFLOWS.get(step) == hvd.rank():
+            loss = loss * 1e39   # inf in float32
+        scaler.scale(loss).backward()
+        optimizer.synchronize()
+        scaler.unscale_(optimizer)
+        with optimizer.skip_synchronize():
+            scaler.step(optimizer)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    everyone = hvd.allgather(flat.unsqueeze(0), name=f"amp.check.{kind}")
+    return {"scales": scales, "identical": all(torch.equal(everyone[0], r) for r in everyone),
+            "finite": bool(torch.isfinite(flat).all()),
+            "skipped": compression.stats()["skipped_steps"] if compression else None,
+            "steps": compression.stats()["steps"] if compression else None}
+
+
+def main(steps):
+    hvd.init()
+    torch.set_num_threads(1)
+    results = {kind: run(kind, steps) for kind in ("dense", "ef", "ds")}
+    if hvd.rank() == 0:
+        print("RESULT " + json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
