@@ -157,3 +157,13 @@ def test_mixed_precision_overflows_skip_the_step_like_dense_horovod():
         assert r["scales"] == dense, kind
         assert r["identical"] and r["finite"], kind
         assert r["skipped"] == 4 and r["steps"] == steps - 4, kind
+
+
+@pytest.mark.parametrize("scenario, steps_per_compression", [("gan", [10, 10]), ("sparse", [10])])
+def test_real_training_loops(scenario, steps_per_compression):
+    """Two models trained alternately (a GAN), and a sparse embedding beside compressed dense layers: they
+    train, and the replicas stay bit-identical."""
+    proc = launch(2, DISTRIBUTED / "real_loops.py", scenario, 10, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    r = result_line(proc)
+    assert r["identical"] and r["finite"] and r["steps"] == steps_per_compression, r

@@ -58,12 +58,53 @@ static inline void store8_u8(void *out, __m256i v) {
     memcpy(out, &lo, 4); memcpy((char *)out + 4, &hi, 4);
 }
 
+/* 16 int32 lanes (b0: elements 0-7, b1: 8-15) holding 0..255 (sgn: -128..127) to 16 bytes at out */
+static inline void store16_bytes(void *out, __m256i b0, __m256i b1, int sgn) {
+    /* words: b0 0-3, b1 0-3 | b0 4-7, b1 4-7; then dwords of 4 bytes: b0 0-3, b1 0-3, .. | b0 4-7, b1 4-7, .. */
+    __m256i w = sgn ? _mm256_packs_epi32(b0, b1) : _mm256_packus_epi32(b0, b1);
+    __m256i p = sgn ? _mm256_packs_epi16(w, w) : _mm256_packus_epi16(w, w);
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0));
+    _mm_storeu_si128((__m128i *)out, _mm256_castsi256_si128(p));
+}
+
 static inline void store8_i16(void *out, __m256i v) {
     __m256i w = _mm256_packs_epi32(v, v);
     _mm_storel_epi64((__m128i *)out, _mm256_castsi256_si128(w));
     _mm_storel_epi64((__m128i *)((char *)out + 8), _mm256_extracti128_si256(w, 1));
 }
+
+/* 16 floats (x0: elements 0-7, x1: 8-15) widened to the 4 double vectors of lanes 0-3, 4-7, 8-11, 12-15 */
+static inline void widen16(__m256 x0, __m256 x1, __m256d w[4]) {
+    w[0] = _mm256_cvtps_pd(_mm256_castps256_ps128(x0)); w[1] = _mm256_cvtps_pd(_mm256_extractf128_ps(x0, 1));
+    w[2] = _mm256_cvtps_pd(_mm256_castps256_ps128(x1)); w[3] = _mm256_cvtps_pd(_mm256_extractf128_ps(x1, 1));
+}
+/* acc[l] += w[l] * w[l] for the 16 lanes (a multiply, then an add: as the scalar lanes do it) */
+static inline void sq16(__m256d acc[4], const __m256d w[4]) {
+    for (int q = 0; q < 4; q++) acc[q] = _mm256_add_pd(acc[q], _mm256_mul_pd(w[q], w[q]));
+}
+static inline void zero16(__m256d acc[4]) { for (int q = 0; q < 4; q++) acc[q] = _mm256_setzero_pd(); }
+static inline void save16(const __m256d acc[4], double *lanes) {
+    for (int q = 0; q < 4; q++) _mm256_storeu_pd(lanes + 4 * q, acc[q]);
+}
+/* x of elements i .. i + 7: g + e, or g itself */
+static inline __m256 loadx8(const float *g, const float *e, int64_t i) {
+    return e ? _mm256_add_ps(_mm256_loadu_ps(g + i), _mm256_loadu_ps(e + i)) : _mm256_loadu_ps(g + i);
+}
+static inline void put8(float *o, __m256 v, int nt) { if (nt) _mm256_stream_ps(o, v); else _mm256_storeu_ps(o, v); }
 #endif
+
+/* streaming (non-temporal) stores for outputs far larger than the caches, when aligned for them */
+#define NT_MIN_BYTES ((int64_t)8 << 20)
+static inline int use_nt(const void *p, int64_t bytes) {
+    return p && bytes >= NT_MIN_BYTES && ((uintptr_t)p & 31) == 0;
+}
+static inline void nt_done(int nt) {
+#ifdef __AVX2__
+    if (nt) _mm_sfence();
+#else
+    (void)nt;
+#endif
+}
 
 static double sum_lanes(const double *a) {
     double s = 0.0;
@@ -72,6 +113,21 @@ static double sum_lanes(const double *a) {
 }
 
 int hvdc_version(void) { return 1; }
+
+/* the first k distinct values of draws (in [0, n)), in order of first appearance, into out; returns how many
+   there were (up to k). mark: n bits, all clear, left clear. */
+int64_t hvdc_first_distinct(const int64_t *draws, int64_t m, int64_t k, int64_t n, uint8_t *mark, int64_t *out) {
+    int64_t c = 0;
+    for (int64_t t = 0; t < m && c < k; t++) {
+        int64_t v = draws[t];
+        if (v < 0 || v >= n) { c = -1; break; }
+        uint8_t bit = (uint8_t)(1u << (v & 7));
+        if (!(mark[v >> 3] & bit)) { mark[v >> 3] |= bit; out[c++] = v; }
+    }
+    for (int64_t t = 0; t < (c < 0 ? 0 : c); t++) mark[out[t] >> 3] = 0;
+    if (c < 0) for (int64_t t = 0; t < m; t++) if (draws[t] >= 0 && draws[t] < n) mark[draws[t] >> 3] = 0;
+    return c;
+}
 
 /* a debugging aid: n draws of the stream, as the kernels see them */
 void hvdc_hash(uint32_t *out, int64_t n, uint32_t k1, uint32_t k2) {

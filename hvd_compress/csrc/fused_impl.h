@@ -20,7 +20,8 @@ static inline const T *FN(load)(const T *g, const T *e, T *xout, int64_t i, int6
     return g + i;
 }
 
-#define CHUNKS(n) for (int64_t i = 0, m; m = (n) - i < CHUNK ? (n) - i : CHUNK, i < (n); i += CHUNK)
+#define CHUNKS(n) CHUNKS_FROM(0, n)
+#define CHUNKS_FROM(i0, n) for (int64_t i = (i0), m; m = (n) - i < CHUNK ? (n) - i : CHUNK, i < (n); i += CHUNK)
 
 /* lanes: the body runs on element j of the chunk, l its lane (j % LANES) */
 #define LANE_LOOP(m, BODY) do { int64_t jb = 0; \
@@ -49,11 +50,37 @@ static inline void FN(pack_negative)(const T *x, int64_t m, uint8_t *bits) {
     }
 }
 
+#if defined(__AVX2__) && IS_FLOAT
+/* the float lanes of sum (x - x) (0, or NaN where some x is not finite) as one double */
+static inline double FN(fin_of)(__m256 fin) {
+    float f[8]; double s = 0.0;
+    _mm256_storeu_ps(f, fin);
+    for (int q = 0; q < 8; q++) s += f[q];
+    return s;
+}
+#define FIN16(fin, x0, x1) fin = _mm256_add_ps(fin, _mm256_add_ps(_mm256_sub_ps(x0, x0), _mm256_sub_ps(x1, x1)))
+#endif
+
 /* x = g + e (into xout when given); st = [sum x^2, sum (x - x)]; returns 1 when some x is not finite */
 int FN(addx)(const T *g, const T *e, T *xout, int64_t n, double *st) {
     double asq[LANES] = {0}, afin[LANES] = {0};
     T buf[CHUNK];
-    CHUNKS(n) {
+    int64_t i0 = 0;
+#if defined(__AVX2__) && IS_FLOAT
+    {
+        const int nt = use_nt(xout, n * 4);
+        __m256d q[4]; __m256 fin = _mm256_setzero_ps();
+        zero16(q);
+        for (; i0 + 16 <= n; i0 += 16) {
+            __m256 x0 = loadx8(g, e, i0), x1 = loadx8(g, e, i0 + 8);
+            if (xout) { put8(xout + i0, x0, nt); put8(xout + i0 + 8, x1, nt); }
+            FIN16(fin, x0, x1);
+            __m256d w[4]; widen16(x0, x1, w); sq16(q, w);
+        }
+        nt_done(nt); save16(q, asq); afin[0] = FN(fin_of)(fin);
+    }
+#endif
+    CHUNKS_FROM(i0, n) {
         const T *x = FN(load)(g, e, xout, i, m, buf, 0);
         LANE_LOOP(m, double v = x[j]; asq[l] += v * v; afin[l] += v - v);
     }
@@ -65,7 +92,26 @@ int FN(addx)(const T *g, const T *e, T *xout, int64_t n, double *st) {
 int FN(sign1)(const T *g, const T *e, T *xout, int64_t n, uint8_t *bits, double *st) {
     double asq[LANES] = {0}, aabs[LANES] = {0}, afin[LANES] = {0};
     T buf[CHUNK];
-    CHUNKS(n) {
+    int64_t i0 = 0;
+#if defined(__AVX2__) && IS_FLOAT
+    {
+        const int nt = use_nt(xout, n * 4);
+        const __m256d absm = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffLL));
+        __m256d q[4], a[4]; __m256 fin = _mm256_setzero_ps(), zero = _mm256_setzero_ps();
+        zero16(q); zero16(a);
+        for (; i0 + 16 <= n; i0 += 16) {
+            __m256 x0 = loadx8(g, e, i0), x1 = loadx8(g, e, i0 + 8);
+            if (xout) { put8(xout + i0, x0, nt); put8(xout + i0 + 8, x1, nt); }
+            bits[i0 >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(x0, zero, _CMP_LT_OQ));
+            bits[(i0 >> 3) + 1] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(x1, zero, _CMP_LT_OQ));
+            FIN16(fin, x0, x1);
+            __m256d w[4]; widen16(x0, x1, w); sq16(q, w);
+            for (int k = 0; k < 4; k++) a[k] = _mm256_add_pd(a[k], _mm256_and_pd(w[k], absm));
+        }
+        nt_done(nt); save16(q, asq); save16(a, aabs); afin[0] = FN(fin_of)(fin);
+    }
+#endif
+    CHUNKS_FROM(i0, n) {
         const T *x = FN(load)(g, e, xout, i, m, buf, 0);
         LANE_LOOP(m, double v = x[j]; asq[l] += v * v; aabs[l] += fabs(v); afin[l] += v - v);
         FN(pack_negative)(x, m, bits + (i >> 3));
@@ -78,7 +124,31 @@ int FN(sign1)(const T *g, const T *e, T *xout, int64_t n, uint8_t *bits, double 
 int FN(onebit1)(const T *g, const T *e, T *xout, int64_t n, uint8_t *bits, double *st) {
     double asq[LANES] = {0}, apos[LANES] = {0}, aneg[LANES] = {0}, acnt[LANES] = {0}, afin[LANES] = {0};
     T buf[CHUNK];
-    CHUNKS(n) {
+    int64_t i0 = 0;
+#if defined(__AVX2__) && IS_FLOAT
+    {
+        const int nt = use_nt(xout, n * 4);
+        const __m256d one = _mm256_set1_pd(1.0), zd = _mm256_setzero_pd();
+        __m256d q[4], p[4], ng[4], c[4]; __m256 fin = _mm256_setzero_ps(), zero = _mm256_setzero_ps();
+        zero16(q); zero16(p); zero16(ng); zero16(c);
+        for (; i0 + 16 <= n; i0 += 16) {
+            __m256 x0 = loadx8(g, e, i0), x1 = loadx8(g, e, i0 + 8);
+            if (xout) { put8(xout + i0, x0, nt); put8(xout + i0 + 8, x1, nt); }
+            bits[i0 >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(x0, zero, _CMP_LT_OQ));
+            bits[(i0 >> 3) + 1] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(x1, zero, _CMP_LT_OQ));
+            FIN16(fin, x0, x1);
+            __m256d w[4]; widen16(x0, x1, w); sq16(q, w);
+            for (int k = 0; k < 4; k++) {
+                __m256d neg = _mm256_cmp_pd(w[k], zd, _CMP_LT_OQ);
+                p[k] = _mm256_add_pd(p[k], _mm256_andnot_pd(neg, w[k]));
+                ng[k] = _mm256_add_pd(ng[k], _mm256_and_pd(neg, w[k]));
+                c[k] = _mm256_add_pd(c[k], _mm256_and_pd(neg, one));
+            }
+        }
+        nt_done(nt); save16(q, asq); save16(p, apos); save16(ng, aneg); save16(c, acnt); afin[0] = FN(fin_of)(fin);
+    }
+#endif
+    CHUNKS_FROM(i0, n) {
         const T *x = FN(load)(g, e, xout, i, m, buf, 0);
         LANE_LOOP(m, double v = x[j]; int neg = x[j] < 0; asq[l] += v * v; apos[l] += neg ? 0.0 : v;
                   aneg[l] += neg ? v : 0.0; acnt[l] += neg ? 1.0 : 0.0; afin[l] += v - v);
@@ -93,7 +163,23 @@ int FN(onebit1)(const T *g, const T *e, T *xout, int64_t n, uint8_t *bits, doubl
 void FN(select2)(const T *g, const T *e, T *xout, int64_t n, T vpos, T vneg, double *st) {
     double ares[LANES] = {0};
     T buf[CHUNK];
-    CHUNKS(n) {
+    int64_t i0 = 0;
+#if defined(__AVX2__) && IS_FLOAT
+    {
+        const __m256 vp = _mm256_set1_ps(vpos), vn = _mm256_set1_ps(vneg), zero = _mm256_setzero_ps();
+        __m256d q[4];
+        zero16(q);
+        for (; i0 + 16 <= n; i0 += 16) {
+            __m256 x0 = _mm256_loadu_ps(xout + i0), x1 = _mm256_loadu_ps(xout + i0 + 8);
+            __m256 r0 = _mm256_sub_ps(x0, _mm256_blendv_ps(vp, vn, _mm256_cmp_ps(x0, zero, _CMP_LT_OQ)));
+            __m256 r1 = _mm256_sub_ps(x1, _mm256_blendv_ps(vp, vn, _mm256_cmp_ps(x1, zero, _CMP_LT_OQ)));
+            _mm256_storeu_ps(xout + i0, r0); _mm256_storeu_ps(xout + i0 + 8, r1);
+            __m256d w[4]; widen16(r0, r1, w); sq16(q, w);
+        }
+        save16(q, ares);
+    }
+#endif
+    CHUNKS_FROM(i0, n) {
         const T *x = FN(load)(g, e, xout, i, m, buf, 1);
         T *o = xout + i;
         LANE_LOOP(m, T r = x[j] - (x[j] < 0 ? vneg : vpos); o[j] = r; ares[l] += (double)r * r);
@@ -179,12 +265,171 @@ void FN(natural2)(const T *g, const T *e, T *xout, int64_t n, int64_t top, uint8
     st[0] = sum_lanes(ares);
 }
 
+/* Natural in one pass. The value a byte decodes to, +-2^(rounded exponent), does not depend on the largest
+   exponent (top), only whether it is too small to code (more than 127 below top) does: each block is coded
+   with the largest exponent so far (tops[block], biased), xout = x - value as it is then; at the end the
+   blocks coded with a smaller top than the final one get their codes raised, and where one becomes too
+   small (code 0, value 0) x is put back in xout. *top = the largest exponent (unbiased; 0 when all x are
+   zero); st = [residual, sum x^2]. Returns 1 (and xout = x) on a subnormal, an inf or a NaN. */
+int FN(natural_step)(const T *g, const T *e, T *xout, int64_t n, int det, uint32_t k1, uint32_t k2,
+                     uint8_t *code, int64_t *top, int64_t *tops, double *st) {
+    double asq[LANES] = {0}, ares[LANES] = {0}, fix = 0.0;
+    UT bad = 0;
+    int64_t trun = 0;
+    T buf[CHUNK], obuf[CHUNK];
+    int32_t exb[CHUNK];
+    const int nt = use_nt(xout, n * (int64_t)sizeof(T));
+    CHUNKS(n) {
+        const T *x = FN(load)(g, e, NULL, i, m, buf, 0);
+        uint8_t *c8 = code + i;
+        UT t = 0;
+        int64_t j0 = 0;
+#if defined(__AVX2__) && IS_FLOAT
+        {
+            const __m256i absm = _mm256_set1_epi32(0x7fffffff), mm = _mm256_set1_epi32(0x7fffff);
+            const __m256i one_bits = _mm256_set1_epi32(0x3f800000), emax = _mm256_set1_epi32(EMAX);
+            const __m256i half = _mm256_set1_epi32(0x3fffff), zero = _mm256_setzero_si256();
+            __m256i tv = zero, bv = zero;
+            for (; j0 + 8 <= m; j0 += 8) {
+                __m256i b = _mm256_castps_si256(_mm256_loadu_ps(x + j0));
+                __m256i mag = _mm256_and_si256(b, absm), ef = _mm256_srli_epi32(mag, MBITS), fr = _mm256_and_si256(mag, mm);
+                __m256i upm;
+                if (det) {
+                    upm = _mm256_cmpgt_epi32(fr, half);
+                } else {
+                    __m256 frac = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(fr, one_bits)), _mm256_set1_ps(1.0f));
+                    upm = _mm256_castps_si256(_mm256_cmp_ps(uniform8_f((uint32_t)(i + j0), k1, k2), frac, _CMP_LT_OQ));
+                }
+                __m256i isz = _mm256_cmpeq_epi32(mag, zero), ef0 = _mm256_cmpeq_epi32(ef, zero);
+                __m256i ex = _mm256_andnot_si256(isz, _mm256_sub_epi32(ef, upm));     /* upm is -1 where up */
+                tv = _mm256_max_epu32(tv, ex);
+                bv = _mm256_or_si256(bv, _mm256_or_si256(_mm256_andnot_si256(isz, ef0), _mm256_cmpeq_epi32(ef, emax)));
+                _mm256_storeu_si256((__m256i *)(exb + j0), ex);
+            }
+            uint32_t tt[8], bb[8];
+            _mm256_storeu_si256((__m256i *)tt, tv); _mm256_storeu_si256((__m256i *)bb, bv);
+            for (int q = 0; q < 8; q++) { t = t > tt[q] ? t : tt[q]; bad |= bb[q]; }
+        }
+#endif
+        for (int64_t j = j0; j < m; j++) {
+            UT b = FN(to_bits)(x[j]); UT mag = b & ~SIGNBIT; UT ef = mag >> MBITS; UT fr = mag & MMASK;
+            UT u = det ? (UT)(fr >= (((UT)1) << (MBITS - 1)))
+                       : (UT)(UNIFORM(hash32((uint32_t)(i + j), k1, k2)) < FN(from_bits)(fr | ONE_BITS) - (T)1);
+            UT ex = mag == 0 ? 0 : ef + u;
+            t = t > ex ? t : ex; bad |= (UT)((ef == 0) & (mag != 0)) | (UT)(ef == EMAX);
+            exb[j] = (int32_t)ex;
+        }
+        if ((int64_t)t > trun) trun = (int64_t)t;
+        tops[i >> 11] = trun;
+        const int32_t base = (int32_t)(trun + 1);
+        int64_t j = 0;
+#if defined(__AVX2__) && IS_FLOAT
+        {
+            const __m256i vbase = _mm256_set1_epi32(base), c128 = _mm256_set1_epi32(128), zero = _mm256_setzero_si256();
+            const __m256i absm = _mm256_set1_epi32(0x7fffffff), sgn = _mm256_set1_epi32((int)0x80000000U);
+            __m256d q[4], rq[4];
+            for (int k = 0; k < 4; k++) { q[k] = _mm256_loadu_pd(asq + 4 * k); rq[k] = _mm256_loadu_pd(ares + 4 * k); }
+            for (; j + 16 <= m; j += 16) {
+                if (i + CHUNK + j < n) {   /* the next block's lines, fetched while this one computes */
+                    _mm_prefetch((const char *)(g + i + CHUNK + j), _MM_HINT_T0);
+                    if (e) _mm_prefetch((const char *)(e + i + CHUNK + j), _MM_HINT_T0);
+                }
+                __m256 xs[2], rs[2];
+                __m256i bytes[2];
+                for (int h = 0; h < 2; h++) {
+                    int64_t jj = j + 8 * h;
+                    __m256 xv = _mm256_loadu_ps(x + jj);
+                    __m256i b = _mm256_castps_si256(xv), ex = _mm256_loadu_si256((const __m256i *)(exb + jj));
+                    __m256i c = _mm256_sub_epi32(vbase, ex);
+                    __m256i valid = _mm256_andnot_si256(_mm256_cmpeq_epi32(ex, zero), _mm256_cmpgt_epi32(c128, c));
+                    __m256i nzx = _mm256_cmpgt_epi32(_mm256_and_si256(b, absm), zero);
+                    __m256i sbit = _mm256_and_si256(_mm256_and_si256(b, sgn), nzx);
+                    __m256i byte = _mm256_or_si256(_mm256_and_si256(valid, c), _mm256_srli_epi32(sbit, 24));
+                    bytes[h] = byte;
+                    __m256i vb = _mm256_and_si256(valid, _mm256_or_si256(_mm256_slli_epi32(ex, MBITS), sbit));
+                    xs[h] = xv; rs[h] = _mm256_sub_ps(xv, _mm256_castsi256_ps(vb));
+                    _mm256_storeu_ps(obuf + jj, rs[h]);
+                }
+                store16_bytes(c8 + j, bytes[0], bytes[1], 0);
+                __m256d w[4]; widen16(xs[0], xs[1], w); sq16(q, w);
+                widen16(rs[0], rs[1], w); sq16(rq, w);
+            }
+            save16(q, asq); save16(rq, ares);
+        }
+#endif
+        for (; j < m; j++) {
+            UT b = FN(to_bits)(x[j]); UT magx = b & ~SIGNBIT; int32_t ex = exb[j]; int32_t c = base - ex;
+            int valid = ex != 0 && c <= 127;
+            UT s = (b & SIGNBIT) && magx != 0 ? SIGNBIT : 0;
+            c8[j] = (uint8_t)((valid ? c : 0) | (s ? 128 : 0));
+            T v = valid ? FN(from_bits)((((UT)ex) << MBITS) | s) : (T)0;
+            T r = x[j] - v;
+            obuf[j] = r;
+            int l = (int)(j % LANES);
+            double xd = x[j], rd = r;
+            asq[l] += xd * xd; ares[l] += rd * rd;
+        }
+        if (xout) {
+            int64_t q = 0;
+#if defined(__AVX2__) && IS_FLOAT
+            if (nt) for (; q + 8 <= m; q += 8) _mm256_stream_ps(xout + i + q, _mm256_loadu_ps(obuf + q));
+#endif
+            if (q < m) memcpy(xout + i + q, obuf + q, (size_t)(m - q) * sizeof(T));
+        }
+    }
+    nt_done(nt);
+    if (bad) {
+        if (xout) { CHUNKS(n) FN(load)(g, e, xout, i, m, NULL, 0); }
+        return 1;
+    }
+    /* raise the codes of the blocks coded with a smaller top */
+    for (int64_t b = 0; b * CHUNK < n; b++) {
+        int64_t delta = trun - tops[b];
+        if (delta == 0) continue;
+        int64_t i = b * CHUNK, m = n - i < CHUNK ? n - i : CHUNK;
+        uint8_t *c8 = code + i;
+        for (int64_t j = 0; j < m; j++) {
+            int64_t mag = c8[j] & 127;
+            if (mag == 0) continue;
+            if (mag + delta <= 127) { c8[j] = (uint8_t)(c8[j] + delta); continue; }
+            UT s = (c8[j] & 128) ? SIGNBIT : 0;
+            c8[j] = (uint8_t)(c8[j] & 128);
+            T v = FN(from_bits)((((UT)(tops[b] + 1 - mag)) << MBITS) | s);
+            T xv = e ? g[i + j] + e[i + j] : g[i + j], r = xv - v;
+            if (xout) xout[i + j] = xv;
+            fix += (double)xv * xv - (double)r * r;
+        }
+    }
+    *top = trun ? trun - BIAS : 0;
+    st[0] = sum_lanes(ares) + fix; st[1] = sum_lanes(asq);
+    return 0;
+}
+
 /* QSGD pass 1: st = [sum x^2, max |x|, finiteness] */
 int FN(qsgd1)(const T *g, const T *e, T *xout, int64_t n, double *st) {
     double asq[LANES] = {0}, afin[LANES] = {0};
     T peak[LANES] = {0};
     T buf[CHUNK];
-    CHUNKS(n) {
+    int64_t i0 = 0;
+#if defined(__AVX2__) && IS_FLOAT
+    {
+        const int nt = use_nt(xout, n * 4);
+        const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256d q[4]; __m256 fin = _mm256_setzero_ps(), pk = _mm256_setzero_ps();
+        zero16(q);
+        for (; i0 + 16 <= n; i0 += 16) {
+            __m256 x0 = loadx8(g, e, i0), x1 = loadx8(g, e, i0 + 8);
+            if (xout) { put8(xout + i0, x0, nt); put8(xout + i0 + 8, x1, nt); }
+            FIN16(fin, x0, x1);
+            pk = _mm256_max_ps(pk, _mm256_max_ps(_mm256_and_ps(x0, absm), _mm256_and_ps(x1, absm)));
+            __m256d w[4]; widen16(x0, x1, w); sq16(q, w);
+        }
+        nt_done(nt); save16(q, asq); afin[0] = FN(fin_of)(fin);
+        float pp[8]; _mm256_storeu_ps(pp, pk);
+        for (int k = 0; k < 8; k++) peak[k] = pp[k];
+    }
+#endif
+    CHUNKS_FROM(i0, n) {
         const T *x = FN(load)(g, e, xout, i, m, buf, 0);
         LANE_LOOP(m, T a = x[j] < 0 ? -x[j] : x[j]; peak[l] = peak[l] > a ? peak[l] : a; double v = x[j];
                   asq[l] += v * v; afin[l] += v - v);
@@ -201,33 +446,48 @@ void FN(qsgd2)(const T *g, const T *e, T *xout, int64_t n, T norm, T levels, T l
     double ares[LANES] = {0};
     T buf[CHUNK], rbuf[CHUNK];
     const T den = norm > 0 ? norm : (T)1;
-    CHUNKS(n) {
-        const T *x = FN(load)(g, e, xout, i, m, buf, 1);
-        uint32_t base = (uint32_t)i;
-        T *o = xout ? xout + i : rbuf;
-        int64_t j0 = 0;
+    int64_t i0 = 0;
 #if defined(__AVX2__) && IS_FLOAT
-        {
-            const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), zero = _mm256_setzero_ps();
-            const __m256 vden = _mm256_set1_ps(den), vlev = _mm256_set1_ps(levels), vnorm = _mm256_set1_ps(norm);
-            const __m256 vlam = _mm256_set1_ps(lam), one = _mm256_set1_ps(1.0f);
-            for (; j0 + 8 <= m; j0 += 8) {
-                __m256 xv = _mm256_loadu_ps(x + j0);
+    {
+        const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), zero = _mm256_setzero_ps();
+        const __m256 vden = _mm256_set1_ps(den), vlev = _mm256_set1_ps(levels), vnorm = _mm256_set1_ps(norm);
+        const __m256 vlam = _mm256_set1_ps(lam), one = _mm256_set1_ps(1.0f);
+        int lexp; const int pow2 = frexp(levels, &lexp) == (T)0.5;
+        const __m256 vrec = _mm256_set1_ps((T)1 / levels);
+        __m256d acc[4];
+        zero16(acc);
+        for (; i0 + 16 <= n; i0 += 16) {
+            __m256 r[2];
+            __m256i qs[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+            for (int h = 0; h < 2; h++) {
+                int64_t j0 = i0 + 8 * h;
+                __m256 xv = xout ? _mm256_loadu_ps(xout + j0) : loadx8(g, e, j0);
                 __m256 s = _mm256_mul_ps(_mm256_div_ps(_mm256_and_ps(xv, absm), vden), vlev);
                 __m256 lo = _mm256_floor_ps(s);
-                __m256 up = _mm256_and_ps(_mm256_cmp_ps(uniform8_f(base + (uint32_t)j0, k1, k2), _mm256_sub_ps(s, lo),
+                __m256 up = _mm256_and_ps(_mm256_cmp_ps(uniform8_f((uint32_t)j0, k1, k2), _mm256_sub_ps(s, lo),
                                                         _CMP_LT_OQ), one);
                 __m256 lv = _mm256_add_ps(lo, up);
                 __m256 sv = _mm256_blendv_ps(lv, _mm256_sub_ps(zero, lv), _mm256_cmp_ps(xv, zero, _CMP_LT_OQ));
                 __m256i qi = _mm256_cvttps_epi32(sv);
-                if (wide) store8_i16((int16_t *)q + i + j0, qi); else store8_u8((int8_t *)q + i + j0, qi);
-                __m256 dec = _mm256_mul_ps(_mm256_div_ps(_mm256_mul_ps(vnorm, _mm256_cvtepi32_ps(qi)), vlev), vlam);
-                _mm256_storeu_ps(o + j0, _mm256_sub_ps(xv, dec));
+                if (wide) store8_i16((int16_t *)q + j0, qi); else qs[h] = qi;
+                __m256 nq = _mm256_mul_ps(vnorm, _mm256_cvtepi32_ps(qi));
+                /* / levels, as * (1 / levels) where levels is a power of two: the same rounded quotient */
+                __m256 dec = _mm256_mul_ps(pow2 ? _mm256_mul_ps(nq, vrec) : _mm256_div_ps(nq, vlev), vlam);
+                r[h] = _mm256_sub_ps(xv, dec);
+                if (xout) _mm256_storeu_ps(xout + j0, r[h]);
             }
+            if (!wide) store16_bytes((int8_t *)q + i0, qs[0], qs[1], 1);
+            __m256d w[4]; widen16(r[0], r[1], w); sq16(acc, w);
         }
+        save16(acc, ares);
+    }
 #endif
+    CHUNKS_FROM(i0, n) {
+        const T *x = FN(load)(g, e, xout, i, m, buf, 1);
+        uint32_t base = (uint32_t)i;
+        T *o = xout ? xout + i : rbuf;
 #define QS(QT) do { QT *qq = (QT *)q + i; \
-            for (int64_t j = j0; j < m; j++) { T a = x[j] < 0 ? -x[j] : x[j]; T s = a / den * levels; T lo = floor(s); \
+            for (int64_t j = 0; j < m; j++) { T a = x[j] < 0 ? -x[j] : x[j]; T s = a / den * levels; T lo = floor(s); \
                 T lv = lo + (UNIFORM(hash32(base + (uint32_t)j, k1, k2)) < s - lo ? (T)1 : (T)0); \
                 QT qi = (QT)(x[j] < 0 ? -lv : lv); qq[j] = qi; o[j] = x[j] - ((norm * (T)qi) / levels) * lam; } \
         } while (0)
@@ -244,8 +504,34 @@ int64_t FN(topk1)(const T *g, const T *e, T *xout, int64_t n, T t, int64_t *cidx
                   double *st) {
     double asq[LANES] = {0}, afin[LANES] = {0};
     T buf[CHUNK];
-    int64_t cnt = 0;
-    CHUNKS(n) {
+    int64_t cnt = 0, i0 = 0;
+#if defined(__AVX2__) && IS_FLOAT
+    {
+        const int nt = use_nt(xout, n * 4);
+        const __m256 tt = _mm256_set1_ps(t), absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256d q[4]; __m256 fin = _mm256_setzero_ps();
+        zero16(q);
+        for (; i0 + 16 <= n; i0 += 16) {
+            __m256 x0 = loadx8(g, e, i0), x1 = loadx8(g, e, i0 + 8);
+            if (xout) { put8(xout + i0, x0, nt); put8(xout + i0 + 8, x1, nt); }
+            FIN16(fin, x0, x1);
+            __m256d w[4]; widen16(x0, x1, w); sq16(q, w);
+            int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(x0, absm), tt, _CMP_GE_OQ))
+                     | _mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(x1, absm), tt, _CMP_GE_OQ)) << 8;
+            if (mask) {
+                float xs[16];
+                _mm256_storeu_ps(xs, x0); _mm256_storeu_ps(xs + 8, x1);
+                while (mask) {
+                    int b = __builtin_ctz(mask); mask &= mask - 1;
+                    if (cnt < cap) { cidx[cnt] = i0 + b; cval[cnt] = xs[b]; }
+                    cnt++;
+                }
+            }
+        }
+        nt_done(nt); save16(q, asq); afin[0] = FN(fin_of)(fin);
+    }
+#endif
+    CHUNKS_FROM(i0, n) {
         const T *x = FN(load)(g, e, xout, i, m, buf, 0);
         LANE_LOOP(m, double v = x[j]; asq[l] += v * v; afin[l] += v - v);
         int64_t j = 0;
@@ -270,6 +556,30 @@ int64_t FN(topk1)(const T *g, const T *e, T *xout, int64_t n, T t, int64_t *cidx
     }
     st[0] = sum_lanes(asq); st[1] = sum_lanes(afin);
     return cnt;
+}
+
+/* TopK after the selection: idx[t] = cidx[sel[t]], values[t] = cval[sel[t]] (as int32 / T), and
+   xout[idx] = values - values * lam (lam = 1: values - values), written in increasing index order (the
+   candidates' order) for locality. st = [sum values^2, sum left^2]. mark: count bits, clear (left clear). */
+void FN(topk_fix)(const int64_t *cidx, const T *cval, int64_t count, const int64_t *sel, int64_t k, T *xout, T lam,
+                  int32_t *idx, T *values, uint8_t *mark, double *st) {
+    double sv = 0.0, sl = 0.0;
+    for (int64_t t = 0; t < k; t++) {
+        int64_t s = sel[t];
+        T v = cval[s], dec = lam != (T)1 ? v * lam : v, left = v - dec;
+        idx[t] = (int32_t)cidx[s]; values[t] = v;
+        sv += (double)v * v; sl += (double)left * left;
+        mark[s >> 3] |= (uint8_t)(1u << (s & 7));
+    }
+    for (int64_t s = 0; s < count; s += 8) {
+        unsigned b = mark[s >> 3];
+        if (!b) continue;
+        mark[s >> 3] = 0;
+        if (!xout) continue;
+        for (int q = 0; q < 8; q++)
+            if (b >> q & 1) { T v = cval[s + q], dec = lam != (T)1 ? v * lam : v; xout[cidx[s + q]] = v - dec; }
+    }
+    st[0] = sv; st[1] = sl;
 }
 
 /* decoders, one payload row: out = v (acc = 0) or out + v (acc = 1), then divided by div when div != 0 */
@@ -338,6 +648,244 @@ void FN(dec_qsgd)(const void *q, int wide, int64_t n, T norm, T levels, T lam, T
         const int8_t *qq = (const int8_t *)q;
         ACC_LOOP(n, ((norm * (T)qq[i]) / levels) * lam);
     }
+}
+
+/* ---- decode_mean of n payload rows in one pass: out = (((v_0 + v_1) + ...) + v_{n-1}) / div, element by
+   element as torch's elementwise ops give it. Blocks of CHUNK elements are summed in an L1 buffer, then
+   divided (times 1/div where div is a power of two: the same correctly rounded quotient) and stored,
+   streaming past the caches when out is large. */
+static inline void FN(finish)(const T *acc, T *out, int64_t m, T div, int nt) {
+    int pow2 = 0; int ex; T mant = frexp(div, &ex);
+    if (mant == (T)0.5 && ex > -60 && ex < 60) pow2 = 1;
+    const T rec = (T)1 / div;
+    int64_t j = 0;
+#if defined(__AVX2__) && IS_FLOAT
+    const __m256 vd = _mm256_set1_ps(div), vr = _mm256_set1_ps(rec);
+    for (; j + 8 <= m; j += 8) {
+        __m256 v = _mm256_loadu_ps(acc + j);
+        v = pow2 ? _mm256_mul_ps(v, vr) : _mm256_div_ps(v, vd);
+        put8(out + j, v, nt);
+    }
+#else
+    (void)nt;
+#endif
+    if (pow2) for (; j < m; j++) out[j] = acc[j] * rec;
+    else for (; j < m; j++) out[j] = acc[j] / div;
+}
+
+#define MEAN_ROWS(...) do { \
+    T acc[CHUNK], tmp[CHUNK]; \
+    const int nt = use_nt(out, n * (int64_t)sizeof(T)); \
+    CHUNKS(n) { \
+        for (int r = 0; r < nrows; r++) { \
+            T *dst = r ? tmp : acc; \
+            __VA_ARGS__; \
+            if (r) for (int64_t j = 0; j < m; j++) acc[j] = acc[j] + tmp[j]; \
+        } \
+        FN(finish)(acc, out + i, m, div, nt && (((uintptr_t)(out + i)) & 31) == 0); \
+    } \
+    nt_done(nt); } while (0)
+
+/* bits rows (8 flags per byte): value vneg[r] where the flag is set, else vpos[r] */
+static inline void FN(bits_chunk)(const uint8_t *b8, T vp, T vn, int64_t m, T *dst) {
+        int64_t j = 0;
+#if defined(__AVX2__) && IS_FLOAT
+        const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        const __m256 vpv = _mm256_set1_ps(vp), vnv = _mm256_set1_ps(vn);
+        for (; j + 8 <= m; j += 8) {
+            __m256i mk = _mm256_and_si256(_mm256_set1_epi32(b8[j >> 3]), sel);
+            _mm256_storeu_ps(dst + j, _mm256_blendv_ps(vpv, vnv, _mm256_castsi256_ps(_mm256_cmpeq_epi32(mk, sel))));
+        }
+#endif
+        for (; j < m; j++) dst[j] = ((b8[j >> 3] >> (j & 7)) & 1) ? vn : vp;
+}
+void FN(mean_bits)(const uint8_t *const *rows, const T *vpos, const T *vneg, int nrows, int64_t n, T *out, T div) {
+    MEAN_ROWS(FN(bits_chunk)(rows[r] + (i >> 3), vpos[r], vneg[r], m, dst));
+}
+
+/* Natural code rows: tables[256 r + byte]; where arith is set (lam = 1), the power of two of a byte comes
+   from its bits (top[r] the largest exponent): the table's value wherever it is a normal number */
+static inline void FN(table_chunk)(const uint8_t *c8, const T *table, int64_t top, int arith, int64_t m, T *dst) {
+        int64_t j = 0;
+#if defined(__AVX2__) && IS_FLOAT
+        if (arith) {
+            /* biased exponent of the value: top + 1 - mag + BIAS, normal where 1 <= it <= 254 */
+            const __m256i base = _mm256_set1_epi32((int)(top + 1 + BIAS)), m127 = _mm256_set1_epi32(127);
+            const __m256i lo = _mm256_setzero_si256(), hi = _mm256_set1_epi32(255);
+            for (; j + 8 <= m; j += 8) {
+                __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c8 + j)));
+                __m256i mag = _mm256_and_si256(c, m127);
+                __m256i be = _mm256_sub_epi32(base, mag);
+                __m256i nz = _mm256_cmpgt_epi32(mag, lo);
+                __m256i okv = _mm256_and_si256(_mm256_cmpgt_epi32(be, lo), _mm256_cmpgt_epi32(hi, be));
+                if (_mm256_movemask_epi8(_mm256_andnot_si256(okv, nz))) {   /* a value out of the normal range */
+                    _mm256_storeu_ps(dst + j, _mm256_i32gather_ps(table, c, 4));
+                    continue;
+                }
+                __m256i bitsv = _mm256_or_si256(_mm256_and_si256(nz, _mm256_slli_epi32(be, 23)),
+                                                _mm256_slli_epi32(_mm256_srli_epi32(c, 7), 31));
+                _mm256_storeu_ps(dst + j, _mm256_castsi256_ps(bitsv));
+            }
+        } else {
+            for (; j + 8 <= m; j += 8) {
+                __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c8 + j)));
+                _mm256_storeu_ps(dst + j, _mm256_i32gather_ps(table, c, 4));
+            }
+        }
+#else
+        (void)arith; (void)top;
+#endif
+        for (; j < m; j++) dst[j] = table[c8[j]];
+}
+void FN(mean_table)(const uint8_t *const *rows, const T *tables, const int64_t *tops, int arith, int nrows, int64_t n,
+                    T *out, T div) {
+    MEAN_ROWS(FN(table_chunk)(rows[r] + i, tables + 256 * r, tops[r], arith, m, dst));
+}
+
+/* QSGD rows: ((norm[r] * q) / levels) * lam */
+static inline void FN(qsgd_chunk)(const void *row, int wide, T norm, T levels, T lam, int64_t i, int64_t m, T *dst) {
+        int64_t j = 0;
+        if (wide) {
+            const int16_t *qq = (const int16_t *)row + i;
+            for (; j < m; j++) dst[j] = ((norm * (T)qq[j]) / levels) * lam;
+        } else {
+            const int8_t *qq = (const int8_t *)row + i;
+#if defined(__AVX2__) && IS_FLOAT
+            const __m256 vn = _mm256_set1_ps(norm), vl = _mm256_set1_ps(levels), vlam = _mm256_set1_ps(lam);
+            int lexp; const int pow2 = frexp(levels, &lexp) == (T)0.5;
+            const __m256 vrec = _mm256_set1_ps((T)1 / levels);
+            for (; j + 8 <= m; j += 8) {
+                __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qq + j))));
+                __m256 nq = _mm256_mul_ps(vn, qf);
+                _mm256_storeu_ps(dst + j, _mm256_mul_ps(pow2 ? _mm256_mul_ps(nq, vrec) : _mm256_div_ps(nq, vl), vlam));
+            }
+#endif
+            for (; j < m; j++) dst[j] = ((norm * (T)qq[j]) / levels) * lam;
+        }
+}
+void FN(mean_qsgd)(const void *const *rows, int wide, const T *norms, T levels, T lam, int nrows, int64_t n, T *out,
+                   T div) {
+    MEAN_ROWS(FN(qsgd_chunk)(rows[r], wide, norms[r], levels, lam, i, m, dst));
+}
+#undef MEAN_ROWS
+
+/* sparse rows (TopK, RandK): out = 0, then out[idx] += values row by row (index_add_), then / div (0 / div is the
+   0 there). The entries are first grouped by block of CHUNK elements (a stable counting sort: the row order of
+   entries on one index is kept), so that out is written once, block by block, in order. sidx / sval: room for
+   all entries; start: nb + 1 counters (nb = blocks). Returns 1 on an index out of range (out untouched). */
+int FN(mean_sparse)(const int32_t *const *idx, const T *const *vals, const int64_t *ks, int nrows, int64_t n,
+                    T *out, T div, int32_t *sidx, T *sval, int64_t *start) {
+    const int64_t nb = (n + CHUNK - 1) / CHUNK;
+    memset(start, 0, (size_t)(nb + 1) * sizeof(int64_t));
+    for (int r = 0; r < nrows; r++)
+        for (int64_t t = 0; t < ks[r]; t++) {
+            int64_t p = idx[r][t];
+            if (p < 0 || p >= n) return 1;
+            start[(p >> 11) + 1]++;
+        }
+    for (int64_t b = 0; b < nb; b++) start[b + 1] += start[b];
+    for (int r = 0; r < nrows; r++)
+        for (int64_t t = 0; t < ks[r]; t++) {
+            int64_t p = idx[r][t], q = start[p >> 11]++;
+            sidx[q] = (int32_t)p; sval[q] = vals[r][t];
+        }
+    /* start[b] is now the end of block b (the start of b + 1) */
+    T acc[CHUNK];
+    const int nt = use_nt(out, n * (int64_t)sizeof(T));
+    int64_t q = 0;
+    CHUNKS(n) {
+        memset(acc, 0, (size_t)m * sizeof(T));
+        for (int64_t end = start[i >> 11]; q < end; q++) { int64_t p = sidx[q] - i; acc[p] = acc[p] + sval[q]; }
+        FN(finish)(acc, out + i, m, div, nt);
+    }
+    nt_done(nt);
+    return 0;
+}
+
+/* entries 0..k-1 grouped by block of CHUNK elements of idx[t] (stable): order gets them, start[b] the end of
+   block b (nb + 1 counters). Returns 1 on an index out of range. */
+static int FN(bucket)(const int64_t *idx, int64_t k, int64_t n, int64_t *order, int64_t *start) {
+    const int64_t nb = (n + CHUNK - 1) / CHUNK;
+    memset(start, 0, (size_t)(nb + 1) * sizeof(int64_t));
+    for (int64_t t = 0; t < k; t++) {
+        if (idx[t] < 0 || idx[t] >= n) return 1;
+        start[(idx[t] >> 11) + 1]++;
+    }
+    for (int64_t b = 0; b < nb; b++) start[b + 1] += start[b];
+    for (int64_t t = 0; t < k; t++) order[start[idx[t] >> 11]++] = t;
+    return 0;
+}
+
+/* RandK with shared indices: out = 0, out[idx] = (((v_0 + v_1) + ...) + v_{n-1}) / div (distinct idx) */
+int FN(mean_shared)(const int64_t *idx, int64_t k, const T *const *vals, int nrows, int64_t n, T *out, T div,
+                    int64_t *order, int64_t *start) {
+    if (FN(bucket)(idx, k, n, order, start)) return 1;
+    T acc[CHUNK];
+    const int nt = use_nt(out, n * (int64_t)sizeof(T));
+    int64_t q = 0;
+    CHUNKS(n) {
+        memset(acc, 0, (size_t)m * sizeof(T));
+        for (int64_t end = start[i >> 11]; q < end; q++) {
+            int64_t t = order[q];
+            T s = vals[0][t];
+            for (int r = 1; r < nrows; r++) s = s + vals[r][t];
+            acc[idx[t] - i] = s;
+        }
+        FN(finish)(acc, out + i, m, div, nt);
+    }
+    nt_done(nt);
+    return 0;
+}
+
+/* lanes of sum x^2 and sum (x - x) over a block (starting at lane 0) */
+static inline void FN(sq_block)(const T *x, int64_t m, double *asq, double *afin) {
+    int64_t j = 0;
+#if defined(__AVX2__) && IS_FLOAT
+    __m256d q[4], f[4];
+    for (int k = 0; k < 4; k++) { q[k] = _mm256_loadu_pd(asq + 4 * k); f[k] = _mm256_loadu_pd(afin + 4 * k); }
+    for (; j + 16 <= m; j += 16) {
+        __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
+        __m256d w[4]; widen16(x0, x1, w); sq16(q, w);
+        for (int k = 0; k < 4; k++) f[k] = _mm256_add_pd(f[k], _mm256_sub_pd(w[k], w[k]));
+    }
+    save16(q, asq); save16(f, afin);
+#endif
+    for (; j < m; j++) { double v = x[j]; int l = (int)(j % LANES); asq[l] += v * v; afin[l] += v - v; }
+}
+
+/* RandK's step: x = g + e (into xout when given), values[t] = x[idx[t]] (times scale when unbiased), and
+   xout[idx[t]] = x - values[t] * lam (lam = 1: x - values[t]), block by block while x is in L1.
+   st = [sum x^2, finiteness, sum of kept^2, sum of left^2]. order / start: scratch of k and nb + 1. */
+int FN(randk_step)(const T *g, const T *e, T *xout, int64_t n, const int64_t *idx, int64_t k, int unbiased, T scale,
+                   T lam, T *values, int64_t *order, int64_t *start, double *st) {
+    if (FN(bucket)(idx, k, n, order, start)) return 1;
+    double asq[LANES] = {0}, afin[LANES] = {0}, skept = 0.0, sleft = 0.0;
+    T buf[CHUNK];
+    const int nt = use_nt(xout, n * (int64_t)sizeof(T));
+    int64_t q = 0;
+    CHUNKS(n) {
+        const T *x = FN(load)(g, e, NULL, i, m, buf, 0);
+        FN(sq_block)(x, m, asq, afin);
+        if (xout && x != buf) { memcpy(buf, x, (size_t)m * sizeof(T)); x = buf; }
+        for (int64_t end = start[i >> 11]; q < end; q++) {
+            int64_t t = order[q], p = idx[t] - i;
+            T kept = x[p], v = unbiased ? kept * scale : kept, dec = lam != (T)1 ? v * lam : v, left = kept - dec;
+            values[t] = v;
+            if (xout) buf[p] = left;
+            skept += (double)kept * kept; sleft += (double)left * left;
+        }
+        if (xout) {
+            int64_t j = 0;
+#if defined(__AVX2__) && IS_FLOAT
+            if (nt && (((uintptr_t)(xout + i)) & 31) == 0)
+                for (; j + 8 <= m; j += 8) _mm256_stream_ps(xout + i + j, _mm256_loadu_ps(buf + j));
+#endif
+            if (j < m) memcpy(xout + i + j, buf + j, (size_t)(m - j) * sizeof(T));
+        }
+    }
+    nt_done(nt);
+    st[0] = sum_lanes(asq); st[1] = sum_lanes(afin); st[2] = skept; st[3] = sleft;
+    return 0;
 }
 
 #undef MMASK

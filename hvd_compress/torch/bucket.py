@@ -293,7 +293,7 @@ class Bucket:
         self.transport.start(comp, self, members)
 
 
-def buckets_of(params, transports, bucket_bytes):
+def buckets_of(params, transports, bucket_bytes, tag=0):
     """The buckets of the compressed tensors: in reverse parameter order (the order in which backward
     produces gradients), grouped by transport, compute dtype and device, each up to ``bucket_bytes`` of
     dense fp32 gradient (a larger tensor gets a bucket of its own)."""
@@ -311,7 +311,7 @@ def buckets_of(params, transports, bucket_bytes):
         names.append(name)
         open_[key] = (names, used + size)
     buckets += [(key, names) for key, (names, _) in open_.items() if names]
-    return [Bucket(i, names, key[0]) for i, (key, names) in enumerate(buckets)]
+    return [Bucket(f"{tag}.{i}", names, key[0]) for i, (key, names) in enumerate(buckets)]
 
 
 # ---- what "auto" measures at the first step ----------------------------------------------------------------
@@ -328,15 +328,15 @@ def measure_link(comp, repeats=3):
     model_bytes = sum(4 * p.numel() for p in comp._params.values() if p.numel() >= comp.dense_below)
     elements = max(1 << 14, min(comp.bucket_bytes, model_bytes) // 4)
     small, big = torch.zeros(1, device=device), torch.zeros(elements, device=device)
-    hvd.allreduce(small, name="hc.link.warmup")
+    hvd.allreduce(small, name=f"hc.link.warmup.{comp.tag}")
     times = {"latency": [], "bandwidth": []}
     for r in range(repeats):
         for tensor, what in ((small, "latency"), (big, "bandwidth")):
             start = time.perf_counter()
-            hvd.allreduce(tensor, name=f"hc.link.{what}.{r}")
+            hvd.allreduce(tensor, name=f"hc.link.{what}.{r}.{comp.tag}")
             times[what].append(time.perf_counter() - start)
     t_small, t_big = _slowest([statistics.median(times["latency"]), statistics.median(times["bandwidth"])],
-                              "hc.link.agree")
+                              f"hc.link.agree.{comp.tag}")
     ring = 2 * (n - 1)
     return T.Link(bandwidth=ring / n * elements * 4 / max(t_big - t_small, 1e-9), latency=t_small / ring)
 
@@ -367,5 +367,5 @@ def measure_kernels(comp, repeats=3):
                 K.decode_mean(c, [data] * n, d, (1, 0), g.dtype, out=e_in)
             decode.append(time.perf_counter() - start)
         figures += [statistics.median(step) / d, statistics.median(decode) / d / (1 if c.summable else n)]
-    figures = _slowest(figures, "hc.kernels.agree")
+    figures = _slowest(figures, f"hc.kernels.agree.{comp.tag}")
     return {c: (figures[2 * i], figures[2 * i + 1]) for i, c in enumerate(compressors)}

@@ -24,6 +24,7 @@ bad gradient leaves every buffer as it was. The update is written into the gradi
 step no longer needs, and returned in its place: no fresh tensor per step.
 """
 import dataclasses
+import itertools
 import math
 from typing import Optional
 
@@ -36,6 +37,10 @@ from .. import transport as T
 from ..seeds import server_seed, worker_seed
 from . import kernels as K
 from .bucket import Bucket, Pending, buckets_of, measure_kernels, measure_link
+
+# Collectives are named after the Compression object (its number in this process: every rank builds the same
+# objects in the same order), so that two models trained alternately (a GAN) never share a collective's name.
+_instances = itertools.count()
 
 
 class Compression:
@@ -96,6 +101,7 @@ class Compression:
                 raise ValueError(f"parameter name {item[0]!r} appears twice in named_parameters")
             self._params[item[0]] = item[1]
         self.root_rank, self.seed = int(root_rank), int(seed)
+        self.tag = next(_instances)
         self._name_by_grad_id = {}
         self._transports = {}                             # name -> the transport its tensor uses
         self._bucket_of = None                            # name -> its Bucket (compressed tensors)
@@ -148,6 +154,8 @@ class Compression:
         return marker, name
 
     def decompress(self, output, name):
+        if name is None:   # a sparse gradient: Horovod allgathered it itself, without compress()
+            return output
         pending = self._pending.get(name)
         if pending is None:
             raise RuntimeError(f"decompress() for parameter {name!r} that was not compressed in this step")
@@ -287,12 +295,12 @@ class Compression:
             else:
                 self._transports[name] = T.resolve(config.transport, config, d, n, self._link,
                                                    table=self._kernel_table)
-        self._buckets = buckets_of(self._params, self._transports, self.bucket_bytes)
+        self._buckets = buckets_of(self._params, self._transports, self.bucket_bytes, self.tag)
         self._bucket_of = {name: b for b in self._buckets for name in b.names}
 
     def _new_bucket(self, name, how):
         """A bucket of its own for a parameter that had requires_grad=False when the buckets were formed."""
-        bucket = Bucket(len(self._buckets), [name], how)
+        bucket = Bucket(f"{self.tag}.{len(self._buckets)}", [name], how)
         self._buckets.append(bucket)
         self._bucket_of[name] = bucket
         return bucket
@@ -321,9 +329,10 @@ class Compression:
         """Every rank must start the same collectives; a rank configured differently would hang the others,
         so compare before the first payload travels (fixed-size collectives: safe whatever the config)."""
         mine = self.fingerprint()
-        digests = hvd.allgather(torch.tensor([agreement.digest(mine)], dtype=torch.int64), name="hc.config_check")
+        digests = hvd.allgather(torch.tensor([agreement.digest(mine)], dtype=torch.int64),
+                                name=f"hc.config_check.{self.tag}")
         if bool((digests != agreement.digest(mine)).any()):
-            everyone = hvd.allgather_object(mine, name="hc.config_check_text")
+            everyone = hvd.allgather_object(mine, name=f"hc.config_check_text.{self.tag}")
             raise agreement.mismatch_error(everyone)
         self._checked = True
 
@@ -337,7 +346,7 @@ class Compression:
             raise RuntimeError("state_dict() during a step (between backward() and optimizer.step())")
         mine = ({n: t.detach().cpu().clone() for n, t in self._worker_error.items()},
                 {n: t.detach().cpu().clone() for n, t in self._server_error.items()})
-        everyone = hvd.allgather_object(mine, name="hc.state_dict") if hvd.size() > 1 else [mine]
+        everyone = hvd.allgather_object(mine, name=f"hc.state_dict.{self.tag}") if hvd.size() > 1 else [mine]
         server_error = dict(everyone[self.root_rank][1])
         for name, how in self._transports.items():   # sharded: every rank holds its slice of d
             if how == "sharded" and name in server_error:

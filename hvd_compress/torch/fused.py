@@ -86,13 +86,21 @@ _SIGNATURES = {   # name: (restype, [argtypes]); "T" is the value type of the su
     "onebit1": (_INT, [_P, _P, _P, _I64, _P, _P]),
     "select2": (None, [_P, _P, _P, _I64, "T", "T", _P]),
     "natural1": (_INT, [_P, _P, _P, _I64, _INT, _U32, _U32, _P, _P, _P]),
+    "natural_step": (_INT, [_P, _P, _P, _I64, _INT, _U32, _U32, _P, _P, _P, _P]),
     "natural2": (None, [_P, _P, _P, _I64, _I64, _P, _P, _P]),
     "qsgd1": (_INT, [_P, _P, _P, _I64, _P]),
     "qsgd2": (None, [_P, _P, _P, _I64, "T", "T", "T", _U32, _U32, _P, _INT, _P]),
     "topk1": (_I64, [_P, _P, _P, _I64, "T", _P, _P, _I64, _P]),
+    "topk_fix": (None, [_P, _P, _I64, _P, _I64, _P, "T", _P, _P, _P, _P]),
     "dec_table": (None, [_P, _I64, _P, _P, _INT, "T"]),
     "dec_bits": (None, [_P, _I64, "T", "T", _P, _INT, "T"]),
     "dec_qsgd": (None, [_P, _INT, _I64, "T", "T", "T", _P, _INT, "T"]),
+    "mean_bits": (None, [_P, _P, _P, _INT, _I64, _P, "T"]),
+    "mean_table": (None, [_P, _P, _P, _INT, _INT, _I64, _P, "T"]),
+    "mean_qsgd": (None, [_P, _INT, _P, "T", "T", _INT, _I64, _P, "T"]),
+    "mean_sparse": (_INT, [_P, _P, _P, _INT, _I64, _P, "T", _P, _P, _P]),
+    "mean_shared": (_INT, [_P, _I64, _P, _INT, _I64, _P, "T", _P, _P]),
+    "randk_step": (_INT, [_P, _P, _P, _I64, _P, _I64, _INT, "T", "T", _P, _P, _P, _P]),
 }
 
 
@@ -113,6 +121,8 @@ class _Lib:
                 setattr(ns, name, fn)
         self.dll.hvdc_hash.restype = None
         self.dll.hvdc_hash.argtypes = [_P, _I64, _U32, _U32]
+        self.dll.hvdc_first_distinct.restype = _I64
+        self.dll.hvdc_first_distinct.argtypes = [_P, _I64, _I64, _I64, _P, _P]
 
 
 def build(verbose=True):

@@ -8,13 +8,15 @@ is an integer or a (key, step) pair (see ``hvd_compress.seeds``).
 
 On the CPU (float32 / float64, contiguous tensors) the work runs in the fused C kernels of
 ``hvd_compress.torch.fused`` (one or two passes over memory per call; ``step`` does a worker's whole step:
-x = g + e, encode, the new error x - decode, statistics). Elsewhere, or with ``HVD_COMPRESS_FUSED=0``, or
-without a C compiler, the same functions run as torch ops. Both paths draw the same random numbers (a
-counter-based hash of the element index and the seed, ``_uniform``) and give the same payloads up to the
-rounding of a reduction (a scale, a mean, a norm); each path is bitwise consistent with itself: ``decode``
-of a payload is exactly what ``step`` subtracts, and ``apply`` equals ``step``'s C(x).
+x = g + e, encode, the new error x - decode, statistics; ``step_packed`` the same with the payload written
+straight into its packed bytes; ``decode_mean`` decodes and averages n payloads in one pass). Elsewhere,
+or with ``HVD_COMPRESS_FUSED=0``, or without a C compiler, the same functions run as torch ops. Both paths
+draw the same random numbers (a counter-based hash of the element index and the seed, ``_uniform``) and give
+the same payloads up to the rounding of a reduction (a scale, a mean, a norm); each path is bitwise consistent
+with itself: ``decode`` of a payload is exactly what ``step`` subtracts, and ``apply`` equals ``step``'s C(x).
 """
 import math
+import threading
 
 import torch
 
@@ -81,6 +83,14 @@ def _random_indices(d, k, seed, device):
     if 8 * k > d:
         return torch.randperm(d, generator=g, device=device)[:k]
     draws = torch.randint(d, (k + k // 4 + 16,), generator=g, device=device)
+    lib = fused.lib() if device == "cpu" or getattr(device, "type", None) == "cpu" else None
+    if lib is not None:   # the same subset, from a bitmap of the values seen instead of a sort
+        out = torch.empty(k, dtype=torch.int64)
+        marks = _marks(d)
+        count = lib.dll.hvdc_first_distinct(draws.data_ptr(), draws.numel(), k, d, marks.data_ptr(), out.data_ptr())
+        if count == k:
+            return out
+        return torch.randperm(d, generator=g, device=device)[:k]
     values, inverse = torch.unique(draws, return_inverse=True)
     if values.numel() < k:   # too many repeats (rare): a permutation decides
         return torch.randperm(d, generator=g, device=device)[:k]
@@ -420,16 +430,18 @@ def _natural_table(top, dtype, lam):
     return table * lam if lam != 1.0 else table
 
 
-def _step_fused(lib, c, lam, g, e_in, e_out, seed):
+def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None):
     """((parts, stats)) of compressor c (unscaled; lam the Scaled factor) with the C kernels, or None where the
-    general path must decide (a non-finite or subnormal input for the kernels that cannot take one)."""
+    general path must decide (a non-finite or subnormal input for the kernels that cannot take one). ``into``:
+    tensors for the parts, in layout order (views of a packed payload, see ``step_packed``), which the dense
+    kernels (sign, onebit, Natural, QSGD) write and return; the others ignore it."""
     d, dtype = g.numel(), g.dtype
     ns = lib.f if dtype == torch.float32 else lib.d
     st = torch.zeros(8, dtype=torch.float64)
     sp = st.data_ptr()
     G, E, O = _ptr(g), _ptr(e_in), _ptr(e_out)
     if isinstance(c, (C.ScaledSign, C.OneBit)):
-        bits = torch.empty((d + 7) // 8, dtype=torch.uint8)
+        bits = into[1] if into else torch.empty((d + 7) // 8, dtype=torch.uint8)
         if isinstance(c, C.ScaledSign):
             if ns.sign1(G, E, O, d, bits.data_ptr(), sp):
                 return None
@@ -453,17 +465,23 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed):
             residual = sumsq - 2 * vpos * spos + npos * vpos * vpos - 2 * vneg * sneg + nneg * vneg * vneg
         else:
             residual = 0.0
-        return [head, bits], _stats(residual, sumsq, True)
+        return _parts_into(into, [head, bits]), _stats(residual, sumsq, True)
     if isinstance(c, C.Natural):
-        code = torch.empty(d, dtype=torch.uint8)
+        code = into[1] if into else torch.empty(d, dtype=torch.uint8)
         top = torch.zeros(1, dtype=torch.int64)
         k1, k2 = (0, 0) if c.deterministic else _hash_keys(seed)
+        if lam == 1.0:   # one pass (the values decoded do not depend on the largest exponent)
+            tops = torch.empty(_blocks(d) + 1, dtype=torch.int64)
+            if ns.natural_step(G, E, O, d, int(c.deterministic), k1, k2, code.data_ptr(), top.data_ptr(),
+                               tops.data_ptr(), sp):
+                return None
+            return _parts_into(into, [top.to(torch.int32), code]), _stats(st[0].item(), st[1].item(), True)
         if ns.natural1(G, E, O, d, int(c.deterministic), k1, k2, code.data_ptr(), top.data_ptr(), sp):
             return None
         sumsq, top = st[0].item(), int(top.item())
         table = _natural_table(top, dtype, lam)
         ns.natural2(G, E, O, d, top, code.data_ptr(), table.data_ptr(), sp)
-        return [torch.tensor([top], dtype=torch.int32), code], _stats(st[0].item(), sumsq, True)
+        return _parts_into(into, [torch.tensor([top], dtype=torch.int32), code]), _stats(st[0].item(), sumsq, True)
     if isinstance(c, C.QSGD):
         if ns.qsgd1(G, E, O, d, sp):
             return None
@@ -475,10 +493,10 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed):
             norm = math.sqrt(sumsq)
         head = torch.tensor([norm], dtype=dtype)
         wide = c.levels > 127
-        levels = torch.empty(d, dtype=torch.int16 if wide else torch.int8)
+        levels = into[1] if into else torch.empty(d, dtype=torch.int16 if wide else torch.int8)
         k1, k2 = _hash_keys(seed)
         ns.qsgd2(G, E, O, d, head.item(), float(c.levels), lam, k1, k2, levels.data_ptr(), int(wide), sp)
-        return [head, levels], _stats(st[0].item(), sumsq, True)
+        return _parts_into(into, [head, levels]), _stats(st[0].item(), sumsq, True)
     if isinstance(c, C.TopK):
         k = c.k_for(d)
         if d < _FAST_TOPK_MIN or 8 * k > d:
@@ -499,7 +517,11 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed):
                 return None
             if k <= count <= cap:
                 sel = torch.topk(cval[:count].abs(), k, sorted=False).indices
-                idx, values = cidx[sel], cval[sel]
+                idx32, values, fix = torch.empty(k, dtype=torch.int32), torch.empty(k, dtype=dtype), st[4:6]
+                ns.topk_fix(cidx.data_ptr(), cval.data_ptr(), count, sel.data_ptr(), k, O, lam, idx32.data_ptr(),
+                            values.data_ptr(), _marks(count).data_ptr(), fix.data_ptr())
+                residual = st[0].item() - fix[0].item() + fix[1].item()
+                return [idx32, values], _stats(residual, st[0].item(), True)
             else:   # a skewed sample: the plain topk decides
                 x = e_out if e_out is not None else (g if e_in is None else g + e_in)
                 idx = torch.topk(x.abs(), k, sorted=False).indices
@@ -513,9 +535,18 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed):
         residual = sumsq - torch.dot(vd, vd).item() + torch.dot(ld, ld).item()
         return [idx.to(torch.int32), values], _stats(residual, sumsq, True)
     if isinstance(c, C.RandK):
+        idx = _randk_indices(c, d, seed, g.device)
+        k = idx.numel()
+        values = torch.empty(k, dtype=dtype)
+        order, start = torch.empty(k, dtype=torch.int64), torch.empty(_blocks(d) + 1, dtype=torch.int64)
+        if not ns.randk_step(G, E, O, d, idx.data_ptr(), k, int(c.unbiased), d / k if c.unbiased else 1.0, lam,
+                             values.data_ptr(), order.data_ptr(), start.data_ptr(), sp):
+            sumsq = st[0].item()
+            residual = sumsq - st[2].item() + st[3].item()
+            parts = [values] if c.shared else [idx.to(torch.int32), values]
+            return parts, _stats(residual, sumsq, st[1].item() == 0.0)
         x, finite = _materialize(ns, g, e_in, e_out, st)
         sumsq = st[0].item()
-        idx = _randk_indices(c, d, seed, g.device)
         kept = x[idx]
         values = kept * (d / idx.numel()) if c.unbiased else kept
         decoded = values * lam if lam != 1.0 else values
@@ -534,6 +565,16 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed):
             torch.sub(x, x, out=e_out)
         return [x], _stats(0.0 if not bad else math.nan, st[0].item(), not bad)
     raise TypeError(f"no fused kernel for {c!r}")
+
+
+def _parts_into(into, parts):
+    """parts, with the small ones (the heads) copied into ``into`` where given (the large ones are into's)."""
+    if not into:
+        return parts
+    for target, part in zip(into, parts):
+        if target is not part:
+            target.copy_(part)
+    return list(into)
 
 
 def _step_general(c, g, e_in, e_out, seed):
@@ -566,6 +607,49 @@ def step(c, g, e_in=None, e_out=None, seed=0):
     return _step_general(c, g, e_in, e_out, seed)
 
 
+def step_packed(c, g, e_in=None, e_out=None, seed=0, out=None):
+    """``(pack(parts), stats)`` for ``(parts, stats) = step(c, g, e_in, e_out, seed)``: the same bytes, which the
+    fused kernels of sign, onebit, Natural and QSGD write straight into the packed payload (no copy of the
+    large part). The payload is a fresh buffer (the caller may keep it), or ``out`` when given: a contiguous
+    uint8 tensor of ``packed_nbytes(c, g.numel(), g.dtype)`` bytes, which a caller that knows its previous
+    payload is no longer needed can pass again and again (no fresh pages to fault in on every call)."""
+    d = g.numel()
+    if out is not None and (out.dtype != torch.uint8 or not out.is_contiguous() or out.device != g.device
+                            or out.numel() != packed_nbytes(c, d, g.dtype)):
+        raise ValueError(f"out must be a contiguous uint8 tensor of {packed_nbytes(c, d, g.dtype)} bytes")
+    lib = _fused_lib(g, e_in, e_out)
+    if lib is not None:
+        inner, lam = _unscaled(c)
+        if isinstance(inner, (C.ScaledSign, C.OneBit, C.Natural, C.QSGD)):
+            dtypes = part_dtypes(c, d, g.dtype)
+            lengths = [n for _, n in c.layout(d)]
+            packed = out if out is not None else torch.empty(packed_nbytes(c, d, g.dtype), dtype=torch.uint8)
+            into, offset = [None] * len(dtypes), 0
+            for i in _packing_order(dtypes):
+                nbytes = lengths[i] * dtypes[i].itemsize
+                into[i] = packed[offset:offset + nbytes].view(dtypes[i])
+                offset += nbytes
+            done = _step_fused(lib, inner, lam, g, e_in, e_out, seed, into)
+            if done is not None:
+                return packed, done[1]
+            if e_out is not None:        # the kernel left x in e_out
+                g, e_in = e_out, None
+            parts, stats = _step_general(c, g, e_in, e_out, seed)
+            return _pack_into(parts, out), stats
+    parts, stats = step(c, g, e_in, e_out, seed)
+    return _pack_into(parts, out), stats
+
+
+def packed_nbytes(c, d, value_dtype):
+    """The size in bytes of the packed payload of compressor c on d elements of value_dtype."""
+    return sum(n * t.itemsize for (_, n), t in zip(c.layout(d), part_dtypes(c, d, value_dtype)))
+
+
+def _pack_into(parts, out):
+    data = pack(parts)
+    return data if out is None else out.copy_(data)
+
+
 def _decode_fused(lib, c, lam, parts, d, out, accumulate, divide):
     """out = decode(parts) (accumulate False) or out + decode(parts) (True), then / divide when divide != 0:
     with the C kernels, for an unscaled c of _FUSED_DECODE (lam the Scaled factor)."""
@@ -586,6 +670,70 @@ def _decode_fused(lib, c, lam, parts, d, out, accumulate, divide):
     return out
 
 
+def _addresses(tensors):
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+
+
+def _mean_fused(lib, c, lam, parts, d, out):
+    """out = (sum_j decode(parts_j)) / n in one pass of the C kernels (c unscaled, of _FUSED_DECODE)."""
+    ns = lib.f if out.dtype == torch.float32 else lib.d
+    n, dtype = len(parts), out.dtype
+    rows = _addresses([p[1] for p in parts])
+    if isinstance(c, C.Natural):
+        tops = [int(p[0].item()) for p in parts]
+        tables = torch.stack([_natural_table(t, dtype, lam) for t in tops])
+        top_t = torch.tensor(tops, dtype=torch.int64)
+        ns.mean_table(rows.data_ptr(), tables.data_ptr(), top_t.data_ptr(),
+                      int(lam == 1.0), n, d, out.data_ptr(), float(n))
+    elif isinstance(c, (C.ScaledSign, C.OneBit)):
+        heads = torch.stack([p[0] for p in parts])           # (n, 1) or (n, 2)
+        vals = heads * lam if lam != 1.0 else heads
+        vpos = vals[:, 0].contiguous()
+        vneg = (-vals[:, 0 if isinstance(c, C.ScaledSign) else 1]).contiguous()
+        ns.mean_bits(rows.data_ptr(), vpos.data_ptr(), vneg.data_ptr(), n, d, out.data_ptr(), float(n))
+    else:   # QSGD
+        norms = torch.cat([p[0].reshape(1) for p in parts]).to(dtype)
+        ns.mean_qsgd(rows.data_ptr(), int(c.levels > 127), norms.data_ptr(), float(c.levels), lam, n, d,
+                     out.data_ptr(), float(n))
+
+
+_local = threading.local()
+_BLOCK = 2048      # CHUNK of fused.c
+
+
+def _blocks(d):
+    return (d + _BLOCK - 1) // _BLOCK
+
+
+def _marks(d):
+    """A thread's bitmap of at least d bits, all clear (the kernels that use it leave it clear)."""
+    have = getattr(_local, "marks", None)
+    if have is None or have.numel() * 8 < d:
+        have = _local.marks = torch.zeros((d + 7) // 8 + 64, dtype=torch.uint8)
+    return have
+
+
+def _mean_sparse_fused(lib, c, rows, d, seed, dtype, out):
+    """decode_mean of TopK / RandK rows with the C kernels: zero, scatter, divide the touched coordinates.
+    False where the torch path must decide (an index out of range: torch raises)."""
+    ns = lib.f if dtype == torch.float32 else lib.d
+    parts = [unpack(c, row, d, dtype) for row in rows]
+    n = len(parts)
+    if isinstance(c, C.RandK) and c.shared:
+        idx = _randk_indices(c, d, seed, out.device).contiguous()
+        vals = _addresses([p[0] for p in parts])       # (held: the kernel reads it)
+        order, start = torch.empty(idx.numel(), dtype=torch.int64), torch.empty(_blocks(d) + 1, dtype=torch.int64)
+        return ns.mean_shared(idx.data_ptr(), idx.numel(), vals.data_ptr(), n, d, out.data_ptr(), float(n),
+                              order.data_ptr(), start.data_ptr()) == 0
+    ks = torch.tensor([p[0].numel() for p in parts], dtype=torch.int64)
+    idx, vals = _addresses([p[0] for p in parts]), _addresses([p[1] for p in parts])
+    total = int(ks.sum())
+    sidx, sval = torch.empty(total, dtype=torch.int32), torch.empty(total, dtype=dtype)
+    start = torch.empty(_blocks(d) + 1, dtype=torch.int64)
+    return ns.mean_sparse(idx.data_ptr(), vals.data_ptr(), ks.data_ptr(), n, d, out.data_ptr(), float(n),
+                          sidx.data_ptr(), sval.data_ptr(), start.data_ptr()) == 0
+
+
 def decode_mean(c, rows, d, seed, dtype, out=None):
     """(sum_j decode(row_j)) / n for the packed payloads ``rows`` (n of them, as ``pack`` makes them; rows of
     an allgather may start unaligned): summed left to right from decode(row_0), then divided by n, exactly as
@@ -599,9 +747,12 @@ def decode_mean(c, rows, d, seed, dtype, out=None):
     inner, lam = _unscaled(c)
     lib = _fused_lib(out, *rows, dtype=dtype) if isinstance(inner, _FUSED_DECODE) else None
     if lib is not None:
-        for j, row in enumerate(rows):
-            _decode_fused(lib, inner, lam, unpack(c, row, d, dtype), d, out, j > 0, n if j == n - 1 else 0)
+        _mean_fused(lib, inner, lam, [unpack(c, row, d, dtype) for row in rows], d, out)
         return out
+    if isinstance(c, (C.TopK, C.RandK)) and rows[0].device.type == "cpu" and out.is_contiguous():
+        lib = _fused_lib(out, dtype=dtype)
+        if lib is not None and _mean_sparse_fused(lib, c, rows, d, seed, dtype, out):
+            return out
     if isinstance(c, C.TopK) or isinstance(c, C.RandK) and not c.shared:
         out.zero_()
         for row in rows:
