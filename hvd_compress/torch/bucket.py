@@ -52,6 +52,23 @@ def _cat(tensors, dtype=torch.uint8, device=None):
     return torch.cat(tensors)
 
 
+def _send_buffer(bucket, tensors):
+    """The bucket's payloads and flags back to back, in a buffer the bucket keeps from step to step (its
+    collective is finished before the next step writes it again): no fresh pages every step."""
+    size = sum(t.numel() for t in tensors)
+    buffer = bucket.send
+    if buffer is None or buffer.numel() != size or buffer.dtype != tensors[0].dtype:
+        buffer = bucket.send = torch.empty(size, dtype=tensors[0].dtype, device=tensors[0].device)
+    return torch.cat(tensors, out=buffer)
+
+
+def _packed_step(comp, c, key, x, e_in, e_out, seed):
+    """The worker step of one piece, its payload bytes written into a buffer kept for that piece."""
+    size = K.packed_nbytes(c, x.numel(), x.dtype)
+    out = comp._payload_buffer(key, size, x.device)
+    return K.step_packed(c, x, e_in, e_out, seed, out=out)
+
+
 def _flags(members, dtype=torch.uint8):
     """One element per member: 1 where its x is not finite on this rank."""
     return torch.stack([p.stats[2] == 0 for p in members]).to(dtype)
@@ -107,15 +124,15 @@ class Allgather(_RootServer):
     """Every rank receives every rank's payloads and decodes them. Bytes per rank ~ (n - 1) P."""
 
     def encode(self, comp, p, e_in, e_out):
-        parts, p.stats = K.step(comp.config.worker, p.work, e_in, e_out, comp.seed_of(p.name))
-        p.payload = K.pack(parts)
+        p.payload, p.stats = _packed_step(comp, comp.config.worker, p.name, p.work, e_in, e_out,
+                                          comp.seed_of(p.name))
         p.bytes_sent += p.payload.numel()
 
     def start(self, comp, bucket, members):
         bucket.sizes = [p.payload.numel() for p in members]
         for p in members:
             p.bytes_sent += 1
-        bucket.handle = hvd.allgather_async(_cat([p.payload for p in members] + [_flags(members)]),
+        bucket.handle = hvd.allgather_async(_send_buffer(bucket, [p.payload for p in members] + [_flags(members)]),
                                             name=f"hc.w.{bucket.id}")
 
     def receive(self, comp, bucket):
@@ -181,10 +198,10 @@ class Sharded:
         b = T.bounds(d, n)
         p.payload, stats = [], []
         for j in range(n):
-            piece = slice(b[j], b[j + 1])
-            parts, s = K.step(worker, p.work[piece], None if e_in is None else e_in[piece],
-                              None if e_out is None else e_out[piece], comp.seed_of(T.shard_name(p.name, j)))
-            p.payload.append(K.pack(parts))
+            piece, key = slice(b[j], b[j + 1]), T.shard_name(p.name, j)
+            data, s = _packed_step(comp, worker, key, p.work[piece], None if e_in is None else e_in[piece],
+                                   None if e_out is None else e_out[piece], comp.seed_of(key))
+            p.payload.append(data)
             stats.append(s)
         stats = torch.stack(stats)
         p.stats = torch.stack([stats[:, 0].sum(), stats[:, 1].sum(), stats[:, 2].min()])
@@ -197,7 +214,7 @@ class Sharded:
         send = [t for j in range(n) for t in [p.payload[j] for p in members] + [flags]]
         splits = torch.tensor([sum(p.payload[j].numel() for p in members) + len(members) for j in range(n)],
                               dtype=torch.int32)
-        bucket.handle = hvd.alltoall_async(_cat(send), splits=splits, name=f"hc.w.{bucket.id}")
+        bucket.handle = hvd.alltoall_async(_send_buffer(bucket, send), splits=splits, name=f"hc.w.{bucket.id}")
 
     def receive(self, comp, bucket):
         members, n, rank = bucket.launched, hvd.size(), hvd.rank()
@@ -266,9 +283,11 @@ class Bucket:
     def __init__(self, id, names, transport):
         self.id, self.names, self.kind = id, tuple(names), transport
         self.transport = TRANSPORTS[transport]
+        self.send = None
         self.reset()
 
     def reset(self):
+        """Forget the step (the send buffer is kept for the next one)."""
         self.arrived, self.launched = 0, None
         self.handle = self.handle2 = self.received = None
         self.sizes = self.sizes2 = None

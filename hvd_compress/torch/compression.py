@@ -109,6 +109,7 @@ class Compression:
         self._kernel_table = None                         # "auto": measured kernel seconds per element
         self._worker_error, self._server_error = {}, {}   # name -> flat tensor (the committed buffers)
         self._spare = {}                                  # (kind, name) -> the other half of a double buffer
+        self._payloads = {}                               # name or slice name -> its payload bytes' buffer
         self._pending = {}                                # name -> Pending, for the step in flight
         self._step = 0
         self._checked = False
@@ -184,6 +185,14 @@ class Compression:
         if server:
             return server_seed(self.config.server, self.seed, self._step, key)
         return worker_seed(self.config.worker, self.seed, self._step, hvd.rank(), key)
+
+    def _payload_buffer(self, key, size, device):
+        """The buffer a piece's payload bytes are written into, kept from step to step (they are copied into
+        the bucket's send buffer before the next step writes them again)."""
+        buffer = self._payloads.get(key)
+        if buffer is None or buffer.numel() != size or buffer.device != device:
+            buffer = self._payloads[key] = torch.empty(size, dtype=torch.uint8, device=device)
+        return buffer
 
     def _spare_buffer(self, kind, name, like):
         """The free half of a parameter's double buffer: written by this step, committed only if the step
