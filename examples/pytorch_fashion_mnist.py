@@ -5,6 +5,8 @@
 With ``--compressor none`` (no error feedback, no server pass) hvd_compress is not used at all: the run is
 Horovod's own dense fp32 allreduce, the baseline the compressed runs are compared with.
 """
+import time
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -98,6 +100,11 @@ def main():
     compression = None
     if use_hc:
         import hvd_compress.torch as hc
+        from hvd_compress.torch import fused
+        start, cached = time.perf_counter(), fused.library_path().exists()
+        loaded = fused.lib() is not None   # compiled here (once per machine) if the set-up did not
+        kernels = (f"fused C kernels ({'cached' if cached else 'compiled now'}, ready in "
+                   f"{time.perf_counter() - start:.2f} s)" if loaded else "pure-torch kernels (no fused library)")
         compression = hc.Compression(args.compressor or None, error_feedback=args.error_feedback,
                                      server=args.server or None, named_parameters=model.named_parameters(),
                                      transport=args.transport, link_gbps=args.link_gbps,
@@ -111,6 +118,8 @@ def main():
 
     if rank0:
         print(config_line(hvd.size(), device.type, args, n_params, use_hc), flush=True)
+        if use_hc:
+            print(f"kernels: {kernels}", flush=True)
 
     steps = steps_per_epoch(len(x_train), hvd.size(), args.batch_size)
     log = EpochLog(lambda: compression.stats() if use_hc else None, dense_step, steps, args.epochs, rank0)
