@@ -131,7 +131,7 @@ def _topk_indices(a, k):
     d = a.numel()
     if d < _FAST_TOPK_MIN or 8 * k > d:
         return torch.topk(a, k, sorted=False).indices
-    sample = a[::d // _SAMPLE]
+    sample = a[::_sample_stride(d)]
     rank = max(1, min(sample.numel(), int(sample.numel() * (1 - 2 * k / d))))
     threshold = torch.kthvalue(sample, rank).values
     candidates = torch.nonzero(a >= threshold).squeeze(1)
@@ -141,6 +141,12 @@ def _topk_indices(a, k):
 
 
 _FAST_TOPK_MIN, _SAMPLE = 1 << 17, 1 << 14
+
+
+def _sample_stride(d):
+    """An odd stride for about _SAMPLE samples: a power-of-two stride over a weight matrix whose rows are a
+    power of two wide sees only a few columns (a skewed threshold, then the slow full topk)."""
+    return (d // _SAMPLE) | 1
 
 
 def _topk_encode(c, x, seed):
@@ -506,7 +512,7 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None):
             idx = torch.topk(x.abs(), k, sorted=False).indices
             values = x[idx]
         else:   # the sampled threshold of _topk_indices, its candidates found in the one pass
-            step = d // _SAMPLE
+            step = _sample_stride(d)
             sample = (g[::step] if e_in is None else g[::step] + e_in[::step]).abs()
             rank = max(1, min(sample.numel(), int(sample.numel() * (1 - 2 * k / d))))
             threshold = torch.kthvalue(sample, rank).values.item()
