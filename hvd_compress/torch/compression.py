@@ -18,10 +18,11 @@ priced with this job's measured link and kernel times.
 Horovod calls compress() from each parameter's backward hook and decompress() from synchronize(), after
 allreducing whatever compress() returned. Here that is a one-element step marker (4 bytes) holding the step
 number: its average tells every rank that the others are in the same step and that Horovod averages. The first
-decompress() of a step finishes the whole step at once: one small allreduce tells every rank whether any
-rank's gradient was not finite, and only then are error buffers committed (they are double-buffered), so a
-bad gradient leaves every buffer as it was. The update is written into the gradient's own memory, which the
-step no longer needs, and returned in its place: no fresh tensor per step.
+decompress() of a step finishes the whole step at once. Each rank's finiteness flags ride in the payload
+collectives, so every rank knows whether any rank's gradient was not finite before anything is committed
+(error buffers are double-buffered): such a step is skipped, or raises, and leaves every buffer as it was.
+The update is written into the gradient's own memory, which the step no longer needs, and returned in its
+place: no fresh tensor per step.
 """
 import dataclasses
 import itertools
