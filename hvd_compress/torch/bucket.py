@@ -3,7 +3,7 @@
 A bucket is a fixed group of compressed tensors (the same transport and dtype, in the order gradients
 become ready, up to ``bucket_mb`` of dense gradient): each tensor is still compressed on its own (so a run
 equals the simulation exactly), but the bucket's payloads leave in one collective, started as soon as its
-last tensor is compressed. A transport object says how a bucket travels, in three steps:
+last tensor is compressed. A transport object says how a bucket travels, in five steps:
 
     encode(p)            the worker step of one tensor (x = g + e, payload, new e), as Horovod hands it over
     start(bucket)        one collective for the bucket's payloads, each tensor's finiteness flag appended
