@@ -421,6 +421,17 @@ def _stats(residual, sumsq, finite):
     return torch.tensor([max(residual, 0.0), sumsq, 1.0 if finite else 0.0], dtype=torch.float64)
 
 
+def _sparse_fixup(kept, values, lam, idx, e_out, sumsq):
+    """A sparsifier's step after its k coordinates are chosen: e_out at them = kept - decode (values * lam),
+    the rest of e_out already holds x; returns ||x - C(x)||^2 from ||x||^2 (sumsq) with the kept part swapped."""
+    decoded = values * lam if lam != 1.0 else values
+    left = kept - decoded
+    if e_out is not None:
+        e_out[idx] = left
+    kd, ld = kept.double(), left.double()
+    return sumsq - torch.dot(kd, kd).item() + torch.dot(ld, ld).item()
+
+
 def _materialize(ns, g, e_in, e_out, st):
     """x = g + e_in (into e_out when given, else a fresh tensor; g itself without e_in), with st = [sum x^2,
     finiteness] from the same pass."""
@@ -533,12 +544,7 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None):
                 idx = torch.topk(x.abs(), k, sorted=False).indices
                 values = x[idx]
         sumsq = st[0].item()
-        decoded = values * lam if lam != 1.0 else values
-        left = values - decoded
-        if e_out is not None:
-            e_out[idx] = left
-        vd, ld = values.double(), left.double()
-        residual = sumsq - torch.dot(vd, vd).item() + torch.dot(ld, ld).item()
+        residual = _sparse_fixup(values, values, lam, idx, e_out, sumsq)
         return [idx.to(torch.int32), values], _stats(residual, sumsq, True)
     if isinstance(c, C.RandK):
         idx = _randk_indices(c, d, seed, g.device)
@@ -555,12 +561,7 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None):
         sumsq = st[0].item()
         kept = x[idx]
         values = kept * (d / idx.numel()) if c.unbiased else kept
-        decoded = values * lam if lam != 1.0 else values
-        left = kept - decoded
-        if e_out is not None:
-            e_out[idx] = left
-        kd, ld = kept.double(), left.double()
-        residual = sumsq - torch.dot(kd, kd).item() + torch.dot(ld, ld).item()
+        residual = _sparse_fixup(kept, values, lam, idx, e_out, sumsq)
         parts = [values] if c.shared else [idx.to(torch.int32), values]
         return parts, _stats(residual, sumsq, finite)
     if isinstance(c, C.Identity):
