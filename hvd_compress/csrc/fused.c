@@ -50,6 +50,17 @@ static inline __m256 uniform8_f(uint32_t i, uint32_t k1, uint32_t k2) {
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(0x1p-24f));
 }
 
+/* Natural's rounding of 8 floats (their magnitude bits) to a power of two: all ones where it goes up
+   (deterministic: mantissa >= 0.75; else the uniform draw of elements i .. i + 7 < the mantissa fraction) */
+static inline __m256i nat_up8(__m256i mag, int det, uint32_t i, uint32_t k1, uint32_t k2) {
+    const __m256i fr = _mm256_and_si256(mag, _mm256_set1_epi32(0x7fffff));
+    if (det)
+        return _mm256_cmpgt_epi32(fr, _mm256_set1_epi32(0x3fffff));
+    __m256 frac = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(fr, _mm256_set1_epi32(0x3f800000))),
+                                _mm256_set1_ps(1.0f));
+    return _mm256_castps_si256(_mm256_cmp_ps(uniform8_f(i, k1, k2), frac, _CMP_LT_OQ));
+}
+
 /* the low bytes of 8 int32 lanes (values that fit) to 8 bytes at out */
 static inline void store8_u8(void *out, __m256i v) {
     __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(v, v), _mm256_setzero_si256());

@@ -5,6 +5,13 @@
 
 static inline T FN(from_bits)(UT b) { T v; memcpy(&v, &b, sizeof(T)); return v; }
 static inline UT FN(to_bits)(T v) { UT b; memcpy(&b, &v, sizeof(T)); return b; }
+/* Natural's rounding of one element with mantissa bits fr: 1 where it goes up to the next power of two
+   (deterministic: mantissa >= 0.75; else element idx's uniform draw < the mantissa fraction) */
+static inline UT FN(nat_up)(UT fr, int det, uint32_t idx, uint32_t k1, uint32_t k2) {
+    if (det)
+        return (UT)(fr >= (((UT)1) << (MBITS - 1)));
+    return (UT)(UNIFORM(hash32(idx, k1, k2)) < FN(from_bits)(fr | ONE_BITS) - (T)1);
+}
 
 /* x of elements [i, i + m): pass 1 (stored = 0) forms g + e and writes it into xout when there is one;
    pass 2 (stored = 1) reads it back from xout, or forms it again into buf. Without e, x is g itself. */
@@ -198,26 +205,16 @@ int FN(natural1)(const T *g, const T *e, T *xout, int64_t n, int det, uint32_t k
     CHUNKS(n) {
         const T *x = FN(load)(g, e, xout, i, m, buf, 0);
         uint8_t *u8 = up + i;
-#define NAT1(UP) for (int64_t j = j0; j < m; j++) { UT b = FN(to_bits)(x[j]); UT mag = b & ~SIGNBIT; \
-            UT ef = mag >> MBITS; UT fr = mag & MMASK; UT u = (UP); UT ex = mag == 0 ? 0 : ef + u; \
-            t = t > ex ? t : ex; bad |= (UT)((ef == 0) & (mag != 0)) | (UT)(ef == EMAX); u8[j] = (uint8_t)u; }
         int64_t j0 = 0;
 #if defined(__AVX2__) && IS_FLOAT
         {
-            const __m256i absm = _mm256_set1_epi32(0x7fffffff), mm = _mm256_set1_epi32(0x7fffff);
-            const __m256i one_bits = _mm256_set1_epi32(0x3f800000), emax = _mm256_set1_epi32(EMAX);
-            const __m256i half = _mm256_set1_epi32(0x3fffff), zero = _mm256_setzero_si256();
+            const __m256i absm = _mm256_set1_epi32(0x7fffffff), emax = _mm256_set1_epi32(EMAX);
+            const __m256i zero = _mm256_setzero_si256();
             __m256i tv = zero, bv = zero;
             for (; j0 + 8 <= m; j0 += 8) {
                 __m256i b = _mm256_castps_si256(_mm256_loadu_ps(x + j0));
-                __m256i mag = _mm256_and_si256(b, absm), ef = _mm256_srli_epi32(mag, MBITS), fr = _mm256_and_si256(mag, mm);
-                __m256i upm;
-                if (det) {
-                    upm = _mm256_cmpgt_epi32(fr, half);
-                } else {
-                    __m256 frac = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(fr, one_bits)), _mm256_set1_ps(1.0f));
-                    upm = _mm256_castps_si256(_mm256_cmp_ps(uniform8_f((uint32_t)(i + j0), k1, k2), frac, _CMP_LT_OQ));
-                }
+                __m256i mag = _mm256_and_si256(b, absm), ef = _mm256_srli_epi32(mag, MBITS);
+                __m256i upm = nat_up8(mag, det, (uint32_t)(i + j0), k1, k2);
                 __m256i u = _mm256_srli_epi32(upm, 31);
                 __m256i isz = _mm256_cmpeq_epi32(mag, zero), ef0 = _mm256_cmpeq_epi32(ef, zero);
                 tv = _mm256_max_epu32(tv, _mm256_andnot_si256(isz, _mm256_add_epi32(ef, u)));
@@ -229,13 +226,11 @@ int FN(natural1)(const T *g, const T *e, T *xout, int64_t n, int det, uint32_t k
             for (int q = 0; q < 8; q++) { t = t > tt[q] ? t : tt[q]; bad |= bb[q]; }
         }
 #endif
-        if (det) {
-            NAT1((UT)(fr >= (((UT)1) << (MBITS - 1))))
-        } else {
-            uint32_t base = (uint32_t)i;
-            NAT1((UT)(UNIFORM(hash32(base + (uint32_t)j, k1, k2)) < FN(from_bits)(fr | ONE_BITS) - (T)1))
+        for (int64_t j = j0; j < m; j++) {
+            UT mag = FN(to_bits)(x[j]) & ~SIGNBIT; UT ef = mag >> MBITS;
+            UT u = FN(nat_up)(mag & MMASK, det, (uint32_t)(i + j), k1, k2); UT ex = mag == 0 ? 0 : ef + u;
+            t = t > ex ? t : ex; bad |= (UT)((ef == 0) & (mag != 0)) | (UT)(ef == EMAX); u8[j] = (uint8_t)u;
         }
-#undef NAT1
         LANE_LOOP(m, double v = x[j]; asq[l] += v * v);
     }
     *top = t ? (int64_t)t - BIAS : 0;
@@ -286,20 +281,13 @@ int FN(natural_step)(const T *g, const T *e, T *xout, int64_t n, int det, uint32
         int64_t j0 = 0;
 #if defined(__AVX2__) && IS_FLOAT
         {
-            const __m256i absm = _mm256_set1_epi32(0x7fffffff), mm = _mm256_set1_epi32(0x7fffff);
-            const __m256i one_bits = _mm256_set1_epi32(0x3f800000), emax = _mm256_set1_epi32(EMAX);
-            const __m256i half = _mm256_set1_epi32(0x3fffff), zero = _mm256_setzero_si256();
+            const __m256i absm = _mm256_set1_epi32(0x7fffffff), emax = _mm256_set1_epi32(EMAX);
+            const __m256i zero = _mm256_setzero_si256();
             __m256i tv = zero, bv = zero;
             for (; j0 + 8 <= m; j0 += 8) {
                 __m256i b = _mm256_castps_si256(_mm256_loadu_ps(x + j0));
-                __m256i mag = _mm256_and_si256(b, absm), ef = _mm256_srli_epi32(mag, MBITS), fr = _mm256_and_si256(mag, mm);
-                __m256i upm;
-                if (det) {
-                    upm = _mm256_cmpgt_epi32(fr, half);
-                } else {
-                    __m256 frac = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(fr, one_bits)), _mm256_set1_ps(1.0f));
-                    upm = _mm256_castps_si256(_mm256_cmp_ps(uniform8_f((uint32_t)(i + j0), k1, k2), frac, _CMP_LT_OQ));
-                }
+                __m256i mag = _mm256_and_si256(b, absm), ef = _mm256_srli_epi32(mag, MBITS);
+                __m256i upm = nat_up8(mag, det, (uint32_t)(i + j0), k1, k2);
                 __m256i isz = _mm256_cmpeq_epi32(mag, zero), ef0 = _mm256_cmpeq_epi32(ef, zero);
                 __m256i ex = _mm256_andnot_si256(isz, _mm256_sub_epi32(ef, upm));     /* upm is -1 where up */
                 tv = _mm256_max_epu32(tv, ex);
@@ -312,10 +300,8 @@ int FN(natural_step)(const T *g, const T *e, T *xout, int64_t n, int det, uint32
         }
 #endif
         for (int64_t j = j0; j < m; j++) {
-            UT b = FN(to_bits)(x[j]); UT mag = b & ~SIGNBIT; UT ef = mag >> MBITS; UT fr = mag & MMASK;
-            UT u = det ? (UT)(fr >= (((UT)1) << (MBITS - 1)))
-                       : (UT)(UNIFORM(hash32((uint32_t)(i + j), k1, k2)) < FN(from_bits)(fr | ONE_BITS) - (T)1);
-            UT ex = mag == 0 ? 0 : ef + u;
+            UT mag = FN(to_bits)(x[j]) & ~SIGNBIT; UT ef = mag >> MBITS;
+            UT u = FN(nat_up)(mag & MMASK, det, (uint32_t)(i + j), k1, k2); UT ex = mag == 0 ? 0 : ef + u;
             t = t > ex ? t : ex; bad |= (UT)((ef == 0) & (mag != 0)) | (UT)(ef == EMAX);
             exb[j] = (int32_t)ex;
         }
