@@ -141,6 +141,12 @@ def test_bad_setup_fails_clearly_on_every_rank(scenario, error, words):
         assert f"CAUGHT {error}: " in line and words in line, line
     if scenario.startswith("nan"):
         assert proc.stdout.count("BUFFERS_UNCHANGED True") == 2, proc.stdout[-3000:]
+        # the error left everything usable: 3 more steps train (steps 0-2 before, 3 dropped, 3 after)
+        assert proc.stdout.count("TRAINED_ON 6 True") == 2, proc.stdout[-3000:]
+    else:   # the cause persists: the same clear error again, nothing left behind by the first one
+        again = [line for line in proc.stdout.splitlines() if "AGAIN" in line]
+        assert len(again) == 2 and all(f"AGAIN {error}: " in line and words in line for line in again), \
+            proc.stdout[-3000:]
 
 
 def test_mixed_precision_overflows_skip_the_step_like_dense_horovod():
@@ -157,6 +163,41 @@ def test_mixed_precision_overflows_skip_the_step_like_dense_horovod():
         assert r["scales"] == dense, kind
         assert r["identical"] and r["finite"], kind
         assert r["skipped"] == 4 and r["steps"] == steps - 4, kind
+
+
+PROCESS_SET_CASES = [
+    {"id": "allgather/DoubleSqueeze", "compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5"},
+    {"id": "allgather/DoubleSqueeze, process_set given", "compressor": "topk:0.3", "error_feedback": True,
+     "server": "topk:0.5", "explicit": True},
+    {"id": "sharded", "compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5", "transport": "sharded"},
+    {"id": "allreduce", "compressor": "randk:0.3,shared", "error_feedback": True, "server": "natural"},
+    {"id": "auto", "compressor": "sign", "error_feedback": True, "server": "sign", "transport": "auto",
+     "link_gbps": 1e-4},
+    {"id": "auto, link measured", "compressor": "sign", "error_feedback": True, "transport": "auto"},
+]
+
+
+def test_process_set_of_2_of_3_ranks_equals_the_simulation_of_2(tmp_path):
+    """hvd.DistributedOptimizer(process_set=) on ranks 1 and 2 of 3: every collective of the Compression
+    runs on that set (rank 0 takes no part: a collective on all ranks would hang), the server pass runs on
+    the set's first rank, the result equals the 2-rank simulation, and a Compression given another process
+    set than its optimizer's is refused."""
+    cases = [{**c, "steps": 6} for c in PROCESS_SET_CASES]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    proc = launch(3, DISTRIBUTED / "process_set.py", tmp_path / "cases.json", tmp_path, launcher="mpirun",
+                  timeout=300)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert "the optimizer's process set has ranks [1, 2]" in result_line(proc)["refused"]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (1, 2)]
+    for case in cases:
+        got = ranks[0][case["id"]]
+        assert got["_state"]["size"] == 2 and got["_state"]["step"] == case["steps"], case["id"]
+        for name in got:
+            if name != "_state":
+                assert torch.equal(got[name], ranks[1][case["id"]][name]), (case["id"], name)
+        if "link_gbps" in case or case.get("transport") != "auto":   # a measured link: choices not reproducible
+            for name, expected in train_reference(case, 2, case["steps"]).items():
+                assert (got[name] - expected).abs().max().item() <= 1e-9, (case["id"], name)
 
 
 @pytest.mark.parametrize("scenario, steps_per_compression", [("gan", [10, 10]), ("sparse", [10])])

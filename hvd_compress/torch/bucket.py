@@ -62,6 +62,13 @@ def _send_buffer(bucket, tensors):
     return torch.cat(tensors, out=buffer)
 
 
+def _take(bucket, which):
+    """Wait for one of the bucket's collectives and forget its handle (nothing is left in flight)."""
+    handle = getattr(bucket, which)
+    setattr(bucket, which, None)
+    return hvd.synchronize(handle)
+
+
 def _packed_step(comp, c, key, x, e_in, e_out, seed):
     """The worker step of one piece, its payload bytes written into a buffer kept for that piece."""
     size = K.packed_nbytes(c, x.numel(), x.dtype)
@@ -90,7 +97,7 @@ class _RootServer:
             for p in members:
                 p.update = p.work
             return
-        datas, is_root = [], hvd.rank() == comp.root_rank
+        datas, is_root = [], comp.rank() == comp.root_rank
         for p in members:
             if is_root:
                 d_out = comp._spare_buffer("server", p.name, p.work)
@@ -104,14 +111,14 @@ class _RootServer:
                                    device=p.work.device)
             datas.append(data)
         bucket.sizes2 = [t.numel() for t in datas]
-        bucket.handle2 = hvd.broadcast_async_(_cat(datas, device=members[0].work.device), comp.root_rank,
-                                              name=f"hc.s.{bucket.id}")
+        bucket.handle2 = hvd.broadcast_async_(_cat(datas, device=members[0].work.device), comp.root(),
+                                              name=f"hc.s.{bucket.id}", process_set=comp._ranks())
 
     def finish(self, comp, bucket):
         server, members = comp.config.server, bucket.launched
         if server is None:
             return
-        data, offset = hvd.synchronize(bucket.handle2), 0
+        data, offset = _take(bucket, "handle2"), 0
         for p, size in zip(members, bucket.sizes2):
             d = p.work.numel()
             K.decode_mean(server, [data[offset:offset + size]], d, comp.seed_of(p.name, server=True),
@@ -133,18 +140,18 @@ class Allgather(_RootServer):
         for p in members:
             p.bytes_sent += 1
         bucket.handle = hvd.allgather_async(_send_buffer(bucket, [p.payload for p in members] + [_flags(members)]),
-                                            name=f"hc.w.{bucket.id}")
+                                            name=f"hc.w.{bucket.id}", process_set=comp._ranks())
 
     def receive(self, comp, bucket):
-        members, n = bucket.launched, hvd.size()
-        bucket.received = hvd.synchronize(bucket.handle).view(n, -1)
+        members, n = bucket.launched, comp.size()
+        bucket.received = _take(bucket, "handle").view(n, -1)
         return _not_finite(members, bucket.received[:, -len(members):])
 
     def reduce_and_serve(self, comp, bucket):
-        members, n = bucket.launched, hvd.size()
+        members, n = bucket.launched, comp.size()
         received = bucket.received.reshape(-1)
         total = sum(bucket.sizes) + len(members)
-        needs_gbar = comp.config.server is None or hvd.rank() == comp.root_rank   # others wait for v
+        needs_gbar = comp.config.server is None or comp.rank() == comp.root_rank   # others wait for v
         offset = 0
         for p, size in zip(members, bucket.sizes):
             if needs_gbar:
@@ -169,11 +176,12 @@ class Allreduce(_RootServer):
             p.bytes_sent += p.payload.element_size()
         flags = _flags(members, members[0].payload.dtype)
         bucket.handle = hvd.allreduce_async(_cat([p.payload for p in members] + [flags]),
-                                            name=f"hc.w.{bucket.id}", op=hvd.Average)
+                                            name=f"hc.w.{bucket.id}", op=hvd.Average,
+                                            process_set=comp._ranks())
 
     def receive(self, comp, bucket):
         members = bucket.launched
-        bucket.received = hvd.synchronize(bucket.handle)
+        bucket.received = _take(bucket, "handle")
         return _not_finite(members, bucket.received[-len(members):])
 
     def reduce_and_serve(self, comp, bucket):
@@ -194,7 +202,7 @@ class Sharded:
     results are allgathered. Bytes per rank ~ P + S, flat in n."""
 
     def encode(self, comp, p, e_in, e_out):
-        n, d, worker = hvd.size(), p.work.numel(), comp.config.worker
+        n, d, worker = comp.size(), p.work.numel(), comp.config.worker
         b = T.bounds(d, n)
         p.payload, stats = [], []
         for j in range(n):
@@ -208,21 +216,22 @@ class Sharded:
         p.bytes_sent += sum(t.numel() for t in p.payload)
 
     def start(self, comp, bucket, members):
-        n, flags = hvd.size(), _flags(members)
+        n, flags = comp.size(), _flags(members)
         for p in members:
             p.bytes_sent += n
         send = [t for j in range(n) for t in [p.payload[j] for p in members] + [flags]]
         splits = torch.tensor([sum(p.payload[j].numel() for p in members) + len(members) for j in range(n)],
                               dtype=torch.int32)
-        bucket.handle = hvd.alltoall_async(_send_buffer(bucket, send), splits=splits, name=f"hc.w.{bucket.id}")
+        bucket.handle = hvd.alltoall_async(_send_buffer(bucket, send), splits=splits, name=f"hc.w.{bucket.id}",
+                                          process_set=comp._ranks())
 
     def receive(self, comp, bucket):
-        members, n, rank = bucket.launched, hvd.size(), hvd.rank()
-        bucket.received = hvd.synchronize(bucket.handle)[0].view(n, -1)   # every rank's slice `rank` payloads
+        members, n, rank = bucket.launched, comp.size(), comp.rank()
+        bucket.received = _take(bucket, "handle")[0].view(n, -1)   # every rank's slice `rank` payloads
         return _not_finite(members, bucket.received[:, -len(members):])
 
     def reduce_and_serve(self, comp, bucket):
-        members, n, rank = bucket.launched, hvd.size(), hvd.rank()
+        members, n, rank = bucket.launched, comp.size(), comp.rank()
         worker, server = comp.config.worker, comp.config.server
         received = bucket.received.reshape(-1)
         sizes = [p.payload[rank].numel() for p in members]   # every rank's slice `rank` has the same size
@@ -244,12 +253,13 @@ class Sharded:
                 data = K.pack(parts)
             p.bytes_sent += data.numel()
             datas.append(data)
-        bucket.handle2 = hvd.allgather_async(_cat(datas, device=members[0].work.device), name=f"hc.s.{bucket.id}")
+        bucket.handle2 = hvd.allgather_async(_cat(datas, device=members[0].work.device), name=f"hc.s.{bucket.id}",
+                                          process_set=comp._ranks())
 
     def finish(self, comp, bucket):
-        members, n, rank = bucket.launched, hvd.size(), hvd.rank()
+        members, n, rank = bucket.launched, comp.size(), comp.rank()
         server = comp.config.server
-        data, offset = hvd.synchronize(bucket.handle2), 0
+        data, offset = _take(bucket, "handle2"), 0
         for j in range(n):
             for p in members:
                 b, itemsize = T.bounds(p.work.numel(), n), p.work.element_size()
@@ -291,6 +301,15 @@ class Bucket:
         self.arrived, self.launched = 0, None
         self.handle = self.handle2 = self.received = None
         self.sizes = self.sizes2 = None
+
+    def wait_quietly(self):
+        """After an error: wait for the collectives this step started (their results are dropped)."""
+        for handle in (self.handle, self.handle2):
+            if handle is not None:
+                try:
+                    hvd.synchronize(handle)
+                except Exception:   # noqa: BLE001 - the error being raised is the one that matters
+                    pass
 
     def add(self, comp, p):
         """One more member is compressed; the last one sends the bucket."""
@@ -335,26 +354,27 @@ def buckets_of(params, transports, bucket_bytes, tag=0):
 
 # ---- what "auto" measures at the first step ----------------------------------------------------------------
 
-def _slowest(values, name):
+def _slowest(comp, values, name):
     """Every rank takes the largest of each value over ranks, so that all ranks choose alike."""
-    return hvd.allreduce(torch.tensor(values, dtype=torch.float64), op=hvd.Max, name=name).tolist()
+    return hvd.allreduce(torch.tensor(values, dtype=torch.float64), op=hvd.Max, name=name,
+                         process_set=comp._ranks()).tolist()
 
 
 def measure_link(comp, repeats=3):
     """The link as collectives of real bucket size see it: latency from a 4-byte allreduce, bandwidth from
     allreduces as large as a bucket (or the whole compressible model, if smaller), medians of ``repeats``."""
-    n, device = hvd.size(), next(iter(comp._params.values())).device
+    n, device = comp.size(), next(iter(comp._params.values())).device
     model_bytes = sum(4 * p.numel() for p in comp._params.values() if p.numel() >= comp.dense_below)
     elements = max(1 << 14, min(comp.bucket_bytes, model_bytes) // 4)
     small, big = torch.zeros(1, device=device), torch.zeros(elements, device=device)
-    hvd.allreduce(small, name=f"hc.link.warmup.{comp.tag}")
+    hvd.allreduce(small, name=f"hc.link.warmup.{comp.tag}", process_set=comp._ranks())
     times = {"latency": [], "bandwidth": []}
     for r in range(repeats):
         for tensor, what in ((small, "latency"), (big, "bandwidth")):
             start = time.perf_counter()
-            hvd.allreduce(tensor, name=f"hc.link.{what}.{r}.{comp.tag}")
+            hvd.allreduce(tensor, name=f"hc.link.{what}.{r}.{comp.tag}", process_set=comp._ranks())
             times[what].append(time.perf_counter() - start)
-    t_small, t_big = _slowest([statistics.median(times["latency"]), statistics.median(times["bandwidth"])],
+    t_small, t_big = _slowest(comp, [statistics.median(times["latency"]), statistics.median(times["bandwidth"])],
                               f"hc.link.agree.{comp.tag}")
     ring = 2 * (n - 1)
     return T.Link(bandwidth=ring / n * elements * 4 / max(t_big - t_small, 1e-9), latency=t_small / ring)
@@ -369,7 +389,7 @@ def measure_kernels(comp, repeats=3):
     d = max(1 << 14, min(largest, comp.bucket_bytes // 4, 1 << 22))
     g = torch.randn(d, generator=torch.Generator().manual_seed(0)).to(device)
     e_in, e_out = torch.zeros_like(g), torch.empty_like(g)
-    n = hvd.size()
+    n = comp.size()
     compressors = [c for c in (comp.config.worker, comp.config.server) if c is not None]
     figures = []
     for c in compressors:
@@ -386,5 +406,5 @@ def measure_kernels(comp, repeats=3):
                 K.decode_mean(c, [data] * n, d, (1, 0), g.dtype, out=e_in)
             decode.append(time.perf_counter() - start)
         figures += [statistics.median(step) / d, statistics.median(decode) / d / (1 if c.summable else n)]
-    figures = _slowest(figures, f"hc.kernels.agree.{comp.tag}")
+    figures = _slowest(comp, figures, f"hc.kernels.agree.{comp.tag}")
     return {c: (figures[2 * i], figures[2 * i + 1]) for i, c in enumerate(compressors)}

@@ -25,8 +25,12 @@ The update is written into the gradient's own memory, which the step no longer n
 place: no fresh tensor per step.
 """
 import dataclasses
+import io
 import itertools
 import math
+import pickle
+import sys
+import weakref
 from typing import Optional
 
 import torch
@@ -54,7 +58,8 @@ class Compression:
             None for no server pass.
         named_parameters: the same ``model.named_parameters()`` given to the optimizer; Horovod hands
             compress() a bare gradient, and per-parameter state is found through it.
-        root_rank: the rank that runs the server pass (transports allgather / allreduce).
+        root_rank: the rank that runs the server pass (transports allgather / allreduce), counted within
+            the process set (0: its first rank; without process sets, the global rank).
         seed: base of the seeds of random compressors (each call is keyed by step, rank and parameter).
         transport: how payloads travel (``hvd_compress.transport``): None (allreduce for summable
             payloads, allgather otherwise), "allgather", "allreduce", "sharded" (with a server compressor,
@@ -66,6 +71,10 @@ class Compression:
             dense allreduce (0: compress every tensor). ``stats()["dense_small_bytes"]`` says what it costs.
         bucket_mb: the most dense gradient megabytes (MiB of fp32) per bucket: the compressed tensors of
             a bucket travel in one collective (Horovod's fusion buffer is 64 MiB by default).
+        process_set: the Horovod process set whose ranks average the gradients: the one given to
+            ``hvd.DistributedOptimizer(process_set=...)``. None takes the optimizer's at the first step
+            (every collective of this object runs on it); give it here too if ``state_dict()`` or
+            ``load_state_dict()`` are called before the first step.
         nonfinite: what a step does when some rank's gradient holds NaN or Inf. "skip" (as stock Horovod,
             whose averaged gradient is then non-finite too): every rank returns NaN gradients, so that
             ``torch.amp.GradScaler`` and users see the overflow, no error buffer changes, and the step is
@@ -74,10 +83,14 @@ class Compression:
 
     Gradients are averaged (use Horovod's default ``op=hvd.Average``). Half-precision gradients are
     compressed in float32, with float32 error buffers, and returned in their own dtype.
+
+    An error raised inside a step (a misconfiguration found at the first step, ``nonfinite="raise"``) leaves
+    this object and Horovod's optimizer ready for the next step: what is in flight is waited for, the step
+    is dropped (no buffer changes), and the optimizer is reset as its ``load_state_dict()`` does.
     """
 
     def __init__(self, compressor, error_feedback=False, server=None, named_parameters=None, root_rank=0, seed=0,
-                 transport=None, link_gbps=None, dense_below=1024, bucket_mb=64, nonfinite="skip"):
+                 transport=None, link_gbps=None, dense_below=1024, bucket_mb=64, nonfinite="skip", process_set=None):
         worker = C.parse(compressor) or C.Identity()
         config = C.Config(worker, bool(error_feedback), C.parse(server))
         self.config = dataclasses.replace(config, transport=T.check(transport, config))
@@ -102,6 +115,8 @@ class Compression:
                 raise ValueError(f"parameter name {item[0]!r} appears twice in named_parameters")
             self._params[item[0]] = item[1]
         self.root_rank, self.seed = int(root_rank), int(seed)
+        self.process_set = process_set          # None until the first step finds the optimizer's
+        self._optimizer = None                  # Horovod's optimizer, found at the first compress()
         self.tag = next(_instances)
         self._name_by_grad_id = {}
         self._transports = {}                             # name -> the transport its tensor uses
@@ -121,6 +136,22 @@ class Compression:
     # ---- Horovod's Compressor interface -----------------------------------------------------------------
 
     def compress(self, tensor):
+        try:
+            if self._optimizer is None:
+                self._bind(_horovod_optimizer_calling())
+            return self._compress(tensor)
+        except Exception:
+            self._recover()
+            raise
+
+    def decompress(self, output, name):
+        try:
+            return self._decompress(output, name)
+        except Exception:
+            self._recover()
+            raise
+
+    def _compress(self, tensor):
         name = self._name_of(tensor)
         if not self._checked:
             self._check_same_config_everywhere()
@@ -146,7 +177,7 @@ class Compression:
         try:
             bucket.transport.encode(self, p, e_in, e_out)
         except ValueError as err:
-            where = f" (one of its {hvd.size()} slices, transport 'sharded')" if how == "sharded" else ""
+            where = f" (one of its {self.size()} slices, transport 'sharded')" if how == "sharded" else ""
             raise ValueError(f"parameter {name!r}{where}: {err}") from None
         p.worker_error = e_out
         marker = torch.full((1,), float(self._step + 1), dtype=torch.float32, device=work.device)
@@ -155,7 +186,7 @@ class Compression:
         bucket.add(self, p)
         return marker, name
 
-    def decompress(self, output, name):
+    def _decompress(self, output, name):
         if name is None:   # a sparse gradient: Horovod allgathered it itself, without compress()
             return output
         pending = self._pending.get(name)
@@ -166,7 +197,6 @@ class Compression:
         elif pending.update is None:   # the first decompress() of a compressed tensor in this step
             value = output.item()
             if not math.isclose(value, self._step + 1, rel_tol=1e-3):
-                self._abandon_step()
                 raise RuntimeError(f"parameter {name!r}: Horovod's reduction of the step marker gave {value}, "
                                    f"expected {self._step + 1}: use op=hvd.Average, and make every rank run the "
                                    f"same steps")
@@ -179,13 +209,45 @@ class Compression:
             self._end_step()
         return result
 
+    # ---- the ranks: the optimizer's process set ---------------------------------------------------------------
+
+    def _bind(self, optimizer):
+        """At the first step: take the process set of Horovod's optimizer (found among compress()'s callers:
+        Horovod passes compress() no reference to it), and keep the optimizer to reset it after an error."""
+        self._optimizer = weakref.ref(optimizer) if optimizer is not None else (lambda: None)
+        theirs = getattr(optimizer, "process_set", None)
+        if self.process_set is None:
+            self.process_set = theirs
+        elif theirs is not None and sorted(theirs.ranks) != sorted(self.process_set.ranks):
+            raise ValueError(f"Compression(process_set=) has ranks {sorted(self.process_set.ranks)} but the "
+                             f"optimizer's process set has ranks {sorted(theirs.ranks)}: give both the same")
+        if not 0 <= self.root_rank < self.size():
+            raise ValueError(f"root_rank={self.root_rank} is not a rank of the process set "
+                             f"(ranks 0..{self.size() - 1}, counted within it)")
+
+    def _ranks(self):
+        """The process set every collective of this object runs on."""
+        return self.process_set if self.process_set is not None else hvd.global_process_set
+
+    def size(self):
+        """The number of ranks that average the gradients (those of the process set)."""
+        return self._ranks().size()
+
+    def rank(self):
+        """This rank's place in the process set."""
+        return self._ranks().rank()
+
+    def root(self):
+        """The server pass's rank as Horovod's broadcast names it (a global rank)."""
+        return self._ranks().ranks[self.root_rank]
+
     # ---- the step -------------------------------------------------------------------------------------------
 
     def seed_of(self, key, server=False):
         """The seed of a compressor call on ``key`` (a parameter or a slice) in this step."""
         if server:
             return server_seed(self.config.server, self.seed, self._step, key)
-        return worker_seed(self.config.worker, self.seed, self._step, hvd.rank(), key)
+        return worker_seed(self.config.worker, self.seed, self._step, self.rank(), key)
 
     def _payload_buffer(self, key, size, device):
         """The buffer a piece's payload bytes are written into, kept from step to step (they are copied into
@@ -221,7 +283,6 @@ class Compression:
             return
         if bad:
             here = sorted(name for name, p in self._pending.items() if p.stats is not None and p.stats[2] == 0)
-            self._abandon_step()
             raise FloatingPointError(
                 f"gradient not finite (NaN or Inf) for parameter(s) {bad} on some rank (on this rank: "
                 f"{here or 'none'}); hvd_compress dropped this step and left every error buffer unchanged")
@@ -269,12 +330,28 @@ class Compression:
         else:
             self._step += 1
 
-    def _abandon_step(self):
+    def _recover(self):
+        """After an error inside a step, on every rank alike: wait for this step's collectives still in
+        flight (Horovod refuses a new one under a name in flight), drop the step (no buffer was committed),
+        and reset Horovod's optimizer as its load_state_dict() does, so that zero_grad() and the next
+        backward() work."""
+        for bucket in self._buckets:
+            bucket.wait_quietly()
+            bucket.reset()
         self._pending.clear()
         self._skipping = False
-        for bucket in self._buckets:
-            bucket.reset()
         self._step_stats = self._new_stats()
+        opt = self._optimizer and self._optimizer()
+        if opt is not None:
+            for handle, _ in opt._handles.values():
+                if handle is not None and not callable(handle):
+                    _wait_quietly(handle)
+            opt._handles.clear()
+            opt._synchronized = False
+            for p in opt._allreduce_delay:
+                opt._allreduce_delay[p] = opt.backward_passes_per_step
+            for group in opt._group_counts:
+                opt._group_counts[group] = 0
 
     @staticmethod
     def _new_stats():
@@ -291,7 +368,7 @@ class Compression:
         return self._transports[name]
 
     def _plan(self):
-        n, config = hvd.size(), self.config
+        n, config = self.size(), self.config
         todo = [name for name in self._params if name not in self._transports]   # all, but after a resume
         if todo and config.transport == T.AUTO and n > 1:
             if self._link is None:
@@ -340,9 +417,9 @@ class Compression:
         so compare before the first payload travels (fixed-size collectives: safe whatever the config)."""
         mine = self.fingerprint()
         digests = hvd.allgather(torch.tensor([agreement.digest(mine)], dtype=torch.int64),
-                                name=f"hc.config_check.{self.tag}")
+                                name=f"hc.config_check.{self.tag}", process_set=self._ranks())
         if bool((digests != agreement.digest(mine)).any()):
-            everyone = hvd.allgather_object(mine, name=f"hc.config_check_text.{self.tag}")
+            everyone = _allgather_object(mine, f"hc.config_check_text.{self.tag}", self._ranks())
             raise agreement.mismatch_error(everyone)
         self._checked = True
 
@@ -356,7 +433,7 @@ class Compression:
             raise RuntimeError("state_dict() during a step (between backward() and optimizer.step())")
         mine = ({n: t.detach().cpu().clone() for n, t in self._worker_error.items()},
                 {n: t.detach().cpu().clone() for n, t in self._server_error.items()})
-        everyone = hvd.allgather_object(mine, name=f"hc.state_dict.{self.tag}") if hvd.size() > 1 else [mine]
+        everyone = _allgather_object(mine, f"hc.state_dict.{self.tag}", self._ranks()) if self.size() > 1 else [mine]
         server_error = dict(everyone[self.root_rank][1])
         for name, how in self._transports.items():   # sharded: every rank holds its slice of d
             if how == "sharded" and name in server_error:
@@ -370,19 +447,19 @@ class Compression:
         """Restores what ``state_dict()`` saved; every rank loads the same dict and takes its own part."""
         if self._pending:
             raise RuntimeError("load_state_dict() during a step (between backward() and optimizer.step())")
-        agreement.check_state(state, self.fingerprint(), hvd.size())
-        unknown = set(state["worker_error"][hvd.rank()]) - set(self._params)
+        agreement.check_state(state, self.fingerprint(), self.size())
+        unknown = set(state["worker_error"][self.rank()]) - set(self._params)
         if unknown:
             raise ValueError(f"the state has error buffers for unknown parameters {sorted(unknown)}")
-        self._worker_error = {n: t.clone() for n, t in state["worker_error"][hvd.rank()].items()}
+        self._worker_error = {n: t.clone() for n, t in state["worker_error"][self.rank()].items()}
         self._transports = dict(state.get("transports", {}))   # "auto" continues with the saved choices
         self._buckets, self._bucket_of = [], None               # formed again at the next compress()
         self._link = T.Link(*state["link"]) if state.get("link") else self._link
-        rank, is_root = hvd.rank(), hvd.rank() == self.root_rank
+        rank, is_root = self.rank(), self.rank() == self.root_rank
         self._server_error = {}
         for name, t in state["server_error"].items():
             if self._transports.get(name) == "sharded":
-                b = T.bounds(t.numel(), hvd.size())
+                b = T.bounds(t.numel(), self.size())
                 self._server_error[name] = t[b[rank]:b[rank + 1]].clone()
             elif is_root:
                 self._server_error[name] = t.clone()
@@ -414,3 +491,35 @@ class Compression:
 
     def __repr__(self):
         return f"Compression({self.config.fingerprint()})"
+
+
+def _horovod_optimizer_calling():
+    """The Horovod optimizer among compress()'s callers (its _allreduce_grad_async, or the list comprehension
+    of its grouped variant), or None when compress() is called otherwise."""
+    frame = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            break
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, torch.optim.Optimizer) and hasattr(candidate, "_handles"):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _wait_quietly(handle):
+    """Wait for a collective whose result is no longer wanted (its error, if any, is the one being raised)."""
+    try:
+        hvd.synchronize(handle)
+    except Exception:   # noqa: BLE001
+        pass
+
+
+def _allgather_object(obj, name, process_set):
+    """Every rank's ``obj`` (pickled) in rank order, over a process set (Horovod 0.28's allgather_object
+    takes none)."""
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    sizes = hvd.allgather(torch.tensor([data.numel()]), name=f"{name}.sizes", process_set=process_set).tolist()
+    gathered = hvd.allgather(data, name=name, process_set=process_set)
+    offsets = [0] + list(itertools.accumulate(sizes))
+    return [pickle.load(io.BytesIO(gathered[a:b].numpy().tobytes())) for a, b in zip(offsets, offsets[1:])]

@@ -7,7 +7,10 @@ usage: bad_input.py SCENARIO
   op_sum     DistributedOptimizer(op=hvd.Sum)                  -> RuntimeError on both ranks
   k_too_big  TopK(k=10) on a 3-element bias                     -> ValueError on both ranks
   SCENARIO_sharded   the same with transport="sharded" (k_too_big: TopK(k=2) > a slice of the 3-element bias)
-Each rank prints "CAUGHT <type>: <message>" and, for nan, "BUFFERS_UNCHANGED <bool>".
+Each rank prints "CAUGHT <type>: <message>" and, for nan, "BUFFERS_UNCHANGED <bool>". Then, as a user who
+caught the error would, it trains on with the same optimizer for 3 steps: it prints "TRAINED_ON <steps done>
+<replicas identical>", or "AGAIN <type>: <message>" when the cause persists (the same clear error must come
+back, not a Horovod assertion about the step left behind).
 """
 import os
 import sys
@@ -53,8 +56,24 @@ def main(scenario):
                             for r in range(hvd.size()) for n in before["worker_error"][r]) and all(
                 torch.equal(before["server_error"][n], after["server_error"][n]) for n in before["server_error"])
             print(f"BUFFERS_UNCHANGED {unchanged}", flush=True)
+        train_on(model, optimizer, compression)
         return
     print("NO ERROR", flush=True)
+
+
+def train_on(model, optimizer, compression):
+    try:
+        for step in range(6, 9):
+            optimizer.zero_grad()
+            loss_of(model, step, hvd.rank()).backward()
+            optimizer.step()
+    except Exception as err:   # noqa: BLE001
+        print(f"AGAIN {type(err).__name__}: {err}".replace("\n", " | "), flush=True)
+        hvd.barrier()
+        return
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    identical = bool((hvd.allgather(flat[None]) == flat).all())
+    print(f"TRAINED_ON {compression.stats()['steps']} {identical}", flush=True)
 
 
 if __name__ == "__main__":

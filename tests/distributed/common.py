@@ -70,28 +70,31 @@ def train_reference(case, n, steps):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def train_distributed(case, steps, model=None, compression=None, start=0):
-    """The same training with Horovod; returns (model, compression)."""
+def train_distributed(case, steps, model=None, compression=None, start=0, process_set=None):
+    """The same training with Horovod (on a process set: its ranks are the simulation's ranks 0..n-1);
+    returns (model, compression)."""
     import horovod.torch as hvd
 
+    process_set = process_set or hvd.global_process_set
     model = model or TinyNet(DTYPES[case.get("dtype", "float64")])
     if compression is None:
         compression = make_compression(case, model)
     passes = case.get("backward_passes_per_step", 1)
     optimizer = hvd.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=LR), named_parameters=model.named_parameters(),
-        compression=compression, backward_passes_per_step=passes, groups=case.get("groups"))
+        compression=compression, backward_passes_per_step=passes, groups=case.get("groups"),
+        process_set=process_set)
     for step in range(start, start + steps):
         optimizer.zero_grad()
         for k in range(passes):
-            loss_of(model, passes * step + k, hvd.rank()).backward()
+            loss_of(model, passes * step + k, process_set.rank()).backward()
         optimizer.step()
     return model, compression
 
 
-def make_compression(case, model):
+def make_compression(case, model, **options):
     import hvd_compress.torch as hc
     return hc.Compression(case["compressor"], error_feedback=case.get("error_feedback", False),
                           server=case.get("server"), named_parameters=model.named_parameters(),
                           transport=case.get("transport"), link_gbps=case.get("link_gbps"),
-                          dense_below=case.get("dense_below", 0), bucket_mb=case.get("bucket_mb", 64))
+                          dense_below=case.get("dense_below", 0), bucket_mb=case.get("bucket_mb", 64), **options)
