@@ -120,8 +120,50 @@ def test_checkpoint_at_10_resumes_equal_to_uninterrupted_20(tmp_path):
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     proc = launch(2, DISTRIBUTED / "checkpoint.py", tmp_path / "cases.json", tmp_path / "ckpt.pt")
     assert proc.returncode == 0, proc.stdout[-5000:]
-    for case_id, r in result_line(proc).items():
+    report = result_line(proc)
+    assert sorted(report) == sorted(f"{c['id']} ({form})" for c in cases for form in ("one file", "per rank"))
+    for case_id, r in report.items():
         assert r == {"parameters_equal": True, "error_buffers_equal": True, "nonzero_buffers": True}, case_id
+
+
+RESIZE_CASES = [{"id": "topk-ds", "compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5"},
+                {"id": "topk-ds-sharded", "compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5",
+                 "transport": "sharded"}]
+
+
+@pytest.mark.parametrize("saved_by, loaded_by", [(3, 2), (2, 3)])
+def test_per_rank_checkpoint_loads_into_another_number_of_ranks(tmp_path, saved_by, loaded_by):
+    """save_per_rank on n ranks, load_per_rank on m: worker buffers folded by the documented rule (new rank j:
+    m/n * sum of old ranks i = j mod m), the server buffer kept on the root or its slices cut again, the step
+    kept; training goes on with identical replicas."""
+    (tmp_path / "cases.json").write_text(json.dumps(RESIZE_CASES))
+    launcher = {2: "horovodrun", 3: "mpirun"}
+    for mode, n in (("save", saved_by), ("load", loaded_by)):
+        proc = launch(n, DISTRIBUTED / "resize.py", mode, tmp_path, tmp_path / "cases.json", launcher=launcher[n])
+        assert proc.returncode == 0, proc.stdout[-5000:]
+    report = result_line(proc)
+    n, m = saved_by, loaded_by
+    for case in RESIZE_CASES:
+        folder = tmp_path / case["id"]
+        assert report[case["id"]] == {"identical": True, "finite": True, "steps": 10}
+        saved = [torch.load(folder / f"rank{i}.pt") for i in range(n)]
+        loaded = [torch.load(folder / f"loaded{j}.pt") for j in range(m)]
+        assert all(part["step"] == 6 for part in loaded)
+        for j in range(m):
+            folded = [s["worker_error"] for i, s in enumerate(saved) if i % m == j]
+            assert sorted(loaded[j]["worker_error"]) == (sorted(folded[0]) if folded else [])
+            for name, e in loaded[j]["worker_error"].items():
+                torch.testing.assert_close(e, m / n * sum(f[name] for f in folded), rtol=1e-12, atol=0)
+        names = sorted(saved[0]["server_error"])
+        assert names == ["extra.weight", "fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+        for name in names:
+            if case.get("transport") == "sharded":   # the slices, cut again
+                before = torch.cat([s["server_error"][name] for s in saved])
+                after = torch.cat([part["server_error"][name] for part in loaded])
+            else:                                    # the root's whole buffer, on the root only
+                before, after = saved[0]["server_error"][name], loaded[0]["server_error"][name]
+                assert all(name not in part["server_error"] for part in loaded[1:])
+            assert torch.equal(before, after), (case["id"], name)
 
 
 @pytest.mark.parametrize("scenario, error, words", [

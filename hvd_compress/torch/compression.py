@@ -40,6 +40,7 @@ from .. import compressors as C
 from .. import agreement
 from .. import transport as T
 from ..seeds import server_seed, worker_seed
+from . import checkpoint
 from . import kernels as K
 from .bucket import Bucket, Pending, buckets_of, measure_kernels, measure_link
 
@@ -464,6 +465,16 @@ class Compression:
             elif is_root:
                 self._server_error[name] = t.clone()
         self._step = int(state["step"])
+
+    def save_per_rank(self, directory):
+        """This rank's part of the state, written to ``directory/rank{r}.pt`` by every rank (no collective,
+        no other rank's buffers in memory). See ``checkpoint.py`` for what is in it."""
+        checkpoint.save(self, directory)
+
+    def load_per_rank(self, directory):
+        """Loads what ``save_per_rank`` wrote, also into another number of ranks (the rule: ``checkpoint.py``,
+        README). Every rank calls it; each reads only the files it needs."""
+        checkpoint.load(self, directory)
 
     def stats(self):
         """About the last step (all zero before one; ``steps`` counts completed steps, ``skipped_steps`` those
