@@ -28,6 +28,7 @@ class Compressor:
 
     random = False      # draws random numbers (needs a seed per call)
     summable = False    # payloads of different ranks can be summed element-wise (allreduce transport)
+    sparsifies = False  # sends a subset of the coordinates (momentum correction masks the others)
 
     def layout(self, d):
         """[(dtype kind, length)] of the payload parts for a tensor of d elements."""
@@ -71,6 +72,8 @@ def _check_ratio_k(ratio, k):
 
 class _Sparsifier(Compressor):
     """Keeps k of d coordinates; k = max(1, floor(ratio * d)) or the given k."""
+
+    sparsifies = True
 
     def __init__(self, ratio=None, k=None):
         self.ratio, self.k = _check_ratio_k(ratio, k)
@@ -197,6 +200,8 @@ class Compose(Compressor):
 
     C(x) = scatter(indices, second(values)); equal to second(first(x)) for element-wise ``second``."""
 
+    sparsifies = True
+
     def __init__(self, first, second):
         if not isinstance(first, (TopK, RandK)) or getattr(first, "shared", False):
             raise ValueError(f"Compose needs TopK or a non-shared RandK first, got {first!r}")
@@ -240,6 +245,7 @@ class Scaled(Compressor):
 
     random = property(lambda self: self.compressor.random)
     summable = property(lambda self: self.compressor.summable)
+    sparsifies = property(lambda self: self.compressor.sparsifies)
 
     def layout(self, d):
         return self.compressor.layout(d)
@@ -356,7 +362,24 @@ class Config:
     error_feedback: bool
     server: Optional[Compressor]
     transport: Optional[str] = None
+    momentum: float = 0.0   # momentum correction (Deep Gradient Compression): see check_momentum
 
     def fingerprint(self):
         text = f"worker={self.worker!r} error_feedback={self.error_feedback} server={self.server!r}"
-        return text + (f" transport={self.transport}" if self.transport else "")
+        return (text + (f" transport={self.transport}" if self.transport else "")
+                + (f" momentum={self.momentum}" if self.momentum else ""))
+
+
+def check_momentum(momentum, worker, error_feedback):
+    """Momentum correction (Lin et al., Deep Gradient Compression): each worker keeps a velocity
+    u <- m u + g and compresses x = u + e with error feedback; the coordinates sent leave u (factor masking),
+    and the optimizer runs without momentum of its own. Only for sparsifiers with error feedback: a
+    compressor that sends every coordinate would reset the whole velocity every step."""
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+    if momentum and not error_feedback:
+        raise ValueError(f"momentum={momentum!r} (momentum correction) needs error_feedback=True")
+    if momentum and not worker.sparsifies:
+        raise ValueError(f"momentum={momentum!r} (momentum correction with factor masking) needs a sparsifying "
+                         f"compressor (TopK, RandK, or a composition starting with one), got {worker!r}")
+    return float(momentum)

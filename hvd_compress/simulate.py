@@ -2,7 +2,9 @@
 
 It follows DESIGN.md section 1 literally, with the compressors' C(x) and the same per-call seeds as the
 Horovod plug-ins, and shares no pipeline code with them: a distributed run must match it step for step.
-A transport (see ``hvd_compress.transport``) changes the math only where it says so: "dense" averages
+With ``momentum`` (momentum correction, ``compressors.check_momentum``) each worker's velocity
+u <- m u + g takes g's place, and the coordinates sent (where the new error differs from x) are cleared
+from u. A transport (see ``hvd_compress.transport``) changes the math only where it says so: "dense" averages
 the exact gradients (as do tensors under ``dense_below`` elements), "sharded" runs the pipeline on each of the
 n slices on its own. Buckets do not change the math: tensors are compressed one by one inside them. Gradients may be PyTorch
 or TensorFlow tensors; C(x) runs with the kernels of their framework.
@@ -33,10 +35,12 @@ def _concat(pieces):
 
 class Simulation:
     def __init__(self, compressor, error_feedback=False, server=None, n=2, seed=0, transport=None, link=None,
-                 dense_below=0):
+                 dense_below=0, momentum=0.0):
         self.worker, self.server = C.parse(compressor) or C.Identity(), C.parse(server)
         self.error_feedback, self.n, self.seed = bool(error_feedback), int(n), int(seed)
-        self.config = C.Config(self.worker, self.error_feedback, self.server)
+        self.momentum = C.check_momentum(momentum, self.worker, self.error_feedback)
+        self.config = C.Config(self.worker, self.error_feedback, self.server, momentum=self.momentum)
+        self.velocity = [{} for _ in range(self.n)]       # u_i (momentum correction), per rank and name
         self.transport, self.link = T.check(transport, self.config), link
         self.dense_below = int(dense_below)   # tensors with fewer elements are averaged exactly (dense)
         self.worker_error = [{} for _ in range(self.n)]   # e_i, per rank and parameter name
@@ -53,6 +57,11 @@ class Simulation:
         for name, first in grads[0].items():
             step = self.steps.get(name, 0)
             gs = [_reshape(grads[i][name], [-1]) for i in range(self.n)]
+            if self.momentum:   # u <- m u + g, and u is what is compressed (or averaged) in g's place
+                gs = [g.add(self.velocity[i][name], alpha=self.momentum) if name in self.velocity[i] else g
+                      for i, g in enumerate(gs)]
+                for i, u in enumerate(gs):
+                    self.velocity[i][name] = u
             d = int(gs[0].shape[0])
             how = self.transports[name] = ("dense" if d < self.dense_below else
                                            T.resolve(self.transport, self.config, d, self.n, self.link))
@@ -72,6 +81,9 @@ class Simulation:
                 if self.error_feedback:
                     for i in range(self.n):
                         self.worker_error[i][name] = xs[i] - ps[i]
+                        if self.momentum:   # factor masking: the coordinates sent leave the velocity
+                            sent = self.worker_error[i][name] != xs[i]
+                            self.velocity[i][name] = self.velocity[i][name].masked_fill(sent, 0)
             updates[name] = _reshape(update, list(first.shape))
             self.steps[name] = step + 1
         return updates

@@ -52,6 +52,12 @@ def _cases():
         {**ds, "id": "bucket_mb=1e-4/sharded", "bucket_mb": 1e-4, "transport": "sharded"},
         {**ds, "id": "bucket_mb=1e-4/sharded/no server", "bucket_mb": 1e-4, "transport": "sharded", "server": None},
         {**ds, "id": "bucket_mb=1e-4/randk:0.3,shared", "bucket_mb": 1e-4, "compressor": "randk:0.3,shared"},
+        # momentum correction: velocity before compression, the sent coordinates masked
+        {**ds, "id": "momentum=0.9", "momentum": 0.9},
+        {**ds, "id": "momentum=0.9/sharded", "momentum": 0.9, "transport": "sharded"},
+        {**ds, "id": "momentum=0.9/dense_below=16", "momentum": 0.9, "dense_below": 16},
+        {**ds, "id": "momentum=0.5/randk:0.3/no server", "momentum": 0.5, "compressor": "randk:0.3", "server": None},
+        {**ds, "id": "momentum=0.9/topk:0.3+natural", "momentum": 0.9, "compressor": "topk:0.3+natural"},
     ]
     return cases
 
@@ -171,6 +177,7 @@ def test_per_rank_checkpoint_loads_into_another_number_of_ranks(tmp_path, saved_
     ("nan", "FloatingPointError", "not finite (NaN or Inf) for parameter(s) ['fc2.weight']"),
     ("op_sum", "RuntimeError", "use op=hvd.Average"),
     ("k_too_big", "ValueError", "parameter 'fc2.bias': TopK(ratio=None, k=10): k=10 is larger"),
+    ("momentum_twice", "ValueError", "give the optimizer momentum=0"),
     ("nan_sharded", "FloatingPointError", "not finite (NaN or Inf) for parameter(s) ['fc2.weight']"),
     ("k_too_big_sharded", "ValueError",
      "parameter 'fc2.bias' (one of its 2 slices, transport 'sharded'): TopK(ratio=None, k=2): k=2 is larger"),

@@ -98,6 +98,10 @@ def test_state_dict_round_trip_and_refusals(horovod):
     ({"compressor": "topk:0.1", "dense_below": -1}, ValueError,
      "dense_below must be an integer >= 0 (elements), got -1"),
     ({"compressor": "topk:0.1", "bucket_mb": 0}, ValueError, "bucket_mb must be a number > 0, got 0"),
+    ({"compressor": "topk:0.1", "error_feedback": True, "momentum": 1.0}, ValueError,
+     "momentum must be a number in [0, 1), got 1.0"),
+    ({"compressor": "topk:0.1", "momentum": 0.9}, ValueError, "momentum=0.9 (momentum correction) needs error_feedback"),
+    ({"compressor": "sign", "error_feedback": True, "momentum": 0.9}, ValueError, "needs a sparsifying compressor"),
 ])
 def test_constructor_refuses_bad_arguments(kwargs, error, words):
     kwargs.setdefault("named_parameters", _model().named_parameters())

@@ -96,6 +96,9 @@ class Compression(tf.Module):
 
     # ---- Horovod's Compressor interface ------------------------------------------------------------------
 
+    # Plain Python over static shapes and configuration: autograph has nothing to convert (it would only
+    # slow the tracing of every step function down)
+    @tf.autograph.experimental.do_not_convert
     def compress(self, tensor):
         i = self._index_of(tensor)
         name, worker, server = self.names[i], self.config.worker, self.config.server
@@ -139,6 +142,7 @@ class Compression(tf.Module):
         self._bytes_per_step[i] = sent + 4
         return tf.reshape(marker, [1]), (i, tensor.shape, tensor.dtype, x, local, update, server_error)
 
+    @tf.autograph.experimental.do_not_convert
     def decompress(self, marker, ctx):
         i, shape, grad_dtype, x, local, update, server_error = ctx
         name, step = self.names[i], self.steps[i]

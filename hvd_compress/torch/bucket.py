@@ -41,6 +41,7 @@ class Pending:
     worker_error: Optional[torch.Tensor] = None  # the candidate new e (the spare half of its double buffer)
     server_error: Optional[torch.Tensor] = None  # root (sharded: every rank, its slice): the candidate new d
     server_stats: Optional[torch.Tensor] = None
+    velocity: Optional[torch.Tensor] = None      # momentum correction: the candidate new u
     update: Optional[torch.Tensor] = None        # the aggregated (and server-compressed) gradient
 
 

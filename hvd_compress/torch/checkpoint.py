@@ -6,7 +6,7 @@ buffers (the root's whole d; under transport "sharded", every rank's slice), the
 configuration's fingerprint. ``load(comp, directory)`` reads what this rank needs. With the same number of
 ranks that is its own file, and the run continues exactly. Saved by n ranks and loaded by m, the rule is:
 
-- worker buffers: new rank j takes ``m / n * sum(e_i for old ranks i with i % m == j)`` (zero when there is
+- worker buffers (error feedback's e, momentum correction's u): new rank j takes ``m / n * sum(e_i for old ranks i with i % m == j)`` (zero when there is
   none). This keeps ``1/n * sum(e_i)``, the gradient every worker still owes to the average, unchanged:
   nothing compressed away before the resize is lost, nothing is counted twice. Rank j reads the files of
   those ranks only, one at a time.
@@ -35,6 +35,7 @@ def save(comp, directory):
     part = {"format": FORMAT, "fingerprint": comp.fingerprint(), "size": comp.size(), "rank": comp.rank(),
             "step": comp._step, "transports": dict(comp._transports), "link": link,
             "worker_error": {n: t.detach().cpu() for n, t in comp._worker_error.items()},
+            "velocity": {n: t.detach().cpu() for n, t in comp._velocity.items()},
             "server_error": {n: t.detach().cpu() for n, t in comp._server_error.items()}}
     path = _file(directory, comp.rank())
     torch.save(part, path.with_suffix(".tmp"))
@@ -68,12 +69,14 @@ def load(comp, directory):
     if unknown:
         raise ValueError(f"the checkpoint has parameters this model lacks: {sorted(unknown)}")
 
-    worker = {}
+    worker = {"worker_error": {}, "velocity": {}}
     for i in range(j, n, m):   # the old ranks folded into new rank j
-        for name, e in read(i)["worker_error"].items():
-            worker[name] = worker[name] + e if name in worker else e.clone()
+        part = read(i)
+        for kind, folded in worker.items():
+            for name, e in part.get(kind, {}).items():
+                folded[name] = folded[name] + e if name in folded else e.clone()
     if m != n:
-        worker = {name: e.mul_(m / n) for name, e in worker.items()}
+        worker = {kind: {name: e.mul_(m / n) for name, e in folded.items()} for kind, folded in worker.items()}
 
     server = {}
     sharded = [name for name, how in transports.items() if how == "sharded"]
@@ -96,7 +99,8 @@ def load(comp, directory):
         server.update({name: t for name, t in root["server_error"].items() if transports.get(name) != "sharded"})
 
     device = {name: p.device for name, p in comp._params.items()}
-    comp._worker_error = {name: e.to(device[name]) for name, e in worker.items()}
+    comp._worker_error = {name: e.to(device[name]) for name, e in worker["worker_error"].items()}
+    comp._velocity = {name: u.to(device[name]) for name, u in worker["velocity"].items()}
     comp._server_error = {name: d.to(device[name]) for name, d in server.items()}
     comp._transports = dict(transports)
     comp._buckets, comp._bucket_of = [], None   # formed again at the next compress()

@@ -76,6 +76,11 @@ class Compression:
             ``hvd.DistributedOptimizer(process_set=...)``. None takes the optimizer's at the first step
             (every collective of this object runs on it); give it here too if ``state_dict()`` or
             ``load_state_dict()`` are called before the first step.
+        momentum: momentum correction with factor masking (Deep Gradient Compression): each worker keeps a
+            velocity u <- momentum * u + g and compresses u + e (error feedback) in g's place; the coordinates
+            sent leave u. Give the optimizer no momentum of its own (refused at the first step). Needs
+            error_feedback=True and a sparsifier (TopK, RandK, compositions starting with one). Tensors that
+            travel dense send u.
         nonfinite: what a step does when some rank's gradient holds NaN or Inf. "skip" (as stock Horovod,
             whose averaged gradient is then non-finite too): every rank returns NaN gradients, so that
             ``torch.amp.GradScaler`` and users see the overflow, no error buffer changes, and the step is
@@ -91,9 +96,10 @@ class Compression:
     """
 
     def __init__(self, compressor, error_feedback=False, server=None, named_parameters=None, root_rank=0, seed=0,
-                 transport=None, link_gbps=None, dense_below=1024, bucket_mb=64, nonfinite="skip", process_set=None):
+                 transport=None, link_gbps=None, dense_below=1024, bucket_mb=64, nonfinite="skip", process_set=None, momentum=0.0):
         worker = C.parse(compressor) or C.Identity()
-        config = C.Config(worker, bool(error_feedback), C.parse(server))
+        config = C.Config(worker, bool(error_feedback), C.parse(server),
+                          momentum=C.check_momentum(momentum, worker, bool(error_feedback)))
         self.config = dataclasses.replace(config, transport=T.check(transport, config))
         self._link = None if link_gbps is None else T.Link.gbit(link_gbps)
         if link_gbps is not None and transport != T.AUTO:
@@ -125,6 +131,7 @@ class Compression:
         self._buckets = []
         self._kernel_table = None                         # "auto": measured kernel seconds per element
         self._worker_error, self._server_error = {}, {}   # name -> flat tensor (the committed buffers)
+        self._velocity = {}                               # name -> u (momentum correction), committed
         self._spare = {}                                  # (kind, name) -> the other half of a double buffer
         self._payloads = {}                               # name or slice name -> its payload bytes' buffer
         self._pending = {}                                # name -> Pending, for the step in flight
@@ -137,19 +144,20 @@ class Compression:
     # ---- Horovod's Compressor interface -----------------------------------------------------------------
 
     def compress(self, tensor):
+        optimizer = self._optimizer() if self._optimizer else _horovod_optimizer_calling()
         try:
             if self._optimizer is None:
-                self._bind(_horovod_optimizer_calling())
+                self._bind(optimizer)
             return self._compress(tensor)
         except Exception:
-            self._recover()
+            self._recover(optimizer)
             raise
 
     def decompress(self, output, name):
         try:
             return self._decompress(output, name)
         except Exception:
-            self._recover()
+            self._recover(self._optimizer and self._optimizer())
             raise
 
     def _compress(self, tensor):
@@ -159,9 +167,15 @@ class Compression:
         if name in self._pending:
             raise RuntimeError(f"compress() was called twice for parameter {name!r} in one step")
         how = self._transport_of(name)
-        if how == "dense":   # Horovod averages the gradient itself
-            self._pending[name] = Pending(name, how, tensor.shape, tensor.dtype,
-                                          tensor.numel() * tensor.element_size())
+        if how == "dense":   # Horovod averages the gradient (with momentum correction: u) itself
+            p = self._pending[name] = Pending(name, how, tensor.shape, tensor.dtype,
+                                              tensor.numel() * tensor.element_size())
+            if self.config.momentum:
+                flat = tensor.detach().reshape(-1)
+                u = flat.to(K.compute_dtype(flat.dtype))
+                p.velocity = self._momentum_step(name, u)
+                if u is not flat:
+                    flat.copy_(u)
             return tensor, name
         try:
             dtype = K.compute_dtype(tensor.dtype)
@@ -172,6 +186,8 @@ class Compression:
         # .grad to what decompress() returns); a gradient of another dtype gets a buffer of the compute dtype
         work = flat if flat.dtype == dtype and flat.is_contiguous() else flat.to(dtype)
         p = Pending(name, how, tensor.shape, tensor.dtype, 0, work=work)
+        if self.config.momentum:
+            p.velocity = self._momentum_step(name, work)   # work now holds u
         e_in = self._worker_error.get(name) if self.config.error_feedback else None
         e_out = self._spare_buffer("worker", name, work) if self.config.error_feedback else None
         bucket = self._bucket_of.get(name) or self._new_bucket(name, how)
@@ -180,6 +196,9 @@ class Compression:
         except ValueError as err:
             where = f" (one of its {self.size()} slices, transport 'sharded')" if how == "sharded" else ""
             raise ValueError(f"parameter {name!r}{where}: {err}") from None
+        if self.config.momentum:   # factor masking: the coordinates sent (where e changed from x) leave u
+            x = work if e_in is None else work + e_in
+            p.velocity.masked_fill_(e_out != x, 0)
         p.worker_error = e_out
         marker = torch.full((1,), float(self._step + 1), dtype=torch.float32, device=work.device)
         p.bytes_sent += marker.element_size()
@@ -214,17 +233,24 @@ class Compression:
 
     def _bind(self, optimizer):
         """At the first step: take the process set of Horovod's optimizer (found among compress()'s callers:
-        Horovod passes compress() no reference to it), and keep the optimizer to reset it after an error."""
-        self._optimizer = weakref.ref(optimizer) if optimizer is not None else (lambda: None)
+        Horovod passes compress() no reference to it), and keep the optimizer to reset it after an error.
+        Bound only once every check passed, so that a refused set-up is refused again at the next step."""
         theirs = getattr(optimizer, "process_set", None)
-        if self.process_set is None:
-            self.process_set = theirs
-        elif theirs is not None and sorted(theirs.ranks) != sorted(self.process_set.ranks):
-            raise ValueError(f"Compression(process_set=) has ranks {sorted(self.process_set.ranks)} but the "
-                             f"optimizer's process set has ranks {sorted(theirs.ranks)}: give both the same")
-        if not 0 <= self.root_rank < self.size():
+        ranks = self.process_set if self.process_set is not None else theirs or hvd.global_process_set
+        if theirs is not None and sorted(theirs.ranks) != sorted(ranks.ranks):
+            raise ValueError(f"Compression(process_set=) has ranks {sorted(ranks.ranks)} but the optimizer's "
+                             f"process set has ranks {sorted(theirs.ranks)}: give both the same")
+        if self.config.momentum and optimizer is not None:
+            doubled = sorted({group.get("momentum", 0) for group in optimizer.param_groups} - {0})
+            if doubled:
+                raise ValueError(f"Compression(momentum={self.config.momentum}) applies the momentum before "
+                                 f"compressing, but the optimizer has momentum {doubled[0]} too: give the "
+                                 f"optimizer momentum=0")
+        if not 0 <= self.root_rank < ranks.size():
             raise ValueError(f"root_rank={self.root_rank} is not a rank of the process set "
-                             f"(ranks 0..{self.size() - 1}, counted within it)")
+                             f"(ranks 0..{ranks.size() - 1}, counted within it)")
+        self.process_set = ranks
+        self._optimizer = weakref.ref(optimizer) if optimizer is not None else (lambda: None)
 
     def _ranks(self):
         """The process set every collective of this object runs on."""
@@ -249,6 +275,13 @@ class Compression:
         if server:
             return server_seed(self.config.server, self.seed, self._step, key)
         return worker_seed(self.config.worker, self.seed, self._step, self.rank(), key)
+
+    def _momentum_step(self, name, work):
+        """u <- momentum * u + g, in g's memory (``work``), and a copy in the velocity's spare half."""
+        old = self._velocity.get(name)
+        if old is not None:
+            work.add_(old, alpha=self.config.momentum)   # the simulation's formula: the same bits
+        return self._spare_buffer("velocity", name, work).copy_(work)
 
     def _payload_buffer(self, key, size, device):
         """The buffer a piece's payload bytes are written into, kept from step to step (they are copied into
@@ -299,24 +332,31 @@ class Compression:
         if p.transport == "dense":
             if p.shape.numel() < self.dense_below:
                 s["dense_small_bytes"] += p.bytes_sent
+            if p.velocity is not None and not self._skipping and bool(p.update.isfinite().all()):
+                self._swap("velocity", self._velocity, p.name, p.velocity)
             return
         if self._skipping:
             return
         for kind, committed, new in (("worker", self._worker_error, p.worker_error),
-                                     ("server", self._server_error, p.server_error)):
-            if new is not None:   # swap the halves of the double buffer
-                old = committed.get(p.name)
-                committed[p.name] = new
-                if old is None:
-                    del self._spare[(kind, p.name)]
-                else:
-                    self._spare[(kind, p.name)] = old
+                                     ("server", self._server_error, p.server_error),
+                                     ("velocity", self._velocity, p.velocity)):
+            if new is not None:
+                self._swap(kind, committed, p.name, new)
         s["residual"] += p.stats[0]
         s["norm"] += p.stats[1]
         if self.config.error_feedback:
             s["worker_error"] += p.stats[0]
         if p.server_stats is not None:
             s["server_error"] += p.server_stats[0]
+
+    def _swap(self, kind, committed, name, new):
+        """Commit the new half of a double buffer; the old half becomes the spare."""
+        old = committed.get(name)
+        committed[name] = new
+        if old is None:
+            del self._spare[(kind, name)]
+        else:
+            self._spare[(kind, name)] = old
 
     def _end_step(self):
         for bucket in self._buckets:
@@ -331,7 +371,7 @@ class Compression:
         else:
             self._step += 1
 
-    def _recover(self):
+    def _recover(self, opt):
         """After an error inside a step, on every rank alike: wait for this step's collectives still in
         flight (Horovod refuses a new one under a name in flight), drop the step (no buffer was committed),
         and reset Horovod's optimizer as its load_state_dict() does, so that zero_grad() and the next
@@ -342,7 +382,6 @@ class Compression:
         self._pending.clear()
         self._skipping = False
         self._step_stats = self._new_stats()
-        opt = self._optimizer and self._optimizer()
         if opt is not None:
             for handle, _ in opt._handles.values():
                 if handle is not None and not callable(handle):
@@ -433,15 +472,17 @@ class Compression:
         if self._pending:
             raise RuntimeError("state_dict() during a step (between backward() and optimizer.step())")
         mine = ({n: t.detach().cpu().clone() for n, t in self._worker_error.items()},
-                {n: t.detach().cpu().clone() for n, t in self._server_error.items()})
+                {n: t.detach().cpu().clone() for n, t in self._server_error.items()},
+                {n: t.detach().cpu().clone() for n, t in self._velocity.items()})
         everyone = _allgather_object(mine, f"hc.state_dict.{self.tag}", self._ranks()) if self.size() > 1 else [mine]
         server_error = dict(everyone[self.root_rank][1])
         for name, how in self._transports.items():   # sharded: every rank holds its slice of d
             if how == "sharded" and name in server_error:
-                server_error[name] = torch.cat([s[name] for _, s in everyone])
+                server_error[name] = torch.cat([s[name] for _, s, _ in everyone])
         link = self._link and (self._link.bandwidth, self._link.latency)
         return {"format": agreement.STATE_FORMAT, "fingerprint": self.fingerprint(), "step": self._step,
-                "size": len(everyone), "worker_error": [w for w, _ in everyone], "server_error": server_error,
+                "size": len(everyone), "worker_error": [w for w, _, _ in everyone], "server_error": server_error,
+                "velocity": [v for _, _, v in everyone],
                 "transports": dict(self._transports), "link": link}
 
     def load_state_dict(self, state):
@@ -453,6 +494,7 @@ class Compression:
         if unknown:
             raise ValueError(f"the state has error buffers for unknown parameters {sorted(unknown)}")
         self._worker_error = {n: t.clone() for n, t in state["worker_error"][self.rank()].items()}
+        self._velocity = {n: t.clone() for n, t in state.get("velocity", [{}] * self.size())[self.rank()].items()}
         self._transports = dict(state.get("transports", {}))   # "auto" continues with the saved choices
         self._buckets, self._bucket_of = [], None               # formed again at the next compress()
         self._link = T.Link(*state["link"]) if state.get("link") else self._link

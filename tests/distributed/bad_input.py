@@ -6,6 +6,7 @@ usage: bad_input.py SCENARIO
              (Compression(nonfinite="raise"); the default skips such a step, see tests/distributed/amp.py)
   op_sum     DistributedOptimizer(op=hvd.Sum)                  -> RuntimeError on both ranks
   k_too_big  TopK(k=10) on a 3-element bias                     -> ValueError on both ranks
+  momentum_twice  Compression(momentum=0.9) and SGD(momentum=0.9) -> ValueError on both ranks
   SCENARIO_sharded   the same with transport="sharded" (k_too_big: TopK(k=2) > a slice of the 3-element bias)
 Each rank prints "CAUGHT <type>: <message>" and, for nan, "BUFFERS_UNCHANGED <bool>". Then, as a user who
 caught the error would, it trains on with the same optimizer for 3 steps: it prints "TRAINED_ON <steps done>
@@ -32,8 +33,9 @@ def main(scenario):
             "k_too_big": "topk:k=2" if sharded else "topk:k=10"}.get(scenario, "topk:0.3")
     compression = hc.Compression(spec, error_feedback=True, server="topk:0.5",
                                  named_parameters=model.named_parameters(), transport="sharded" if sharded else None,
-                                 dense_below=0, nonfinite="raise")
-    optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR),
+                                 dense_below=0, nonfinite="raise", momentum=0.9 if scenario == "momentum_twice" else 0)
+    momentum = 0.9 if scenario == "momentum_twice" else 0
+    optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum),
                                          named_parameters=model.named_parameters(), compression=compression,
                                          op=hvd.Sum if scenario == "op_sum" else hvd.Average)
     before = None
