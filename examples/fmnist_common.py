@@ -12,7 +12,7 @@ import time
 
 def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
     """The examples' flags; ``progress_bar`` only names the bar in ``--no-progress``'s help; ``transport``
-    adds --transport, --link-gbps, --dense-below and --bucket-mb (the PyTorch plug-in's transports)."""
+    adds --transport, --link-gbps, --dense-below, --bucket-mb and --momentum-correction (PyTorch plug-in only)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compressor", default="topk:0.01", help='worker compressor spec, e.g. "topk:0.01", '
                    '"none", "natural", "sign", "topk:0.01+natural"')
@@ -27,6 +27,10 @@ def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
                        help="tensors with fewer elements travel uncompressed (0: compress all)")
         p.add_argument("--bucket-mb", type=float, default=64,
                        help="dense gradient MiB per bucket of compressed tensors (one collective each)")
+        p.add_argument("--momentum-correction", action="store_true",
+                       help="apply --momentum before compressing (Deep Gradient Compression's momentum correction "
+                            "and factor masking; needs --error-feedback and a sparsifier); the optimizer then "
+                            "runs without momentum")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--lr", type=float, default=0.05)

@@ -95,8 +95,9 @@ def main():
     n_params = sum(p.numel() for p in params)
     dense_step = 4 * n_params                     # bytes of one dense fp32 allreduce of all gradients
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     use_hc = uses_hvd_compress(args)
+    correction = use_hc and args.momentum_correction   # the momentum moves into the Compression
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0 if correction else args.momentum)
     compression = None
     if use_hc:
         import hvd_compress.torch as hc
@@ -108,7 +109,8 @@ def main():
         compression = hc.Compression(args.compressor or None, error_feedback=args.error_feedback,
                                      server=args.server or None, named_parameters=model.named_parameters(),
                                      transport=args.transport, link_gbps=args.link_gbps,
-                                     dense_below=args.dense_below, bucket_mb=args.bucket_mb)
+                                     dense_below=args.dense_below, bucket_mb=args.bucket_mb,
+                                     momentum=args.momentum if correction else 0.0)
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                              compression=compression)
     else:

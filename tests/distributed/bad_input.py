@@ -1,6 +1,7 @@
 """Run under horovodrun with 2 ranks: bad set-ups must end in a clear error on every rank, never a hang.
 
-usage: bad_input.py SCENARIO
+usage: bad_input.py SCENARIO[,SCENARIO...]   (run one after the other in the same processes, as a user who
+                                             caught an error would go on)
   mismatch   rank 1 is configured with another compressor     -> ValueError on both ranks
   nan        rank 1's gradient of fc2.weight is NaN at step 3 -> FloatingPointError on both ranks, buffers kept
              (Compression(nonfinite="raise"); the default skips such a step, see tests/distributed/amp.py)
@@ -8,7 +9,7 @@ usage: bad_input.py SCENARIO
   k_too_big  TopK(k=10) on a 3-element bias                     -> ValueError on both ranks
   momentum_twice  Compression(momentum=0.9) and SGD(momentum=0.9) -> ValueError on both ranks
   SCENARIO_sharded   the same with transport="sharded" (k_too_big: TopK(k=2) > a slice of the 3-element bias)
-Each rank prints "CAUGHT <type>: <message>" and, for nan, "BUFFERS_UNCHANGED <bool>". Then, as a user who
+Every line a scenario prints starts with "<SCENARIO> ". Each rank prints "CAUGHT <type>: <message>" and, for nan, "BUFFERS_UNCHANGED <bool>". Then, as a user who
 caught the error would, it trains on with the same optimizer for 3 steps: it prints "TRAINED_ON <steps done>
 <replicas identical>", or "AGAIN <type>: <message>" when the cause persists (the same clear error must come
 back, not a Horovod assertion about the step left behind).
@@ -25,10 +26,16 @@ from common import LR, TinyNet, loss_of  # noqa: E402
 import hvd_compress.torch as hc  # noqa: E402
 
 
-def main(scenario):
+def main(scenarios):
     hvd.init()
+    for scenario in scenarios.split(","):
+        run(scenario, lambda *words, s=scenario: print(s, *words, flush=True))
+        hvd.barrier()
+
+
+def run(full_name, say):
     model = TinyNet()
-    scenario, sharded, _ = scenario.partition("_sharded")
+    scenario, sharded, _ = full_name.partition("_sharded")
     spec = {"mismatch": "topk:0.3" if hvd.rank() == 0 else "randk:0.3",
             "k_too_big": "topk:k=2" if sharded else "topk:k=10"}.get(scenario, "topk:0.3")
     compression = hc.Compression(spec, error_feedback=True, server="topk:0.5",
@@ -50,32 +57,32 @@ def main(scenario):
             loss.backward()
             optimizer.step()
     except Exception as err:   # noqa: BLE001 - the test reads what each rank caught
-        print(f"CAUGHT {type(err).__name__}: {err}".replace("\n", " | "), flush=True)
+        say(f"CAUGHT {type(err).__name__}: {err}".replace("\n", " | "))
         hvd.barrier()   # leave together: a rank that exits first shuts Horovod down under the other
         if before is not None:
             after = compression.state_dict()
             unchanged = all(torch.equal(before["worker_error"][r][n], after["worker_error"][r][n])
                             for r in range(hvd.size()) for n in before["worker_error"][r]) and all(
                 torch.equal(before["server_error"][n], after["server_error"][n]) for n in before["server_error"])
-            print(f"BUFFERS_UNCHANGED {unchanged}", flush=True)
-        train_on(model, optimizer, compression)
+            say(f"BUFFERS_UNCHANGED {unchanged}")
+        train_on(model, optimizer, compression, say)
         return
-    print("NO ERROR", flush=True)
+    say("NO ERROR")
 
 
-def train_on(model, optimizer, compression):
+def train_on(model, optimizer, compression, say):
     try:
         for step in range(6, 9):
             optimizer.zero_grad()
             loss_of(model, step, hvd.rank()).backward()
             optimizer.step()
     except Exception as err:   # noqa: BLE001
-        print(f"AGAIN {type(err).__name__}: {err}".replace("\n", " | "), flush=True)
+        say(f"AGAIN {type(err).__name__}: {err}".replace("\n", " | "))
         hvd.barrier()
         return
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     identical = bool((hvd.allgather(flat[None]) == flat).all())
-    print(f"TRAINED_ON {compression.stats()['steps']} {identical}", flush=True)
+    say(f"TRAINED_ON {compression.stats()['steps']} {identical}")
 
 
 if __name__ == "__main__":
