@@ -363,11 +363,58 @@ class Config:
     server: Optional[Compressor]
     transport: Optional[str] = None
     momentum: float = 0.0   # momentum correction (Deep Gradient Compression): see check_momentum
+    warmup: tuple = (0, 0.25)   # (steps, first ratio) of the worker sparsifier's warm-up: see check_warmup
 
     def fingerprint(self):
         text = f"worker={self.worker!r} error_feedback={self.error_feedback} server={self.server!r}"
         return (text + (f" transport={self.transport}" if self.transport else "")
-                + (f" momentum={self.momentum}" if self.momentum else ""))
+                + (f" momentum={self.momentum}" if self.momentum else "")
+                + (f" warmup={self.warmup}" if self.warmup[0] else ""))
+
+    def worker_at(self, step):
+        """The worker compressor in force at ``step``: during the warm-up, the sparsifier's ratio falls
+        geometrically from the warm-up's first ratio to its own (Deep Gradient Compression's exponential
+        warm-up of the density, e.g. 25% -> 1% over the warm-up steps); after it, ``worker`` itself."""
+        steps, first = self.warmup
+        if step >= steps:
+            return self.worker
+        final = _sparsifier_of(self.worker).ratio
+        return _with_ratio(self.worker, max(final, first * (final / first) ** (step / steps)))
+
+
+def _sparsifier_of(c):
+    return _sparsifier_of(c.compressor) if isinstance(c, Scaled) else c.first if isinstance(c, Compose) else c
+
+
+def ratio_of(c):
+    """The ratio= of a compressor's sparsifier (None for other compressors, or one given by k=)."""
+    return _sparsifier_of(c).ratio if c.sparsifies else None
+
+
+def _with_ratio(c, ratio):
+    """A copy of c whose sparsifier keeps ``ratio`` of the coordinates."""
+    if isinstance(c, Scaled):
+        return Scaled(_with_ratio(c.compressor, ratio), c.lam)
+    if isinstance(c, Compose):
+        return Compose(_with_ratio(c.first, ratio), c.second)
+    copy = object.__new__(type(c))
+    copy.__dict__.update(c.__dict__, ratio=ratio)
+    return copy
+
+
+def check_warmup(warmup, worker):
+    """``warmup``: 0 (none), a number of steps (first ratio 0.25, as Deep Gradient Compression starts), or
+    (steps, first ratio). Only for a sparsifier given by ratio= (the ratio is what warms up)."""
+    steps, first = tuple(warmup) if isinstance(warmup, (tuple, list)) and len(warmup) == 2 else (warmup, 0.25)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"warmup must be a number of steps >= 0 or (steps, first ratio), got {warmup!r}")
+    if not steps:
+        return 0, 0.25
+    if isinstance(first, bool) or not isinstance(first, (int, float)) or not 0 < first <= 1:
+        raise ValueError(f"the warm-up's first ratio must be a number in (0, 1], got {first!r}")
+    if not worker.sparsifies or _sparsifier_of(worker).ratio is None:
+        raise ValueError(f"warmup={warmup!r} needs a sparsifier given by ratio= (e.g. topk:0.01), got {worker!r}")
+    return steps, float(first)
 
 
 def check_momentum(momentum, worker, error_feedback):

@@ -4,7 +4,7 @@ It follows DESIGN.md section 1 literally, with the compressors' C(x) and the sam
 Horovod plug-ins, and shares no pipeline code with them: a distributed run must match it step for step.
 With ``momentum`` (momentum correction, ``compressors.check_momentum``) each worker's velocity
 u <- m u + g takes g's place, and the coordinates sent (where the new error differs from x) are cleared
-from u. A transport (see ``hvd_compress.transport``) changes the math only where it says so: "dense" averages
+from u. With ``warmup`` each step's worker compressor is ``config.worker_at(step)``. A transport (see ``hvd_compress.transport``) changes the math only where it says so: "dense" averages
 the exact gradients (as do tensors under ``dense_below`` elements), "sharded" runs the pipeline on each of the
 n slices on its own. Buckets do not change the math: tensors are compressed one by one inside them. Gradients may be PyTorch
 or TensorFlow tensors; C(x) runs with the kernels of their framework.
@@ -35,11 +35,12 @@ def _concat(pieces):
 
 class Simulation:
     def __init__(self, compressor, error_feedback=False, server=None, n=2, seed=0, transport=None, link=None,
-                 dense_below=0, momentum=0.0):
+                 dense_below=0, momentum=0.0, warmup=0):
         self.worker, self.server = C.parse(compressor) or C.Identity(), C.parse(server)
         self.error_feedback, self.n, self.seed = bool(error_feedback), int(n), int(seed)
         self.momentum = C.check_momentum(momentum, self.worker, self.error_feedback)
-        self.config = C.Config(self.worker, self.error_feedback, self.server, momentum=self.momentum)
+        self.config = C.Config(self.worker, self.error_feedback, self.server, momentum=self.momentum,
+                               warmup=C.check_warmup(warmup, self.worker))
         self.velocity = [{} for _ in range(self.n)]       # u_i (momentum correction), per rank and name
         self.transport, self.link = T.check(transport, self.config), link
         self.dense_below = int(dense_below)   # tensors with fewer elements are averaged exactly (dense)
@@ -92,7 +93,8 @@ class Simulation:
         """One piece (a whole tensor or a slice), keyed by ``key``: the ranks' C_w(x_i) and the update."""
         if int(xs[0].shape[0]) == 0:
             return xs, xs[0]
-        ps = [self.worker(x, worker_seed(self.worker, self.seed, step, i, key)) for i, x in enumerate(xs)]
+        worker = self.config.worker_at(step)
+        ps = [worker(x, worker_seed(worker, self.seed, step, i, key)) for i, x in enumerate(xs)]
         update = sum(ps[1:], ps[0]) / self.n
         if self.server is not None:
             y = update + self.server_error[key] if key in self.server_error else update

@@ -807,3 +807,15 @@ def test_randk_values():
     assert int(kept.sum()) == 5 and torch.equal(out[kept], x[kept] * 4)
     out_b = RandK(k=5, unbiased=False)(x, 3)
     assert torch.equal(out_b != 0, kept) and torch.equal(out_b[kept], x[kept])
+
+
+def test_warmup_schedule_falls_geometrically_to_the_ratio():
+    from hvd_compress.compressors import Config, check_warmup, parse
+    for spec in ["topk:0.01", "randk:0.01,shared", "topk:0.01+natural", "0.5*topk:0.01"]:
+        worker = parse(spec)
+        config = Config(worker, True, None, warmup=check_warmup(100, worker))
+        ratios = [config.worker_at(s) for s in range(101)]
+        kept = [getattr(getattr(c, "compressor", c), "first", getattr(c, "compressor", c)).ratio for c in ratios]
+        assert kept[0] == 0.25 and kept[50] == pytest.approx(0.05) and ratios[100] is worker
+        assert all(a > b for a, b in zip(kept, kept[1:]))
+        assert type(ratios[10]) is type(worker) and repr(ratios[10]) != repr(worker)

@@ -58,6 +58,10 @@ def _cases():
         {**ds, "id": "momentum=0.9/dense_below=16", "momentum": 0.9, "dense_below": 16},
         {**ds, "id": "momentum=0.5/randk:0.3/no server", "momentum": 0.5, "compressor": "randk:0.3", "server": None},
         {**ds, "id": "momentum=0.9/topk:0.3+natural", "momentum": 0.9, "compressor": "topk:0.3+natural"},
+        # warm-up of the ratio: 0.9 -> 0.3 over 8 of the 20 steps (payload sizes change every step)
+        {**ds, "id": "warmup=8", "warmup": [8, 0.9], "momentum": 0.9},
+        {**ds, "id": "warmup=8/sharded/randk", "warmup": [8, 0.9], "compressor": "randk:0.3", "transport": "sharded"},
+        {**ds, "id": "warmup=8/randk:0.3,shared", "warmup": [8, 0.9], "compressor": "randk:0.3,shared"},
     ]
     return cases
 
@@ -102,6 +106,8 @@ def test_matches_simulation_and_replicas_identical(distributed_run, case):
         assert len(stats["buckets"]) == 1
     if case.get("dense_below"):
         assert compressed == ["extra.weight", "fc1.weight"] and stats["dense_small_bytes"] > 0
+    if case.get("warmup"):   # the warm-up (8 steps) is over: the ratio in force is the compressor's own
+        assert stats["worker_ratio"] == 0.3
 
 
 def test_counterexample_top1_diverges_and_error_feedback_converges():

@@ -102,6 +102,9 @@ def test_state_dict_round_trip_and_refusals(horovod):
      "momentum must be a number in [0, 1), got 1.0"),
     ({"compressor": "topk:0.1", "momentum": 0.9}, ValueError, "momentum=0.9 (momentum correction) needs error_feedback"),
     ({"compressor": "sign", "error_feedback": True, "momentum": 0.9}, ValueError, "needs a sparsifying compressor"),
+    ({"compressor": "topk:k=3", "warmup": 10}, ValueError, "needs a sparsifier given by ratio="),
+    ({"compressor": "topk:0.1", "warmup": -1}, ValueError, "warmup must be a number of steps >= 0"),
+    ({"compressor": "topk:0.1", "warmup": (10, 0)}, ValueError, "first ratio must be a number in (0, 1], got 0"),
 ])
 def test_constructor_refuses_bad_arguments(kwargs, error, words):
     kwargs.setdefault("named_parameters", _model().named_parameters())

@@ -132,7 +132,7 @@ class Allgather(_RootServer):
     """Every rank receives every rank's payloads and decodes them. Bytes per rank ~ (n - 1) P."""
 
     def encode(self, comp, p, e_in, e_out):
-        p.payload, p.stats = _packed_step(comp, comp.config.worker, p.name, p.work, e_in, e_out,
+        p.payload, p.stats = _packed_step(comp, comp.worker(), p.name, p.work, e_in, e_out,
                                           comp.seed_of(p.name))
         p.bytes_sent += p.payload.numel()
 
@@ -157,7 +157,7 @@ class Allgather(_RootServer):
         for p, size in zip(members, bucket.sizes):
             if needs_gbar:
                 rows = [received[j * total + offset:j * total + offset + size] for j in range(n)]
-                K.decode_mean(comp.config.worker, rows, p.work.numel(), comp.seed_of(p.name), p.work.dtype,
+                K.decode_mean(comp.worker(), rows, p.work.numel(), comp.seed_of(p.name), p.work.dtype,
                               out=p.work)
             offset += size
         self.serve(comp, bucket, members)
@@ -167,7 +167,7 @@ class Allreduce(_RootServer):
     """Summable payloads (shared RandK, Identity): Horovod averages their values. Bytes per rank ~ 2 P."""
 
     def encode(self, comp, p, e_in, e_out):
-        parts, p.stats = K.step(comp.config.worker, p.work, e_in, e_out, comp.seed_of(p.name))
+        parts, p.stats = K.step(comp.worker(), p.work, e_in, e_out, comp.seed_of(p.name))
         p.payload = parts[0]
         p.bytes_sent += p.payload.numel() * p.payload.element_size()
 
@@ -190,7 +190,7 @@ class Allreduce(_RootServer):
         averaged, offset = bucket.received, 0
         for p, size in zip(members, bucket.sizes):
             d = p.work.numel()
-            p.work.copy_(K.decode(comp.config.worker, [averaged[offset:offset + size]], d, comp.seed_of(p.name),
+            p.work.copy_(K.decode(comp.worker(), [averaged[offset:offset + size]], d, comp.seed_of(p.name),
                                   p.work.dtype))
             offset += size
         self.serve(comp, bucket, members)
@@ -203,7 +203,7 @@ class Sharded:
     results are allgathered. Bytes per rank ~ P + S, flat in n."""
 
     def encode(self, comp, p, e_in, e_out):
-        n, d, worker = comp.size(), p.work.numel(), comp.config.worker
+        n, d, worker = comp.size(), p.work.numel(), comp.worker()
         b = T.bounds(d, n)
         p.payload, stats = [], []
         for j in range(n):
@@ -233,7 +233,7 @@ class Sharded:
 
     def reduce_and_serve(self, comp, bucket):
         members, n, rank = bucket.launched, comp.size(), comp.rank()
-        worker, server = comp.config.worker, comp.config.server
+        worker, server = comp.worker(), comp.config.server
         received = bucket.received.reshape(-1)
         sizes = [p.payload[rank].numel() for p in members]   # every rank's slice `rank` has the same size
         chunk, offset, datas = sum(sizes) + len(members), 0, []

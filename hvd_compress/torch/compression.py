@@ -81,6 +81,9 @@ class Compression:
             sent leave u. Give the optimizer no momentum of its own (refused at the first step). Needs
             error_feedback=True and a sparsifier (TopK, RandK, compositions starting with one). Tensors that
             travel dense send u.
+        warmup: the warm-up of the worker sparsifier's ratio (Deep Gradient Compression): a number of steps
+            over which it falls geometrically from 25% to its own ratio, or (steps, first ratio); 0: none.
+            ``stats()["worker_ratio"]`` is the ratio in force. Needs a sparsifier given by ratio=.
         nonfinite: what a step does when some rank's gradient holds NaN or Inf. "skip" (as stock Horovod,
             whose averaged gradient is then non-finite too): every rank returns NaN gradients, so that
             ``torch.amp.GradScaler`` and users see the overflow, no error buffer changes, and the step is
@@ -96,10 +99,11 @@ class Compression:
     """
 
     def __init__(self, compressor, error_feedback=False, server=None, named_parameters=None, root_rank=0, seed=0,
-                 transport=None, link_gbps=None, dense_below=1024, bucket_mb=64, nonfinite="skip", process_set=None, momentum=0.0):
+                 transport=None, link_gbps=None, dense_below=1024, bucket_mb=64, nonfinite="skip", process_set=None, momentum=0.0, warmup=0):
         worker = C.parse(compressor) or C.Identity()
         config = C.Config(worker, bool(error_feedback), C.parse(server),
-                          momentum=C.check_momentum(momentum, worker, bool(error_feedback)))
+                          momentum=C.check_momentum(momentum, worker, bool(error_feedback)),
+                          warmup=C.check_warmup(warmup, worker))
         self.config = dataclasses.replace(config, transport=T.check(transport, config))
         self._link = None if link_gbps is None else T.Link.gbit(link_gbps)
         if link_gbps is not None and transport != T.AUTO:
@@ -136,6 +140,7 @@ class Compression:
         self._payloads = {}                               # name or slice name -> its payload bytes' buffer
         self._pending = {}                                # name -> Pending, for the step in flight
         self._step = 0
+        self._worker_now = (None, None)                   # (step, the worker compressor in force)
         self._checked = False
         self._step_stats, self._last_stats = self._new_stats(), None
         self._totals = {"bytes_sent": 0, "dense_bytes": 0, "skipped_steps": 0}
@@ -269,6 +274,12 @@ class Compression:
         return self._ranks().ranks[self.root_rank]
 
     # ---- the step -------------------------------------------------------------------------------------------
+
+    def worker(self):
+        """The worker compressor of this step (during a warm-up, the sparsifier at this step's ratio)."""
+        if self._worker_now[0] != self._step:
+            self._worker_now = (self._step, self.config.worker_at(self._step))
+        return self._worker_now[1]
 
     def seed_of(self, key, server=False):
         """The seed of a compressor call on ``key`` (a parameter or a slice) in this step."""
@@ -526,7 +537,8 @@ class Compression:
         over all compressed gradients, error-buffer norms, ``dense_small_bytes`` (the bytes of the tensors
         left dense for being under ``dense_below`` elements); ``steps`` and cumulative byte totals since
         construction; ``transports`` (the transport of each parameter), ``buckets`` (the parameter names of
-        each bucket of compressed tensors) and ``link_gbps`` (the link "auto" chose by)."""
+        each bucket of compressed tensors), ``link_gbps`` (the link "auto" chose by) and ``worker_ratio`` (the
+        worker sparsifier's ratio in the last step, which a warm-up changes; None for other compressors)."""
         s = self._last_stats or self._new_stats()
         value = lambda v: float(v) if not torch.is_tensor(v) else v.item()
         norm = value(s["norm"])
@@ -540,7 +552,8 @@ class Compression:
                 "server_error_norm": math.sqrt(value(s["server_error"])),
                 "total_bytes_sent": self._totals["bytes_sent"], "total_dense_bytes": self._totals["dense_bytes"],
                 "transports": dict(self._transports), "buckets": [list(b.names) for b in self._buckets],
-                "link_gbps": self._link and self._link.bandwidth * 8 / 1e9}
+                "link_gbps": self._link and self._link.bandwidth * 8 / 1e9,
+                "worker_ratio": C.ratio_of(self.config.worker_at(max(self._step - 1, 0)))}
 
     def __repr__(self):
         return f"Compression({self.config.fingerprint()})"
