@@ -29,6 +29,7 @@ class Compressor:
     random = False      # draws random numbers (needs a seed per call)
     summable = False    # payloads of different ranks can be summed element-wise (allreduce transport)
     sparsifies = False  # sends a subset of the coordinates (momentum correction masks the others)
+    seed = 0            # offset of the per-call seeds (RandK(seed=...); wrappers take their parts')
 
     def layout(self, d):
         """[(dtype kind, length)] of the payload parts for a tensor of d elements."""
@@ -201,6 +202,7 @@ class Compose(Compressor):
     C(x) = scatter(indices, second(values)); equal to second(first(x)) for element-wise ``second``."""
 
     sparsifies = True
+    seed = property(lambda self: self.first.seed + self.second.seed)
 
     def __init__(self, first, second):
         if not isinstance(first, (TopK, RandK)) or getattr(first, "shared", False):
@@ -246,6 +248,7 @@ class Scaled(Compressor):
     random = property(lambda self: self.compressor.random)
     summable = property(lambda self: self.compressor.summable)
     sparsifies = property(lambda self: self.compressor.sparsifies)
+    seed = property(lambda self: self.compressor.seed)
 
     def layout(self, d):
         return self.compressor.layout(d)

@@ -20,11 +20,11 @@ def call_key(base, who, name):
 
 def worker_seed(compressor, base, step, rank, name):
     who = SHARED if compressor.summable else rank
-    return call_key(base + getattr(compressor, "seed", 0), who, name), step
+    return call_key(base + compressor.seed, who, name), step
 
 
 def server_seed(compressor, base, step, name):
-    return call_key(base + getattr(compressor, "seed", 0), SERVER, name), step
+    return call_key(base + compressor.seed, SERVER, name), step
 
 
 def as_pair(seed):

@@ -819,3 +819,14 @@ def test_warmup_schedule_falls_geometrically_to_the_ratio():
         assert kept[0] == 0.25 and kept[50] == pytest.approx(0.05) and ratios[100] is worker
         assert all(a > b for a, b in zip(kept, kept[1:]))
         assert type(ratios[10]) is type(worker) and repr(ratios[10]) != repr(worker)
+
+
+def test_a_wrapped_compressor_keeps_its_seed():
+    """seed= of a RandK inside Scaled or Compose changes the draws as it does alone (it was ignored)."""
+    from hvd_compress.compressors import Compose, Natural, RandK, Scaled
+    from hvd_compress.seeds import server_seed, worker_seed
+    for wrap in (lambda c: Scaled(c, 0.5), lambda c: Compose(c, Natural())):
+        seeded, plain = wrap(RandK(ratio=0.1, seed=5)), wrap(RandK(ratio=0.1))
+        assert worker_seed(seeded, 0, 3, 1, "w") == worker_seed(RandK(ratio=0.1, seed=5), 0, 3, 1, "w")
+        assert worker_seed(seeded, 0, 3, 1, "w") != worker_seed(plain, 0, 3, 1, "w")
+        assert server_seed(seeded, 0, 3, "w") != server_seed(plain, 0, 3, "w")
