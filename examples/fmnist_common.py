@@ -12,7 +12,8 @@ import time
 
 def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
     """The examples' flags; ``progress_bar`` only names the bar in ``--no-progress``'s help; ``transport``
-    adds --transport, --link-gbps, --dense-below, --bucket-mb, --momentum-correction and --warmup (PyTorch plug-in only)."""
+    adds --transport, --link-gbps, --dense-below, --bucket-mb, --momentum-correction and --warmup (PyTorch
+    plug-in only)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compressor", default="topk:0.01", help='worker compressor spec, e.g. "topk:0.01", '
                    '"none", "natural", "sign", "topk:0.01+natural"')

@@ -2,12 +2,13 @@
 
 It follows DESIGN.md section 1 literally, with the compressors' C(x) and the same per-call seeds as the
 Horovod plug-ins, and shares no pipeline code with them: a distributed run must match it step for step.
-With ``momentum`` (momentum correction, ``compressors.check_momentum``) each worker's velocity
-u <- m u + g takes g's place, and the coordinates sent (where the new error differs from x) are cleared
-from u. With ``warmup`` each step's worker compressor is ``config.worker_at(step)``. A transport (see ``hvd_compress.transport``) changes the math only where it says so: "dense" averages
-the exact gradients (as do tensors under ``dense_below`` elements), "sharded" runs the pipeline on each of the
-n slices on its own. Buckets do not change the math: tensors are compressed one by one inside them. Gradients may be PyTorch
-or TensorFlow tensors; C(x) runs with the kernels of their framework.
+With ``momentum`` (momentum correction, ``compressors.check_momentum``) each worker's velocity u <- m u + g takes
+g's place, and the coordinates sent (where the new error differs from x) are cleared from u. With ``warmup``
+each step's worker compressor is ``config.worker_at(step)``. A transport (see ``hvd_compress.transport``)
+changes the math only where it says so: "dense" averages the exact gradients (as do tensors under
+``dense_below`` elements), "sharded" runs the pipeline on each of the n slices on its own. Buckets do not
+change the math: tensors are compressed one by one inside them. Gradients may be PyTorch or TensorFlow
+tensors; C(x) runs with the kernels of their framework.
 """
 from . import compressors as C
 from . import transport as T

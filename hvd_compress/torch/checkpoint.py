@@ -1,15 +1,16 @@
 """Per-rank checkpoints: each rank writes and reads only its own part (memory O(model) per rank, whatever the
 number of ranks), loadable into another number of ranks.
 
-``save(comp, directory)`` writes ``directory/rank{r}.pt`` on rank r: its worker error buffers, its server
+``save(comp, directory)`` writes ``directory/rank{r}.pt`` on rank r: its worker buffers, its server
 buffers (the root's whole d; under transport "sharded", every rank's slice), the step, the transports and the
 configuration's fingerprint. ``load(comp, directory)`` reads what this rank needs. With the same number of
 ranks that is its own file, and the run continues exactly. Saved by n ranks and loaded by m, the rule is:
 
-- worker buffers (error feedback's e, momentum correction's u): new rank j takes ``m / n * sum(e_i for old ranks i with i % m == j)`` (zero when there is
-  none). This keeps ``1/n * sum(e_i)``, the gradient every worker still owes to the average, unchanged:
-  nothing compressed away before the resize is lost, nothing is counted twice. Rank j reads the files of
-  those ranks only, one at a time.
+- worker buffers (error feedback's e, momentum correction's u): new rank j takes
+  ``m / n * sum(e_i for old ranks i with i % m == j)`` (zero when there is none). This keeps
+  ``1/n * sum(e_i)``, the gradient every worker still owes to the average, unchanged: nothing compressed away
+  before the resize is lost, nothing is counted twice. Rank j reads the files of those ranks only, one at a
+  time.
 - server buffers: the whole d stays on the root (which reads the old root's file); sharded slices are cut
   again for m ranks (rank j reads the old files whose slices overlap its new one).
 - the step and the transports continue from the files ("auto" keeps its choices).

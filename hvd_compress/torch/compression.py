@@ -99,7 +99,8 @@ class Compression:
     """
 
     def __init__(self, compressor, error_feedback=False, server=None, named_parameters=None, root_rank=0, seed=0,
-                 transport=None, link_gbps=None, dense_below=1024, bucket_mb=64, nonfinite="skip", process_set=None, momentum=0.0, warmup=0):
+                 transport=None, link_gbps=None, dense_below=1024, bucket_mb=64, nonfinite="skip", process_set=None,
+                 momentum=0.0, warmup=0):
         worker = C.parse(compressor) or C.Identity()
         config = C.Config(worker, bool(error_feedback), C.parse(server),
                           momentum=C.check_momentum(momentum, worker, bool(error_feedback)),

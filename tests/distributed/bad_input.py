@@ -9,8 +9,9 @@ usage: bad_input.py SCENARIO[,SCENARIO...]   (run one after the other in the sam
   k_too_big  TopK(k=10) on a 3-element bias                     -> ValueError on both ranks
   momentum_twice  Compression(momentum=0.9) and SGD(momentum=0.9) -> ValueError on both ranks
   SCENARIO_sharded   the same with transport="sharded" (k_too_big: TopK(k=2) > a slice of the 3-element bias)
-Every line a scenario prints starts with "<SCENARIO> ". Each rank prints "CAUGHT <type>: <message>" and, for nan, "BUFFERS_UNCHANGED <bool>". Then, as a user who
-caught the error would, it trains on with the same optimizer for 3 steps: it prints "TRAINED_ON <steps done>
+Every line a scenario prints starts with "<SCENARIO> ". Each rank prints "CAUGHT <type>: <message>" and, for
+nan, "BUFFERS_UNCHANGED <bool>". Then, as a user who caught the error would, it trains on with the same
+optimizer for 3 steps: it prints "TRAINED_ON <steps done>
 <replicas identical>", or "AGAIN <type>: <message>" when the cause persists (the same clear error must come
 back, not a Horovod assertion about the step left behind).
 """
