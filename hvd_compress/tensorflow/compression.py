@@ -1,7 +1,7 @@
 """``Compression`` for TensorFlow: ``compression=`` of ``hvd.DistributedGradientTape``, of
 ``hvd.DistributedOptimizer`` and of Horovod's Keras ``DistributedOptimizer`` (tf-keras).
 
-The same step as the PyTorch plug-in (DESIGN.md section 1), written for Horovod's TensorFlow path, which
+The same step as the PyTorch plug-in (the README's Design section), written for Horovod's TensorFlow path, which
 calls ``compress(g)``, allreduces what it returns, and calls ``decompress()`` on the result, one gradient
 at a time, while tracing a ``tf.function``. So everything happens in the graph:
 
