@@ -29,9 +29,7 @@ CHECKPOINTS = [{"id": "ckpt/topk-ds", "compressor": "topk:0.3", "error_feedback"
 LAUNCHERS = {2: "horovodrun", 3: "mpirun"}
 
 
-@pytest.fixture(scope="module")
-def tf_run(request, tmp_path_factory):
-    n = request.param
+def _tf_run(n, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"tfrun{n}")
     (out / "cases.json").write_text(json.dumps(CASES + CHECKPOINTS if n == 2 else CASES_3))
     proc = launch(n, DISTRIBUTED / "tf_worker.py", out / "cases.json", out, launcher=LAUNCHERS[n], timeout=1200)
@@ -43,17 +41,27 @@ def tf_run(request, tmp_path_factory):
     return n, ranks, result_line(proc)
 
 
-@pytest.mark.parametrize("tf_run", [2], indirect=True, ids=["2ranks-horovodrun"])
-def test_checkpoint_at_10_resumes_equal_to_uninterrupted_20(tf_run):
-    n, _, report = tf_run
+# one launch per number of ranks for the whole module (tests pick theirs with request.getfixturevalue)
+@pytest.fixture(scope="module")
+def tf_run2(tmp_path_factory):
+    return _tf_run(2, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tf_run3(tmp_path_factory):
+    return _tf_run(3, tmp_path_factory)
+
+
+def test_checkpoint_at_10_resumes_equal_to_uninterrupted_20(tf_run2):
+    n, _, report = tf_run2
     assert report == {c["id"]: {"parameters_equal": True, "error_buffers_equal": True} for c in CHECKPOINTS}
 
 
-@pytest.mark.parametrize("tf_run, case", [(2, c) for c in CASES] + [(3, c) for c in CASES_3], indirect=["tf_run"],
+@pytest.mark.parametrize("n, case", [(2, c) for c in CASES] + [(3, c) for c in CASES_3],
                          ids=[f"{n}ranks-{LAUNCHERS[n]}-{c['id']}" for n, cs in ((2, CASES), (3, CASES_3)) for c in cs])
-def test_matches_simulation_and_replicas_identical(tf_run, case):
+def test_matches_simulation_and_replicas_identical(request, n, case):
     from tf_common import names_of, train_reference
-    n, ranks, _ = tf_run
+    _, ranks, _ = request.getfixturevalue(f"tf_run{n}")
     reference = train_reference(case, n, case["steps"])
     for name, v in zip(names_of(reference), reference):
         for r in range(1, n):
