@@ -272,7 +272,9 @@ class Compression:
 
     def root(self):
         """The server pass's rank as Horovod's broadcast names it (a global rank)."""
-        return self._ranks().ranks[self.root_rank]
+        ranks = self._ranks()
+        # the global set's rank list is not always filled in (Horovod fills it at init), and needs no mapping
+        return self.root_rank if ranks.process_set_id == 0 else ranks.ranks[self.root_rank]
 
     # ---- the step -------------------------------------------------------------------------------------------
 
