@@ -29,7 +29,7 @@ class Compressor:
     random = False      # draws random numbers (needs a seed per call)
     summable = False    # payloads of different ranks can be summed element-wise (allreduce transport)
     sparsifies = False  # sends a subset of the coordinates (momentum correction masks the others)
-    seed = 0            # offset of the per-call seeds (RandK(seed=...); wrappers take their parts')
+    seed = 0            # added to the per-call seeds (RandK(seed=...)); Scaled and Compose take their parts'
 
     def layout(self, d):
         """[(dtype kind, length)] of the payload parts for a tensor of d elements."""

@@ -1,7 +1,8 @@
 """The single-process reference: n workers and a server simulated in one process.
 
-It follows the pipeline of the README's Design section literally, with the compressors' C(x) and the same per-call seeds as the
-Horovod plug-ins, and shares no pipeline code with them: a distributed run must match it step for step.
+It follows the pipeline of the README's Design section literally, with the compressors' C(x) and the same
+per-call seeds as the Horovod plug-ins, and shares no pipeline code with them: a distributed run must match it
+step for step.
 With ``momentum`` (momentum correction, ``compressors.check_momentum``) each worker's velocity u <- m u + g takes
 g's place, and the coordinates sent (where the new error differs from x) are cleared from u. With ``warmup``
 each step's worker compressor is ``config.worker_at(step)``. A transport (see ``hvd_compress.transport``)
