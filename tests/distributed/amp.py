@@ -14,7 +14,7 @@ import torch
 import horovod.torch as hvd
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import TinyNet, batch  # noqa: E402
+from common import TinyNet, batch, replica_check  # noqa: E402
 
 import hvd_compress.torch as hc  # noqa: E402
 
@@ -46,10 +46,7 @@ def run(kind, steps):
             scaler.step(optimizer)
         scaler.update()
         scales.append(scaler.get_scale())
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    everyone = hvd.allgather(flat.unsqueeze(0), name=f"amp.check.{kind}")
-    return {"scales": scales, "identical": all(torch.equal(everyone[0], r) for r in everyone),
-            "finite": bool(torch.isfinite(flat).all()),
+    return {"scales": scales, **replica_check(model.parameters(), name=f"amp.check.{kind}"),
             "skipped": compression.stats()["skipped_steps"] if compression else None,
             "steps": compression.stats()["steps"] if compression else None}
 

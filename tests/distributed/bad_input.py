@@ -22,7 +22,7 @@ import torch
 import horovod.torch as hvd
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import LR, TinyNet, loss_of  # noqa: E402
+from common import LR, TinyNet, loss_of, replica_check  # noqa: E402
 
 import hvd_compress.torch as hc  # noqa: E402
 
@@ -81,9 +81,7 @@ def train_on(model, optimizer, compression, say):
         say(f"AGAIN {type(err).__name__}: {err}".replace("\n", " | "))
         hvd.barrier()
         return
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    identical = bool((hvd.allgather(flat[None]) == flat).all())
-    say(f"TRAINED_ON {compression.stats()['steps']} {identical}")
+    say(f"TRAINED_ON {compression.stats()['steps']} {replica_check(model.parameters())['identical']}")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,14 @@ def train_distributed(case, steps, model=None, compression=None, start=0, proces
     return model, compression
 
 
+def replica_check(parameters, name="replica_check"):
+    """{"identical": every rank holds bit-identical parameters, "finite": this rank's are finite}."""
+    import horovod.torch as hvd
+    flat = torch.cat([p.detach().reshape(-1) for p in parameters])
+    everyone = hvd.allgather(flat.unsqueeze(0), name=name)
+    return {"identical": all(torch.equal(everyone[0], r) for r in everyone), "finite": bool(flat.isfinite().all())}
+
+
 def make_compression(case, model, **options):
     import hvd_compress.torch as hc
     return hc.Compression(case["compressor"], error_feedback=case.get("error_feedback", False),

@@ -8,12 +8,16 @@ usage: real_loops.py SCENARIO STEPS
 Rank 0 prints RESULT {"identical": bool, "finite": bool, "steps": [...], "losses": [...]}.
 """
 import json
+import os
 import sys
 
 import torch
 import horovod.torch as hvd
 
 import hvd_compress.torch as hc
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import replica_check  # noqa: E402
 
 
 def distributed(model, lr=0.05):
@@ -71,11 +75,9 @@ def main(scenario, steps):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(100 + hvd.rank())   # each rank its own data
     models, comps, losses = {"gan": gan, "sparse": sparse}[scenario](steps, gen)
-    flat = torch.cat([p.detach().reshape(-1) for m in models for p in m.parameters()])
-    everyone = hvd.allgather(flat.unsqueeze(0), name="check")
+    check = replica_check([p for m in models for p in m.parameters()], name="check")
     if hvd.rank() == 0:
-        print("RESULT " + json.dumps({"identical": all(torch.equal(everyone[0], r) for r in everyone),
-                                      "finite": bool(torch.isfinite(flat).all()),
+        print("RESULT " + json.dumps({**check,
                                       "steps": [c.stats()["steps"] for c in comps], "losses": losses}), flush=True)
 
 
