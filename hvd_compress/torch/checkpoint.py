@@ -29,8 +29,7 @@ def _file(directory, rank):
 
 
 def save(comp, directory):
-    if comp._pending:
-        raise RuntimeError("save_per_rank() during a step (between backward() and optimizer.step())")
+    comp._refuse_during_a_step("save_per_rank()")
     Path(directory).mkdir(parents=True, exist_ok=True)
     link = comp._link and (comp._link.bandwidth, comp._link.latency)
     part = {"format": FORMAT, "fingerprint": comp.fingerprint(), "size": comp.size(), "rank": comp.rank(),
@@ -57,8 +56,7 @@ def _read(directory, rank, fingerprint):
 
 
 def load(comp, directory):
-    if comp._pending:
-        raise RuntimeError("load_per_rank() during a step (between backward() and optimizer.step())")
+    comp._refuse_during_a_step("load_per_rank()")
     mine, m, j = comp.fingerprint(), comp.size(), comp.rank()
     first = _read(directory, 0, mine)
     read = lambda i: first if i == 0 else _read(directory, i, mine)   # noqa: E731 - one file at a time

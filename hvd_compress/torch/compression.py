@@ -483,8 +483,7 @@ class Compression:
         """Every error buffer of every rank (worker) and of the root (server), and the step, on CPU.
 
         A collective when there are several ranks: call it on every rank (then save it on one)."""
-        if self._pending:
-            raise RuntimeError("state_dict() during a step (between backward() and optimizer.step())")
+        self._refuse_during_a_step("state_dict()")
         mine = ({n: t.detach().cpu().clone() for n, t in self._worker_error.items()},
                 {n: t.detach().cpu().clone() for n, t in self._server_error.items()},
                 {n: t.detach().cpu().clone() for n, t in self._velocity.items()})
@@ -501,8 +500,7 @@ class Compression:
 
     def load_state_dict(self, state):
         """Restores what ``state_dict()`` saved; every rank loads the same dict and takes its own part."""
-        if self._pending:
-            raise RuntimeError("load_state_dict() during a step (between backward() and optimizer.step())")
+        self._refuse_during_a_step("load_state_dict()")
         agreement.check_state(state, self.fingerprint(), self.size())
         unknown = set(state["worker_error"][self.rank()]) - set(self._params)
         if unknown:
@@ -521,6 +519,10 @@ class Compression:
             elif is_root:
                 self._server_error[name] = t.clone()
         self._step = int(state["step"])
+
+    def _refuse_during_a_step(self, what):
+        if self._pending:
+            raise RuntimeError(f"{what} during a step (between backward() and optimizer.step())")
 
     def save_per_rank(self, directory):
         """This rank's part of the state, written to ``directory/rank{r}.pt`` by every rank (no collective,
