@@ -12,8 +12,8 @@ import time
 
 def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
     """The examples' flags; ``progress_bar`` only names the bar in ``--no-progress``'s help; ``transport``
-    adds --transport, --link-gbps, --dense-below, --bucket-mb, --momentum-correction and --warmup (PyTorch
-    plug-in only)."""
+    adds --transport, --link-gbps, --dense-below, --bucket-mb, --momentum-correction, --warmup and
+    --clip (PyTorch plug-in only)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compressor", default="topk:0.01", help='worker compressor spec, e.g. "topk:0.01", '
                    '"none", "natural", "sign", "topk:0.01+natural"')
@@ -35,6 +35,9 @@ def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
         p.add_argument("--warmup", type=int, default=0,
                        help="steps over which the sparsifier's ratio falls from 25%% to its own (Deep Gradient "
                             "Compression's warm-up; 0: none)")
+        p.add_argument("--clip", type=float, default=0.0,
+                       help="local gradient clipping: each rank clips each gradient tensor to norm "
+                            "CLIP / sqrt(ranks) before compressing (Deep Gradient Compression; 0: none)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--lr", type=float, default=0.05)

@@ -110,7 +110,8 @@ def main():
                                      server=args.server or None, named_parameters=model.named_parameters(),
                                      transport=args.transport, link_gbps=args.link_gbps,
                                      dense_below=args.dense_below, bucket_mb=args.bucket_mb,
-                                     momentum=args.momentum if correction else 0.0, warmup=args.warmup)
+                                     momentum=args.momentum if correction else 0.0, warmup=args.warmup,
+                                     clip=args.clip)
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                              compression=compression)
     else:

@@ -367,12 +367,19 @@ class Config:
     transport: Optional[str] = None
     momentum: float = 0.0   # momentum correction (Deep Gradient Compression): see check_momentum
     warmup: tuple = (0, 0.25)   # (steps, first ratio) of the worker sparsifier's warm-up: see check_warmup
+    clip: float = 0.0   # local gradient clipping: see check_clip
 
     def fingerprint(self):
         text = f"worker={self.worker!r} error_feedback={self.error_feedback} server={self.server!r}"
         return (text + (f" transport={self.transport}" if self.transport else "")
                 + (f" momentum={self.momentum}" if self.momentum else "")
-                + (f" warmup={self.warmup}" if self.warmup[0] else ""))
+                + (f" warmup={self.warmup}" if self.warmup[0] else "")
+                + (f" clip={self.clip}" if self.clip else ""))
+
+    def clip_threshold(self, n):
+        """The norm each of n workers clips a gradient tensor to: clip / sqrt(n), as in Deep Gradient
+        Compression, so that the sum of n independent clipped gradients has about the norm ``clip``."""
+        return self.clip / math.sqrt(n)
 
     def worker_at(self, step):
         """The worker compressor in force at ``step``: during the warm-up, the sparsifier's ratio falls
@@ -433,3 +440,12 @@ def check_momentum(momentum, worker, error_feedback):
         raise ValueError(f"momentum={momentum!r} (momentum correction with factor masking) needs a sparsifying "
                          f"compressor (TopK, RandK, or a composition starting with one), got {worker!r}")
     return float(momentum)
+
+
+def check_clip(clip):
+    """Local gradient clipping (Deep Gradient Compression): before anything else (momentum correction, error
+    feedback), each worker scales each gradient tensor down to norm ``clip / sqrt(n)`` if it is longer.
+    0 for none."""
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (clip >= 0 and math.isfinite(clip)):
+        raise ValueError(f"clip must be a finite number >= 0 (a gradient norm; 0 for none), got {clip!r}")
+    return float(clip)

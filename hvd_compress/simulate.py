@@ -4,7 +4,8 @@ It follows the pipeline of the README's Design section literally, with the compr
 per-call seeds as the Horovod plug-ins, and shares no pipeline code with them: a distributed run must match it
 step for step.
 With ``momentum`` (momentum correction, ``compressors.check_momentum``) each worker's velocity u <- m u + g takes
-g's place, and the coordinates sent (where the new error differs from x) are cleared from u. With ``warmup``
+g's place, and the coordinates sent (where the new error differs from x) are cleared from u; with ``clip``
+each worker's gradient is first clipped to norm ``config.clip_threshold(n)``. With ``warmup``
 each step's worker compressor is ``config.worker_at(step)``. A transport (see ``hvd_compress.transport``)
 changes the math only where it says so: "dense" averages the exact gradients (as do tensors under
 ``dense_below`` elements), "sharded" runs the pipeline on each of the n slices on its own. Buckets do not
@@ -35,14 +36,22 @@ def _concat(pieces):
     return tf.concat(pieces, 0)
 
 
+def _clip(g, max_norm):
+    if not _torch(g):
+        raise NotImplementedError("clip= (local gradient clipping) is simulated for PyTorch tensors only, as "
+                                  "only the PyTorch plug-in has it")
+    from .torch.kernels import clip_norm_
+    return clip_norm_(g.clone(), max_norm)
+
+
 class Simulation:
     def __init__(self, compressor, error_feedback=False, server=None, n=2, seed=0, transport=None, link=None,
-                 dense_below=0, momentum=0.0, warmup=0):
+                 dense_below=0, momentum=0.0, warmup=0, clip=0.0):
         self.worker, self.server = C.parse(compressor) or C.Identity(), C.parse(server)
         self.error_feedback, self.n, self.seed = bool(error_feedback), int(n), int(seed)
         self.momentum = C.check_momentum(momentum, self.worker, self.error_feedback)
         self.config = C.Config(self.worker, self.error_feedback, self.server, momentum=self.momentum,
-                               warmup=C.check_warmup(warmup, self.worker))
+                               warmup=C.check_warmup(warmup, self.worker), clip=C.check_clip(clip))
         self.velocity = [{} for _ in range(self.n)]       # u_i (momentum correction), per rank and name
         self.transport, self.link = T.check(transport, self.config), link
         self.dense_below = int(dense_below)   # tensors with fewer elements are averaged exactly (dense)
@@ -60,6 +69,8 @@ class Simulation:
         for name, first in grads[0].items():
             step = self.steps.get(name, 0)
             gs = [_reshape(grads[i][name], [-1]) for i in range(self.n)]
+            if self.config.clip:
+                gs = [_clip(g, self.config.clip_threshold(self.n)) for g in gs]
             if self.momentum:   # u <- m u + g, and u is what is compressed (or averaged) in g's place
                 gs = [g.add(self.velocity[i][name], alpha=self.momentum) if name in self.velocity[i] else g
                       for i, g in enumerate(gs)]

@@ -62,6 +62,10 @@ def _cases():
         {**ds, "id": "warmup=8", "warmup": [8, 0.9], "momentum": 0.9},
         {**ds, "id": "warmup=8/sharded/randk", "warmup": [8, 0.9], "compressor": "randk:0.3", "transport": "sharded"},
         {**ds, "id": "warmup=8/randk:0.3,shared", "warmup": [8, 0.9], "compressor": "randk:0.3,shared"},
+        # local gradient clipping to 5 / sqrt(n): gradient norms here are 2-9, so some tensors are clipped
+        {**ds, "id": "clip=5/momentum=0.9", "clip": 5.0, "momentum": 0.9},
+        {**ds, "id": "clip=5/sharded/dense_below=16", "clip": 5.0, "transport": "sharded", "dense_below": 16},
+        {**ds, "id": "clip=5/float16", "clip": 5.0, "dtype": "float16"},
     ]
     return cases
 

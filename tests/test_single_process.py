@@ -106,6 +106,9 @@ def test_state_dict_round_trip_and_refusals(horovod):
     ({"compressor": "topk:k=3", "warmup": 10}, ValueError, "needs a sparsifier given by ratio="),
     ({"compressor": "topk:0.1", "warmup": -1}, ValueError, "warmup must be a number of steps >= 0"),
     ({"compressor": "topk:0.1", "warmup": (10, 0)}, ValueError, "first ratio must be a number in (0, 1], got 0"),
+    ({"compressor": "topk:0.1", "clip": -1}, ValueError, "clip must be a finite number >= 0 (a gradient norm"),
+    ({"compressor": "topk:0.1", "clip": float("inf")}, ValueError, "clip must be a finite number >= 0"),
+    ({"compressor": "topk:0.1", "clip": True}, ValueError, "clip must be a finite number >= 0"),
 ])
 def test_constructor_refuses_bad_arguments(kwargs, error, words):
     kwargs.setdefault("named_parameters", _model().named_parameters())
@@ -183,3 +186,19 @@ def test_non_finite_gradient_skips_the_step_by_default(horovod):
     for a, b in zip(got, expected):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert compression.stats()["steps"] == 3 and not compression.stats()["last_step_skipped"]
+
+
+def test_clip_scales_each_workers_tensor_down_to_clip_over_sqrt_n():
+    """Local gradient clipping in the simulation (which every multi-rank clip case must equal): a tensor
+    longer than clip / sqrt(n) is scaled to that norm on its worker, a shorter one is left alone."""
+    from hvd_compress.simulate import Simulation
+    n, clip = 4, 2.0
+    grads = [{"long": torch.full((4,), float(r + 1), dtype=torch.float64),      # norms 2, 4, 6, 8 > 1
+              "short": torch.full((4,), 0.1 * (r + 1), dtype=torch.float64)}   # norms <= 0.8 < 1
+             for r in range(n)]
+    update = Simulation("none", n=n, clip=clip).step(grads)
+    threshold = clip / n ** 0.5
+    long = sum(g["long"] * (threshold / (g["long"].norm() + 1e-6)) for g in grads) / n
+    assert torch.allclose(update["long"], long, rtol=1e-12)
+    assert torch.equal(update["short"], sum(g["short"] for g in grads) / n)
+    assert torch.allclose(update["long"].norm(), torch.tensor(threshold, dtype=torch.float64), rtol=1e-5)

@@ -84,6 +84,8 @@ class Compression:
         warmup: the warm-up of the worker sparsifier's ratio (Deep Gradient Compression): a number of steps
             over which it falls geometrically from 25% to its own ratio, or (steps, first ratio); 0: none.
             ``stats()["worker_ratio"]`` is the ratio in force. Needs a sparsifier given by ratio=.
+        clip: local gradient clipping (Deep Gradient Compression): before momentum and error feedback, each
+            worker scales each gradient tensor down to norm clip / sqrt(n) if it is longer (n ranks); 0: none.
         nonfinite: what a step does when some rank's gradient holds NaN or Inf. "skip" (as stock Horovod,
             whose averaged gradient is then non-finite too): every rank returns NaN gradients, so that
             ``torch.amp.GradScaler`` and users see the overflow, no error buffer changes, and the step is
@@ -100,11 +102,11 @@ class Compression:
 
     def __init__(self, compressor, error_feedback=False, server=None, named_parameters=None, root_rank=0, seed=0,
                  transport=None, link_gbps=None, dense_below=1024, bucket_mb=64, nonfinite="skip", process_set=None,
-                 momentum=0.0, warmup=0):
+                 momentum=0.0, warmup=0, clip=0.0):
         worker = C.parse(compressor) or C.Identity()
         config = C.Config(worker, bool(error_feedback), C.parse(server),
                           momentum=C.check_momentum(momentum, worker, bool(error_feedback)),
-                          warmup=C.check_warmup(warmup, worker))
+                          warmup=C.check_warmup(warmup, worker), clip=C.check_clip(clip))
         self.config = dataclasses.replace(config, transport=T.check(transport, config))
         self._link = None if link_gbps is None else T.Link.gbit(link_gbps)
         if link_gbps is not None and transport != T.AUTO:
@@ -176,10 +178,13 @@ class Compression:
         if how == "dense":   # Horovod averages the gradient (with momentum correction: u) itself
             p = self._pending[name] = Pending(name, how, tensor.shape, tensor.dtype,
                                               tensor.numel() * tensor.element_size())
-            if self.config.momentum:
+            if self.config.clip or self.config.momentum:   # in the compute dtype, as compressed tensors
                 flat = tensor.detach().reshape(-1)
                 u = flat.to(K.compute_dtype(flat.dtype))
-                p.velocity = self._momentum_step(name, u)
+                if self.config.clip:
+                    K.clip_norm_(u, self.config.clip_threshold(self.size()))
+                if self.config.momentum:
+                    p.velocity = self._momentum_step(name, u)
                 if u is not flat:
                     flat.copy_(u)
             return tensor, name
@@ -192,6 +197,8 @@ class Compression:
         # .grad to what decompress() returns); a gradient of another dtype gets a buffer of the compute dtype
         work = flat if flat.dtype == dtype and flat.is_contiguous() else flat.to(dtype)
         p = Pending(name, how, tensor.shape, tensor.dtype, 0, work=work)
+        if self.config.clip:
+            K.clip_norm_(work, self.config.clip_threshold(self.size()))
         if self.config.momentum:
             p.velocity = self._momentum_step(name, work)   # work now holds u
         e_in = self._worker_error.get(name) if self.config.error_feedback else None

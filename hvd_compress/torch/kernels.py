@@ -864,3 +864,9 @@ def apply(c, x, seed=0):
     flat = x.reshape(-1).to(compute_dtype(x.dtype))
     out = decode(c, encode(c, flat, seed), flat.numel(), seed, flat.dtype)
     return out.to(x.dtype).view(x.shape)
+
+
+def clip_norm_(x, max_norm):
+    """Scales x in place down to norm ``max_norm`` if it is longer (``torch.nn.utils.clip_grad_norm_``'s
+    formula, as local gradient clipping does, see ``compressors.check_clip``); a non-finite x stays non-finite."""
+    return x.mul_((max_norm / (torch.linalg.vector_norm(x) + 1e-6)).clamp(max=1.0))
