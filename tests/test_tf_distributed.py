@@ -1,7 +1,8 @@
 """The TensorFlow plug-in on real multi-process runs (2 ranks with horovodrun/Gloo, 3 with mpirun): every
 compressor x mode on 2 ranks, and every compressor in the DoubleSqueeze mode (error feedback and server pass:
 the n-rank paths) on 3, equals the single-process simulation and replicas are bit-identical, the seed's
-counterexample, checkpoint/resume, Keras (tf-keras) fit, and bad set-ups."""
+counterexample, checkpoint/resume, Keras (tf-keras) fit, bad set-ups and steps skipped for a non-finite
+gradient."""
 import json
 import os
 import pickle
@@ -92,18 +93,34 @@ def test_keras_fit_averages_with_identical_weights(server, wrapper):
     assert r["ratio"] == pytest.approx(0.6 + (1.0 if server else 0.0), abs=0.05)
 
 
+@pytest.fixture(scope="module")
+def tf_bad_setups():
+    """One launch for the bad set-ups (each TensorFlow start-up and trace costs half a minute)."""
+    proc = launch(2, DISTRIBUTED / "tf_bad_input.py", "mismatch", "nan", "skip", timeout=400)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    return proc
+
+
 @pytest.mark.parametrize("scenario, error, words", [
     ("mismatch", "ValueError", ["configured differently on different ranks"]),
     ("nan", "InvalidArgumentError", ["2/w2:0", "the gradient is not finite (NaN or Inf) on some rank"]),
 ])
-def test_bad_setup_fails_clearly_on_every_rank(scenario, error, words):
-    proc = launch(2, DISTRIBUTED / "tf_bad_input.py", scenario, timeout=180)
-    caught = [line for line in proc.stdout.splitlines() if "CAUGHT" in line]
-    assert len(caught) == 2, proc.stdout[-5000:]
+def test_bad_setup_fails_clearly_on_every_rank(tf_bad_setups, scenario, error, words):
+    out = tf_bad_setups.stdout
+    caught = [line for line in out.splitlines() if f"{scenario} CAUGHT" in line]
+    assert len(caught) == 2, out[-5000:]
     for line in caught:
         assert f"CAUGHT {error}: " in line and all(w in line for w in words), line
-    if scenario == "nan":
-        assert proc.stdout.count("BUFFER_UNCHANGED True") == 2, proc.stdout[-3000:]
+    if scenario == "nan":   # nonfinite="raise": the step's earlier variables had committed; all is undone
+        assert out.count("nan BUFFER_UNCHANGED True") == 2, out[-3000:]
+        assert out.count("nan TRAINED_ON 5") == 2, out[-3000:]
+
+
+def test_nonfinite_steps_are_skipped_alike_and_leave_every_buffer(tf_bad_setups):
+    r = result_line(tf_bad_setups)
+    # NaN in the first, a middle and the last variable of a step, on either rank
+    assert r == {"nan_seen": [True] * 3, "unchanged": [True] * 3, "skipped_steps": 3, "identical": True,
+                 "equals_simulation": True}, r
 
 
 def test_single_process_behaviour_and_refusals(tmp_path):

@@ -10,12 +10,19 @@ at a time, while tracing a ``tf.function``. So everything happens in the graph:
                    y = gbar + d, v = C_s(y); the root's payload bytes are broadcast; every rank decodes them
                    returns a one-element marker: the step number, or NaN where x is not finite
     decompress(m)  m is the marker averaged over ranks: NaN means some rank's gradient was not finite, a
-                   wrong step that ranks are out of step or that Horovod does not average. Then the step
-                   fails with an error naming the variable, and that variable's buffers stay as they were;
-                   otherwise e <- x - decode(p), d <- y - v, and v is the gradient.
+                   wrong step that ranks are out of step or that Horovod does not average (an error naming
+                   the variable). Otherwise e <- x - decode(p), d <- y - v, and v is the gradient.
 
 Every rank keeps the server buffer d: gbar, d and the server seed are the same on every rank, so d stays
 identical everywhere, while the broadcast keeps the root authoritative for v.
+
+A step whose gradient is not finite anywhere leaves every buffer as it was, as in the PyTorch plug-in. But
+Horovod runs compress, allreduce and decompress one variable after the other, each in its own ``tf.cond``, so
+when the third variable turns out not finite the first two have already committed. The step is then written
+into ``skipped`` (a variable every branch can read): the variables after it do not commit, and those before
+it undo their commit (the previous buffers are kept) at their next ``compress()``, or when ``state_dict()``
+or ``stats()`` reads the buffers. Steps here are counted globally: a new one starts when a variable's index
+does not grow. Skipped steps do not advance the per-variable step counts (the same seeds come again).
 
 Horovod passes compress() a bare gradient. Gradients arrive in the order of the variables given to the
 tape or optimizer (Horovod skips variables without gradient), so ``variables=`` must be that list, in that
@@ -48,14 +55,24 @@ class Compression(tf.Module):
             (``model.trainable_variables``).
         root_rank: the rank whose server payload every rank applies.
         seed: base of the seeds of random compressors.
+        nonfinite: what a step does when some rank's gradient holds NaN or Inf. "skip" (as stock Horovod,
+            whose averaged gradient is then non-finite too): that variable's gradient, and those reduced
+            after it, are NaN on every rank, so that a loss-scaling optimizer skips the step; no buffer of
+            the step changes, and the same seeds come again at the next step (counted in
+            ``stats()["skipped_steps"]``). "raise": every rank raises an error naming the variable, and no
+            buffer of the step changes either.
 
     Create it after ``hvd.init()`` on every rank (it compares the configuration of all ranks). It is a
     ``tf.Module``: ``tf.train.Checkpoint(compression=compression)`` saves this rank's buffers;
     ``state_dict()`` gathers every rank's.
     """
 
-    def __init__(self, compressor, error_feedback=False, server=None, variables=None, root_rank=0, seed=0):
+    def __init__(self, compressor, error_feedback=False, server=None, variables=None, root_rank=0, seed=0,
+                 nonfinite="skip"):
         super().__init__(name="hvd_compress")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        self.nonfinite = nonfinite
         worker = C.parse(compressor) or C.Identity()
         self.config = C.Config(worker, bool(error_feedback), C.parse(server))
         if variables is None:
@@ -87,7 +104,18 @@ class Compression(tf.Module):
 
         self.worker_error = buffers("worker_error") if self.config.error_feedback else []
         self.server_error = buffers("server_error") if self.config.server is not None else []
+        # the buffers before their last commit, to undo a commit made in a step that is then skipped
+        self.worker_error_before = buffers("worker_error_before") if self.config.error_feedback else []
+        self.server_error_before = buffers("server_error_before") if self.config.server is not None else []
         self.steps = [tf.Variable(0, dtype=tf.int64, trainable=False, name=f"step_{i}") for i in range(len(sizes))]
+        # global step count; index of the last variable compressed (a new step starts when it does not grow);
+        # the global step of each variable's last commit (-1: none to undo); the skipped global steps
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        self.last_index = tf.Variable(len(sizes), dtype=tf.int64, trainable=False, name="last_index")
+        self.committed_at = tf.Variable(tf.fill([len(sizes)], tf.constant(-1, tf.int64)), trainable=False,
+                                        name="committed_at")
+        self.skipped = tf.Variable(tf.zeros([0], tf.int64), shape=tf.TensorShape([None]), trainable=False,
+                                   name="skipped_steps")
         # last step's ||C(x) - x||^2 and ||x||^2 and ||d||^2 per variable, for stats()
         self.last = tf.Variable(tf.zeros([len(sizes), 3], tf.float64), trainable=False, name="last_step_norms")
         self._bytes_per_step = [0] * len(sizes)   # what this rank hands to collectives per step (static)
@@ -102,12 +130,13 @@ class Compression(tf.Module):
     def compress(self, tensor):
         i = self._index_of(tensor)
         name, worker, server = self.names[i], self.config.worker, self.config.server
-        dtype = K.compute_dtype(tensor.dtype)
-        x = tf.reshape(tf.cast(tensor, dtype), [-1])
-        d = x.shape[0]
-        if self.config.error_feedback:
-            x = x + self.worker_error[i]
-        step = self.steps[i].read_value()
+        global_step = self._global_step(i)
+        with tf.control_dependencies([global_step, self._undo_if_skipped(i)]):
+            x = tf.reshape(tf.cast(tensor, K.compute_dtype(tensor.dtype)), [-1])
+            step = self.steps[i].read_value()
+            if self.config.error_feedback:
+                x = x + self.worker_error[i]
+        dtype, d = x.dtype, x.shape[0]
         seed = worker_seed(worker, self.seed, step, hvd.rank(), name)
         try:
             parts = K.encode(worker, x, seed)
@@ -140,30 +169,81 @@ class Compression(tf.Module):
         finite = tf.reduce_all(tf.math.is_finite(x))
         marker = tf.where(finite, tf.cast(step + 1, tf.float32), float("nan"))
         self._bytes_per_step[i] = sent + 4
-        return tf.reshape(marker, [1]), (i, tensor.shape, tensor.dtype, x, local, update, server_error)
+        ctx = (i, tensor.shape, tensor.dtype, step, global_step, x, local, update, server_error)
+        return tf.reshape(marker, [1]), ctx
 
     @tf.autograph.experimental.do_not_convert
     def decompress(self, marker, ctx):
-        i, shape, grad_dtype, x, local, update, server_error = ctx
-        name, step = self.names[i], self.steps[i]
+        i, shape, grad_dtype, step, global_step, x, local, update, server_error = ctx
+        name = self.names[i]
         expected = tf.cast(step + 1, tf.float32)
-        check = tf.debugging.Assert(
-            tf.abs(marker[0] - expected) <= 1e-3 * expected,
-            [f"hvd_compress: variable {name!r}: the gradient is not finite (NaN or Inf) on some rank "
-             f"(NaN marker), or ranks are out of step, or Horovod does not average (use op=hvd.Average). "
-             f"The buffers of this variable were left unchanged. Marker and expected step:", marker, expected])
-        with tf.control_dependencies([check]):
-            assigns = [step.assign_add(1)]
+        not_finite = tf.math.is_nan(marker[0])
+        skip_step = self._skip_if(not_finite, global_step)
+        in_step = tf.abs(marker[0] - expected) <= 1e-3 * expected
+        with tf.control_dependencies([skip_step]):   # written into skipped before a "raise" stops the graph
+            check = tf.debugging.Assert(
+                tf.logical_or(in_step, tf.logical_and(not_finite, self.nonfinite == "skip")),
+                [f"hvd_compress: variable {name!r}: the gradient is not finite (NaN or Inf) on some rank "
+                 f"(NaN marker), or ranks are out of step, or Horovod does not average (use op=hvd.Average). "
+                 f"No buffer of this step was changed. Marker and expected step:", marker, expected])
+
+        def commit():
             residual = tf.reduce_sum(tf.cast(tf.square(x - local), tf.float64))
             norms = [residual, tf.reduce_sum(tf.cast(tf.square(x), tf.float64)), tf.constant(0.0, tf.float64)]
+            assigns = [self.steps[i].assign_add(1), self.committed_at[i].assign(global_step)]
             if self.config.error_feedback:
-                assigns.append(self.worker_error[i].assign(x - local))
+                assigns.append(_keep_and_assign(self.worker_error_before[i], self.worker_error[i], x - local))
             if server_error is not None:
-                assigns.append(self.server_error[i].assign(server_error))
+                assigns.append(_keep_and_assign(self.server_error_before[i], self.server_error[i], server_error))
                 norms[2] = tf.reduce_sum(tf.cast(tf.square(server_error), tf.float64))
             assigns.append(self.last[i].assign(tf.stack(norms)))
-        with tf.control_dependencies(assigns):
-            return tf.reshape(tf.cast(update, grad_dtype), shape)
+            with tf.control_dependencies(assigns):
+                return tf.identity(update)
+
+        with tf.control_dependencies([check]):
+            update = tf.cond(skip_step, lambda: tf.fill(tf.shape(update), tf.constant(np.nan, update.dtype)),
+                             commit)
+        return tf.reshape(tf.cast(update, grad_dtype), shape)
+
+    # ---- steps that are skipped for a non-finite gradient (see the module's docstring) -----------------------
+
+    def _global_step(self, i):
+        """The global step this gradient belongs to: a new one when the variable index does not grow."""
+        new_step = tf.cast(i <= self.last_index.read_value(), tf.int64)
+        with tf.control_dependencies([self.last_index.assign(i)]):
+            return self.step.assign_add(new_step).read_value()
+
+    def _skip_if(self, not_finite, global_step):
+        """Writes the step into ``skipped`` if this gradient is not finite; whether the step is skipped."""
+        def record():
+            return self.skipped.assign(tf.concat([self.skipped, [global_step]], 0)).read_value()
+        already = tf.reduce_any(tf.equal(self.skipped, global_step))
+        skipped = tf.cond(tf.logical_and(not_finite, tf.logical_not(already)), record, self.skipped.read_value)
+        return tf.reduce_any(tf.equal(skipped, global_step))
+
+    def _undo(self, i):
+        """Variable i's buffers and step count as before its last commit."""
+        ops = [self.steps[i].assign_sub(1), self.committed_at[i].assign(-1)]
+        if self.config.error_feedback:
+            ops.append(self.worker_error[i].assign(self.worker_error_before[i]))
+        if self.config.server is not None:
+            ops.append(self.server_error[i].assign(self.server_error_before[i]))
+        return ops
+
+    def _committed_in_skipped_step(self, i):
+        return tf.reduce_any(tf.equal(self.skipped, self.committed_at[i]))
+
+    def _undo_if_skipped(self, i):
+        def undo():
+            with tf.control_dependencies(self._undo(i)):
+                return tf.constant(True)
+        return tf.cond(self._committed_in_skipped_step(i), undo, lambda: tf.constant(False))
+
+    def _settle(self):
+        """Eagerly undoes the commits made in skipped steps, before the buffers are read."""
+        for i in range(len(self.names)):
+            if bool(self._committed_in_skipped_step(i)):
+                self._undo(i)
 
     # ---- matching gradients to variables, and agreeing on the configuration ------------------------------
 
@@ -183,7 +263,8 @@ class Compression(tf.Module):
         return self._cursor - 1
 
     def fingerprint(self):
-        return agreement.fingerprint(self.config, self.root_rank, self.seed, zip(self.names, self.shapes))
+        return (agreement.fingerprint(self.config, self.root_rank, self.seed, zip(self.names, self.shapes))
+                + f" nonfinite={self.nonfinite}")
 
     def _check_same_config_everywhere(self):
         if hvd.size() == 1:
@@ -199,6 +280,7 @@ class Compression(tf.Module):
     def state_dict(self):
         """Every rank's worker error buffers, the server buffers and the per-variable steps, as numpy arrays.
         A collective when there are several ranks: call it on every rank (eagerly), save it on one."""
+        self._settle()
         mine = {n: e.numpy() for n, e in zip(self.names, self.worker_error)}
         everyone = hvd.allgather_object(mine, name="hc_state_dict") if hvd.size() > 1 else [mine]
         return {"format": agreement.STATE_FORMAT, "fingerprint": self.fingerprint(), "size": len(everyone),
@@ -215,16 +297,21 @@ class Compression(tf.Module):
             d.assign(state["server_error"][name])
         for name, s in zip(self.names, self.steps):
             s.assign(state["steps"][name])
+        self.committed_at.assign(tf.fill([len(self.names)], tf.constant(-1, tf.int64)))
 
     def stats(self):
         """About the last completed step, as the PyTorch plug-in reports it (see its ``stats()``)."""
+        self._settle()
+        skipped = self.skipped.numpy()
         steps = [int(s.numpy()) for s in self.steps]
         last = self.last.numpy()
         dense = [4 * int(np.prod(s)) for s in self.shapes]
         done = max(steps, default=0)
         sent = sum(b for b, s in zip(self._bytes_per_step, steps) if s == done and done)
         dense_now = sum(b for b, s in zip(dense, steps) if s == done and done)
-        return {"steps": done, "bytes_sent": sent, "dense_bytes": dense_now,
+        return {"steps": done, "skipped_steps": len(skipped),
+                "last_step_skipped": bool(len(skipped)) and int(skipped[-1]) == int(self.step.numpy()),
+                "bytes_sent": sent, "dense_bytes": dense_now,
                 "ratio": sent / dense_now if dense_now else 0.0,
                 "variance": float(last[:, 0].sum() / last[:, 1].sum()) if last[:, 1].sum() else 0.0,
                 "worker_error_norm": float(np.sqrt(last[:, 0].sum())) if self.config.error_feedback else 0.0,
@@ -234,3 +321,9 @@ class Compression(tf.Module):
 
     def __repr__(self):
         return f"Compression({self.config.fingerprint()})"
+
+
+def _keep_and_assign(before, buffer, value):
+    """buffer's value into before, then value into buffer (in this order, whatever the graph's scheduling)."""
+    with tf.control_dependencies([before.assign(buffer)]):
+        return buffer.assign(value)

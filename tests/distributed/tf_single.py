@@ -59,13 +59,15 @@ def tf_checkpoint_round_trip(tmp):
     for e in compression.worker_error + compression.server_error:
         e.assign(tf.random.stateless_normal(e.shape, [1, 2], dtype=e.dtype))
     compression.steps[0].assign(7)
+    compression.skipped.assign([3, 5])   # of dynamic length
     saved = [v.numpy() for v in compression.trainable_variables + compression.variables]
     path = tf.train.Checkpoint(compression=compression).save(os.path.join(tmp, "ckpt"))
     for v in compression.variables:
         v.assign(tf.zeros_like(v))
     tf.train.Checkpoint(compression=compression).restore(path).assert_consumed()
     restored = [v.numpy() for v in compression.trainable_variables + compression.variables]
-    return len(saved) == 2 * 5 + 5 + 1 and all(np.array_equal(a, b) for a, b in zip(saved, restored))
+    # worker and server buffers and their previous values, steps, last norms, and the skipping book-keeping
+    return len(saved) == 4 * 5 + 5 + 1 + 4 and all(np.array_equal(a, b) for a, b in zip(saved, restored))
 
 
 def refuses(make, error, words):
