@@ -2,6 +2,7 @@
 from ..compressors import (Compose, Compressor, Identity, Natural, OneBit, QSGD, RandK, Scaled, ScaledSign, TopK,
                            parse)
 from .compression import Compression
+from . import elastic   # hc.elastic.TorchState; registers Compression with Horovod's TorchState handlers
 
 __all__ = ["Compression", "Compressor", "TopK", "RandK", "Natural", "ScaledSign", "OneBit", "QSGD", "Compose",
            "Scaled", "Identity", "parse"]

@@ -414,6 +414,20 @@ class Compression:
             for group in opt._group_counts:
                 opt._group_counts[group] = 0
 
+    def _forget_world(self):
+        """Drop what is bound to the ranks of the job (the buffers aside), after an elastic resize: the next
+        step binds to the optimizer's process set again, forms buckets for the new size, checks the
+        configuration on every rank and allocates its buffers (see ``hvd_compress.torch.elastic``)."""
+        self._pending.clear()
+        self._skipping = False
+        self._step_stats = self._new_stats()
+        self._buckets, self._bucket_of = [], None
+        self._spare.clear()
+        self._payloads.clear()
+        self._optimizer = None
+        self._checked = False
+        self._name_by_grad_id = {}
+
     @staticmethod
     def _new_stats():
         return {"bytes_sent": 0, "dense_bytes": 0, "dense_small_bytes": 0, "residual": 0.0, "norm": 0.0,
