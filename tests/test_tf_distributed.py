@@ -74,6 +74,30 @@ def test_matches_simulation_and_replicas_identical(request, n, case):
     assert stats["steps"] == case["steps"] and stats["total_bytes_sent"] > 0
 
 
+def test_process_set_of_2_of_3_ranks_equals_the_simulation_of_2(tmp_path):
+    """hvd.DistributedGradientTape(process_set=) on ranks 1 and 2 of 3: the Compression takes the tape's set at
+    the first step, every collective runs on it (allgather and allreduce payloads, the root's broadcast from
+    global rank 1, state_dict), and a Compression given another set is refused instead of waiting forever."""
+    from tf_common import names_of, train_reference
+    cases = [c for c in CASES if c["id"] in ("topk:0.3/doublesqueeze", "randk:0.3,shared/doublesqueeze")]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    proc = launch(3, DISTRIBUTED / "tf_process_set.py", tmp_path / "cases.json", tmp_path, launcher="mpirun",
+                  timeout=300)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert "reduced on the process set [1, 2] but this Compression was given [0, 1, 2]" in \
+        result_line(proc)["refused"], result_line(proc)
+    ranks = []
+    for r in (1, 2):
+        with open(tmp_path / f"rank{r}.pkl", "rb") as f:
+            ranks.append(pickle.load(f))
+    for case in cases:
+        assert ranks[0][case["id"]]["_state"] == {"size": 2, "workers": 2}
+        reference = train_reference(case, 2, case["steps"])
+        for name, v in zip(names_of(reference), reference):
+            assert np.array_equal(ranks[0][case["id"]][name], ranks[1][case["id"]][name]), name
+            assert np.abs(ranks[0][case["id"]][name] - v.numpy()).max() <= 1e-9 * max(1.0, np.abs(v.numpy()).max())
+
+
 def test_counterexample_top1_diverges_and_error_feedback_converges():
     proc = launch(3, DISTRIBUTED / "tf_counterexample.py", 20, 300, 0.05, 0.1, launcher="mpirun")
     assert proc.returncode == 0, proc.stdout[-5000:]

@@ -30,6 +30,10 @@ order: each gradient is matched to the next variable of its shape. Horovod's ``g
 and is not supported.
 """
 
+import os
+import pickle
+import sys
+
 import numpy as np
 import tensorflow as tf
 import horovod.tensorflow as hvd
@@ -55,6 +59,10 @@ class Compression(tf.Module):
             (``model.trainable_variables``).
         root_rank: the rank whose server payload every rank applies.
         seed: base of the seeds of random compressors.
+        process_set: the Horovod process set whose ranks average the gradients, the one given to
+            ``hvd.DistributedGradientTape(process_set=...)`` or ``hvd.DistributedOptimizer(process_set=...)``
+            (None: every rank). Every collective of this object runs on it, ranks are counted within it
+            (``root_rank=0`` is its first rank), and a gradient reduced on another set is refused.
         nonfinite: what a step does when some rank's gradient holds NaN or Inf. "skip" (as stock Horovod,
             whose averaged gradient is then non-finite too): that variable's gradient, and those reduced
             after it, are NaN on every rank, so that a loss-scaling optimizer skips the step; no buffer of
@@ -62,14 +70,19 @@ class Compression(tf.Module):
             ``stats()["skipped_steps"]``). "raise": every rank raises an error naming the variable, and no
             buffer of the step changes either.
 
-    Create it after ``hvd.init()`` on every rank (it compares the configuration of all ranks). It is a
+    Create it on every rank of the set; the first step compares the configurations of its ranks. It is a
     ``tf.Module``: ``tf.train.Checkpoint(compression=compression)`` saves this rank's buffers;
     ``state_dict()`` gathers every rank's.
     """
 
     def __init__(self, compressor, error_feedback=False, server=None, variables=None, root_rank=0, seed=0,
-                 nonfinite="skip"):
+                 nonfinite="skip", process_set=None):
         super().__init__(name="hvd_compress")
+        if process_set is not None and not process_set.included():
+            raise ValueError(f"this rank ({hvd.rank()}) is not in the process set {process_set.ranks}: "
+                             f"create the Compression on the set's ranks only")
+        self.process_set = process_set   # None until the first step takes the tape's or optimizer's
+        self._bound = False
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         self.nonfinite = nonfinite
@@ -120,7 +133,6 @@ class Compression(tf.Module):
         self.last = tf.Variable(tf.zeros([len(sizes), 3], tf.float64), trainable=False, name="last_step_norms")
         self._bytes_per_step = [0] * len(sizes)   # what this rank hands to collectives per step (static)
         self._cursor_graph, self._cursor = None, 0
-        self._check_same_config_everywhere()
 
     # ---- Horovod's Compressor interface ------------------------------------------------------------------
 
@@ -129,7 +141,10 @@ class Compression(tf.Module):
     @tf.autograph.experimental.do_not_convert
     def compress(self, tensor):
         i = self._index_of(tensor)
+        if not self._bound:
+            self._bind(self._process_set_of_caller())
         name, worker, server = self.names[i], self.config.worker, self.config.server
+        ps = self.process_set
         global_step = self._global_step(i)
         with tf.control_dependencies([global_step, self._undo_if_skipped(i)]):
             x = tf.reshape(tf.cast(tensor, K.compute_dtype(tensor.dtype)), [-1])
@@ -137,19 +152,20 @@ class Compression(tf.Module):
             if self.config.error_feedback:
                 x = x + self.worker_error[i]
         dtype, d = x.dtype, x.shape[0]
-        seed = worker_seed(worker, self.seed, step, hvd.rank(), name)
+        seed = worker_seed(worker, self.seed, step, self._rank(), name)
         try:
             parts = K.encode(worker, x, seed)
         except ValueError as err:
             raise ValueError(f"variable {name!r}: {err}") from None
         local = K.decode(worker, parts, d, seed, dtype)
-        n, sent = hvd.size(), 0
+        n, sent = self._size(), 0
         if worker.summable:
-            gbar = K.decode(worker, [hvd.allreduce(parts[0], op=hvd.Average, name=f"hc_w_{i}")], d, seed, dtype)
+            mean = hvd.allreduce(parts[0], op=hvd.Average, name=f"hc_w_{i}", process_set=ps)
+            gbar = K.decode(worker, [mean], d, seed, dtype)
             sent += parts[0].shape[0] * dtype.size
         else:
             data = K.pack(parts)
-            gathered = tf.reshape(hvd.allgather(data, name=f"hc_w_{i}"), [n, -1])
+            gathered = tf.reshape(hvd.allgather(data, name=f"hc_w_{i}", process_set=ps), [n, -1])
             gbar = None
             for r in range(n):   # in rank order on every rank: bit-identical sums
                 decoded = K.decode(worker, K.unpack(worker, gathered[r], d, dtype), d, seed, dtype)
@@ -161,10 +177,11 @@ class Compression(tf.Module):
         if server is not None:
             y = gbar + self.server_error[i]
             s_seed = server_seed(server, self.seed, step, name)
-            data = hvd.broadcast(K.pack(K.encode(server, y, s_seed)), self.root_rank, name=f"hc_s_{i}")
+            data = hvd.broadcast(K.pack(K.encode(server, y, s_seed)), self._root(), name=f"hc_s_{i}",
+                                 process_set=ps)
             update = K.decode(server, K.unpack(server, data, d, dtype), d, s_seed, dtype)
             server_error = y - update
-            if hvd.rank() == self.root_rank:
+            if self._rank() == self.root_rank:
                 sent += data.shape[0]
         finite = tf.reduce_all(tf.math.is_finite(x))
         marker = tf.where(finite, tf.cast(step + 1, tf.float32), float("nan"))
@@ -262,17 +279,70 @@ class Compression(tf.Module):
         self._cursor += 1
         return self._cursor - 1
 
+    # ---- the process set: ranks are counted within it ------------------------------------------------------
+
+    def _bind(self, theirs):
+        """At the first step: run on the set the gradients are reduced on (a Compression on another set would
+        wait in its collectives for ranks that never come: refused), then compare the configuration of its
+        ranks (eagerly, also while a step function is being traced)."""
+        if theirs is not None and self.process_set is not None \
+                and theirs.process_set_id != self.process_set.process_set_id:
+            raise ValueError(f"the gradients are reduced on the process set {theirs.ranks or 'of all ranks'} but "
+                             f"this Compression was given {self.process_set.ranks or 'all ranks'}: give it the "
+                             f"same process_set as the tape or optimizer (or none)")
+        self.process_set = self.process_set or theirs or hvd.global_process_set
+        if not 0 <= self.root_rank < self._size():
+            raise ValueError(f"root_rank must be a rank of the {self._size()} ranks (of the process set), "
+                             f"got {self.root_rank!r}")
+        with tf.init_scope():
+            self._check_same_config_everywhere()
+        self._bound = True
+
+    def _size(self):
+        return (self.process_set or hvd.global_process_set).size()
+
+    def _rank(self):
+        return (self.process_set or hvd.global_process_set).rank()
+
+    def _root(self):
+        """The global rank of the root (Horovod's broadcast takes a global rank)."""
+        ps = self.process_set or hvd.global_process_set
+        return self.root_rank if ps.process_set_id == 0 else ps.ranks[self.root_rank]
+
+    @staticmethod
+    def _process_set_of_caller():
+        """The process_set of Horovod's allreduce that called compress() (None for a direct call)."""
+        frame = sys._getframe(1)   # compress(), maybe a decorator's frame, then Horovod's allreduce
+        for _ in range(5):
+            if frame is None:
+                return None
+            if frame.f_code.co_filename.endswith(os.path.join("horovod", "tensorflow", "__init__.py")) \
+                    and "process_set" in frame.f_locals:
+                return frame.f_locals["process_set"]
+            frame = frame.f_back
+        return None
+
+    def _allgather_object(self, obj, name):
+        """hvd.allgather_object on this object's process set (Horovod 0.28's takes none)."""
+        data = np.frombuffer(pickle.dumps(obj), np.uint8)
+        ps = self.process_set or hvd.global_process_set
+        sizes = hvd.allgather(tf.constant([len(data)], tf.int64), name=f"{name}_sizes", process_set=ps).numpy()
+        gathered = hvd.allgather(tf.constant(data), name=name, process_set=ps).numpy()
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        return [pickle.loads(gathered[a:b].tobytes()) for a, b in zip(bounds[:-1], bounds[1:])]
+
     def fingerprint(self):
         return (agreement.fingerprint(self.config, self.root_rank, self.seed, zip(self.names, self.shapes))
                 + f" nonfinite={self.nonfinite}")
 
     def _check_same_config_everywhere(self):
-        if hvd.size() == 1:
+        if self._size() == 1:
             return
         mine = self.fingerprint()
-        digests = hvd.allgather(tf.constant([agreement.digest(mine)], tf.int64), name="hc_config_check").numpy()
+        digests = hvd.allgather(tf.constant([agreement.digest(mine)], tf.int64), name="hc_config_check",
+                                process_set=self.process_set).numpy()
         if (digests != agreement.digest(mine)).any():
-            everyone = hvd.allgather_object(mine, name="hc_config_check_text")
+            everyone = self._allgather_object(mine, "hc_config_check_text")
             raise agreement.mismatch_error(everyone)
 
     # ---- checkpointing and statistics ----------------------------------------------------------------------
@@ -282,7 +352,7 @@ class Compression(tf.Module):
         A collective when there are several ranks: call it on every rank (eagerly), save it on one."""
         self._settle()
         mine = {n: e.numpy() for n, e in zip(self.names, self.worker_error)}
-        everyone = hvd.allgather_object(mine, name="hc_state_dict") if hvd.size() > 1 else [mine]
+        everyone = self._allgather_object(mine, "hc_state_dict") if self._size() > 1 else [mine]
         return {"format": agreement.STATE_FORMAT, "fingerprint": self.fingerprint(), "size": len(everyone),
                 "steps": {n: int(s.numpy()) for n, s in zip(self.names, self.steps)},
                 "worker_error": everyone,
@@ -290,9 +360,9 @@ class Compression(tf.Module):
 
     def load_state_dict(self, state):
         """Restores what ``state_dict()`` saved; every rank loads the same dict and takes its own part."""
-        agreement.check_state(state, self.fingerprint(), hvd.size())
+        agreement.check_state(state, self.fingerprint(), self._size())
         for name, e in zip(self.names, self.worker_error):
-            e.assign(state["worker_error"][hvd.rank()][name])
+            e.assign(state["worker_error"][self._rank()][name])
         for name, d in zip(self.names, self.server_error):
             d.assign(state["server_error"][name])
         for name, s in zip(self.names, self.steps):

@@ -53,25 +53,27 @@ def train_reference(case, n, steps, start=0, variables=None, sim=None):
     return variables
 
 
-def train_distributed(case, steps, start=0, variables=None, compression=None):
+def train_distributed(case, steps, start=0, variables=None, compression=None, process_set=None):
+    """The case on Horovod's ranks (or a process set's: its ranks are the simulation's 0..n-1)."""
     import horovod.tensorflow as hvd
     import hvd_compress.tensorflow as htc
 
+    process_set = process_set or hvd.global_process_set
     variables = variables or make_variables()
     if compression is None:
         compression = htc.Compression(case["compressor"], error_feedback=case.get("error_feedback", False),
-                                      server=case.get("server"), variables=variables)
+                                      server=case.get("server"), variables=variables, process_set=process_set)
 
     @tf.function(autograph=False)   # nothing to convert: tracing is most of this test's time
     def train_step(x, y, use_extra):
         with tf.GradientTape() as tape:
             loss = loss_of(variables, x, y, use_extra)
-        tape = hvd.DistributedGradientTape(tape, compression=compression)
+        tape = hvd.DistributedGradientTape(tape, compression=compression, process_set=process_set)
         for v, g in zip(variables, tape.gradient(loss, variables)):
             if g is not None:
                 v.assign_sub(LR * g)
 
     for step in range(start, start + steps):
-        x, y = batch(step, hvd.rank())
+        x, y = batch(step, process_set.rank())
         train_step(x, y, step % 2 == 0)
     return variables, compression
