@@ -1,10 +1,11 @@
-"""Experiment `training`: a CNN on Fashion-MNIST on 4 real Horovod ranks, ten gradient compression setups.
+"""Experiment `training`: a CNN on Fashion-MNIST on 4 real Horovod ranks, ten gradient compression setups of
+the seeds, then the optimizers people use (SGD with momentum, AdamW on a small vision transformer).
 
 The first seed's Fig. 3 (4 compression operators, training/test loss and accuracy on 4 nodes) and the second
 seed's experiment (DoubleSqueeze against uncompressed SGD and compressed SGD without error compensation,
 convergence and per-epoch time), on a small LeNet-like CNN instead of VGG19 / ResNet-18 on CIFAR-10.
 
-Configurations (all plain SGD, no momentum, same seed, same initial weights, same data order):
+The seeds' configurations (all plain SGD, no momentum, same seed, same initial weights, same data order):
 
     none                         Horovod's own dense fp32 allreduce (hvd_compress not used)
     Top-k 1% (no EF)             topk:0.01, compressed SGD without error compensation
@@ -17,14 +18,20 @@ Configurations (all plain SGD, no momentum, same seed, same initial weights, sam
   counterpart at the same k), natural compression (unbiased), and the seed's new composition Top-k 5% then
   natural compression + EF.
 
+The optimizers people use (issue 13): SGD with momentum 0.9 on the same CNN, dense, Top-k 1% + EF with the
+momentum left in the optimizer (what a user tries first), and with Deep Gradient Compression's recipe (momentum
+correction and factor masking, a warm-up of the ratio, small tensors dense), also under DoubleSqueeze; AdamW on a
+small vision transformer, dense and Top-k 1% + EF, with and without the warm-up.
+
 All configurations run in ONE 4-rank mpirun launch (training_worker.py), taking turns step by step on the same
 batches, so that load from other jobs falls on every configuration's per-epoch time alike. Checks: every
 configuration trains (final test accuracy well above chance), the 4 replicas are bit-identical at the end,
 error feedback beats Top-k without it, bytes on the wire are what the compressors' wire formats say (Top-k 1%
 about 2% of dense fp32, DoubleSqueeze about twice that on the root). The orderings the seeds report (Top-k
 over Rand-k, Top-k + natural the most communication-efficient, DoubleSqueeze as good as uncompressed, faster
-epochs) are measured and written to the summary's "findings", not asserted: on a small run they can flip by
-noise, and per-epoch time here is on shared CPU cores with shared-memory transport, not a network.
+epochs) and the gaps of the optimizers' configurations to their dense run are measured and written to the
+summary's "findings", not asserted: on a small run they can flip by noise, and per-epoch time here is on
+shared CPU cores with shared-memory transport, not a network.
 """
 import json
 import os
@@ -43,30 +50,55 @@ from .common import ROOT, progress, relpath, save
 
 WORKER = Path(__file__).with_name("training_worker.py")
 RANKS = 4
-# label -> (worker compressor, error feedback, server compressor)
+
+
+def spec(compressor, error_feedback=False, server=None, optimizer="sgd", lr=None, momentum=0.0, model="cnn",
+         momentum_correction=False, warmup=0, dense_below=0):
+    """A configuration: the Compression's arguments and the optimizer it trains with (lr None: the setup's)."""
+    return dict(compressor=compressor, error_feedback=error_feedback, server=server, optimizer=optimizer, lr=lr,
+                momentum=momentum, weight_decay=0.01, model=model, momentum_correction=momentum_correction,
+                warmup=warmup, clip=0.0, dense_below=dense_below)
+
+
+SGDM = dict(lr=0.01, momentum=0.9)   # the same effective step, lr / (1 - momentum), as plain SGD's 0.1
+# Deep Gradient Compression's recipe: momentum correction, a warm-up from 25% over 50 steps (about 0.7% more
+# of the dense bytes on the full run), tensors under 256 elements dense (the biases: 0.3% of the CNN)
+DGC = dict(momentum_correction=True, warmup=50, dense_below=256)
+ADAMW = dict(optimizer="adamw", lr=1e-3, model="vit")   # its tensors under 256 elements are 2.3% of it
 CONFIGS = {
-    "none (dense fp32)": ("none", False, None),
-    "Top-k 1% (no EF)": ("topk:0.01", False, None),
-    "MEM-SGD: Top-k 1% + EF": ("topk:0.01", True, None),
-    "DoubleSqueeze Top-k 1%": ("topk:0.01", True, "topk:0.01"),
-    "DoubleSqueeze 1-bit": ("onebit", True, "onebit"),
-    "QSGD 16 levels": ("qsgd:16", False, None),
-    "Top-k 5% + EF": ("topk:0.05", True, None),
-    "Rand-k 5% (unbiased)": ("randk:0.05", False, None),
-    "natural (unbiased)": ("natural", False, None),
-    "Top-k 5% + natural + EF": ("topk:0.05+natural", True, None),
+    "none (dense fp32)": spec("none"),
+    "Top-k 1% (no EF)": spec("topk:0.01"),
+    "MEM-SGD: Top-k 1% + EF": spec("topk:0.01", True),
+    "DoubleSqueeze Top-k 1%": spec("topk:0.01", True, "topk:0.01"),
+    "DoubleSqueeze 1-bit": spec("onebit", True, "onebit"),
+    "QSGD 16 levels": spec("qsgd:16"),
+    "Top-k 5% + EF": spec("topk:0.05", True),
+    "Rand-k 5% (unbiased)": spec("randk:0.05"),
+    "natural (unbiased)": spec("natural"),
+    "Top-k 5% + natural + EF": spec("topk:0.05+natural", True),
+    "SGD-m: none (dense fp32)": spec("none", **SGDM),
+    "SGD-m: Top-k 1% + EF": spec("topk:0.01", True, **SGDM),
+    "SGD-m: Top-k 1% + EF + DGC recipe": spec("topk:0.01", True, **SGDM, **DGC),
+    "SGD-m: DoubleSqueeze Top-k 1% + DGC recipe": spec("topk:0.01", True, "topk:0.01", **SGDM, **DGC),
+    "AdamW ViT: none (dense fp32)": spec("none", **ADAMW),
+    "AdamW ViT: Top-k 1% + EF": spec("topk:0.01", True, **ADAMW),
+    "AdamW ViT: Top-k 1% + EF + warm-up": spec("topk:0.01", True, **ADAMW, warmup=50),
 }
-NONE, TOPK, EF, DS_TOPK, DS_ONEBIT, QSGD, TOPK5, RANDK5, NATURAL, TOPK5_NAT = CONFIGS
-GROUPS = {  # the plots: every configuration, then each seed's set
-    "all": list(CONFIGS),
+(NONE, TOPK, EF, DS_TOPK, DS_ONEBIT, QSGD, TOPK5, RANDK5, NATURAL, TOPK5_NAT,
+ M_NONE, M_EF, M_DGC, M_DS_DGC, A_NONE, A_EF, A_WARM) = CONFIGS
+SEEDS = list(CONFIGS)[:10]
+GROUPS = {  # the plots: the seeds' configurations, then each seed's set, then the optimizers'
+    "all": SEEDS,
     "doublesqueeze": [NONE, TOPK, EF, DS_TOPK, DS_ONEBIT, QSGD],
     "fig3": [NONE, TOPK5, RANDK5, NATURAL, TOPK5_NAT],
+    "momentum": [M_NONE, M_EF, M_DGC, M_DS_DGC],
+    "adamw": [A_NONE, A_EF, A_WARM],
 }
-SETUP = {  # quick: a tiny model, 2048 examples, few steps (each step is several collectives); full: wider, 20000
-    True: {"epochs": 6, "batch_size": 32, "lr": 0.15, "momentum": 0.0, "seed": 42, "train_limit": 2048,
-           "test_limit": 1000, "width": 8},
-    False: {"epochs": 6, "batch_size": 32, "lr": 0.1, "momentum": 0.0, "seed": 42, "train_limit": 20000,
-            "test_limit": 10000, "width": 16},
+SETUP = {  # quick: tiny models, 2048 examples, few steps (each step is several collectives); full: wider, 20000
+    True: {"epochs": 6, "batch_size": 32, "lr": 0.15, "seed": 42, "train_limit": 2048, "test_limit": 1000,
+           "width": 8, "vit_dim": 16},
+    False: {"epochs": 6, "batch_size": 32, "lr": 0.1, "seed": 42, "train_limit": 20000, "test_limit": 10000,
+            "width": 16, "vit_dim": 64},
 }
 TRAINS_ABOVE = 0.3   # 3 x chance (0.1)
 
@@ -77,7 +109,8 @@ def launch_worker(tmp, cfg, quick):
     if mpirun is None:
         raise SystemExit("mpirun not found: install OpenMPI (bash scripts/setup.sh does)")
     config, out = tmp / "config.json", tmp / "report.json"
-    config.write_text(json.dumps({**cfg, "configs": CONFIGS}))
+    configs = {label: {**c, "lr": c["lr"] or cfg["lr"]} for label, c in CONFIGS.items()}
+    config.write_text(json.dumps({**cfg, "configs": configs}))
     cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(RANKS),
            sys.executable, str(WORKER), str(config), str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -93,14 +126,17 @@ def launch_worker(tmp, cfg, quick):
     return json.loads(out.read_text())
 
 
-def payload_bytes_per_step(spec, sizes):
-    """Bytes of the compressed payloads rank 0 sends per step by the wire formats (the root also broadcasts
-    the server's payload); without the few bytes of control messages hvd_compress adds."""
-    compressor, _, server = spec
-    if compressor == "none" and server is None:
+CONTROL_BYTES = 5   # per compressed tensor and step: the step marker (float32) and the finiteness flag (uint8)
+
+
+def payload_bytes_per_step(config, sizes):
+    """Bytes rank 0 sends per step by the wire formats (the root also broadcasts the server's payload; tensors
+    under dense_below elements travel dense), with hvd_compress's control bytes. After the warm-up, if any."""
+    if config["compressor"] == "none" and config["server"] is None:
         return sum(4 * d for d in sizes)
-    worker, server = C.parse(compressor), C.parse(server)
-    return sum(worker.wire_bytes(d) + (server.wire_bytes(d) if server else 0) for d in sizes)
+    worker, server = C.parse(config["compressor"]), C.parse(config["server"])
+    return sum(4 * d if d < config["dense_below"] else
+               worker.wire_bytes(d) + (server.wire_bytes(d) if server else 0) + CONTROL_BYTES for d in sizes)
 
 
 def analyse(report):
@@ -146,7 +182,7 @@ def plot_curves(runs, labels, title, path):
 
 def plot_time(table, path):
     labels = list(table)
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 1.5 + 0.3 * len(labels)))
     y = range(len(labels))
     ax.barh(y, [table[k]["mean_epoch_s"] for k in labels], color=[f"C{i}" for i in y])
     ax.set_yticks(list(y), labels)
@@ -202,7 +238,11 @@ def findings_of(table, runs):
         + ", ".join(f"{k} {'no epoch' if a is None else f'{a:.4f}'}" for k, a in at_budget.items())
         + ("; Top-k + natural highest" if all(a is None or a < acc[TOPK5_NAT] for a in at_budget.values())
            else "; Top-k + natural not highest"))
-    faster = [k for k in table if k != NONE and t[k] < t[NONE]]
+    for name, dense, runs_of in (("sgd_momentum", M_NONE, (M_EF, M_DGC, M_DS_DGC)), ("adamw", A_NONE, (A_EF, A_WARM))):
+        out[name] = (f"dense {acc[dense]:.4f}; " + "; ".join(
+            f"{k} {acc[k]:.4f} ({100 * (acc[dense] - acc[k]):+.2f} points below dense) at {ratio[k]:.4f} of "
+            f"the dense bytes" for k in runs_of))
+    faster = [k for k in SEEDS if k != NONE and t[k] < t[NONE]]
     out["per_epoch_time"] = (
         f"mean epoch time: uncompressed {t[NONE]:.2f} s, DoubleSqueeze Top-k {t[DS_TOPK]:.2f} s, DoubleSqueeze 1-bit "
         f"{t[DS_ONEBIT]:.2f} s, MEM-SGD {t[EF]:.2f} s; faster than uncompressed: {faster or 'none'} (the second "
@@ -231,8 +271,9 @@ def run(out, quick):
         f"replicas_bit_identical_on_{RANKS}_ranks": all(v["replicas_identical"] for v in table.values()),
         "error_feedback_beats_topk_without_ef": (table[EF]["final_test_acc"] > table[TOPK]["final_test_acc"]
                                                  and table[EF]["final_train_loss"] < table[TOPK]["final_train_loss"]),
-        # payloads by the wire formats, plus hvd_compress's control messages (8 bytes per parameter per step)
-        "bytes_sent_match_wire_formats": all(1 <= v["bytes_over_wire_format"] < 1.1 for v in table.values()),
+        # payloads by the wire formats and hvd_compress's control bytes, exactly (a warm-up sends more)
+        "bytes_sent_match_wire_formats": all(v["bytes_sent"] == v["payload_bytes_by_wire_format"]
+                                             for k, v in table.items() if not CONFIGS[k]["warmup"]),
         "topk_1pct_sends_about_2pct_of_dense": 0.02 <= table[TOPK]["bytes_ratio"] < 0.03,
         "doublesqueeze_root_sends_about_twice_topk":
             1.9 < table[DS_TOPK]["bytes_ratio"] / table[TOPK]["bytes_ratio"] < 2.1,
@@ -245,16 +286,22 @@ def run(out, quick):
                                      "QSGD against uncompressed", out / "curves_doublesqueeze.png"),
         "fig3": plot_curves(runs, GROUPS["fig3"], "the first seed's Fig. 3 operators (5%) against uncompressed",
                             out / "curves_fig3.png"),
+        "momentum": plot_curves(runs, GROUPS["momentum"], "SGD with momentum 0.9: Top-k 1% + EF, with and "
+                                "without Deep Gradient Compression's recipe", out / "curves_momentum.png"),
+        "adamw": plot_curves(runs, GROUPS["adamw"], "AdamW on a small vision transformer: Top-k 1% + EF",
+                             out / "curves_adamw.png"),
         "epoch_time": plot_time(table, out / "epoch_time.png"),
     }
-    first, w = next(iter(runs.values())), cfg["width"]
+    first, w, vit = runs[NONE], cfg["width"], runs[A_NONE]
     summary = {
-        "setup": {**cfg, "ranks": RANKS, "params": first["params"], "steps_per_epoch": first["steps_per_epoch"],
+        "setup": {**cfg, "ranks": RANKS, "params": first["params"], "vit_params": vit["params"],
+                  "steps_per_epoch": first["steps_per_epoch"],
                   "model": f"conv5x5({w}) pool conv5x5({2 * w}) pool fc({8 * w}) fc(10)",
-                  "optimizer": "SGD (no momentum), stock hvd.DistributedOptimizer",
+                  "vit": f"7x7 patches, dim {cfg['vit_dim']}, 2 pre-norm blocks of 4 heads, class token",
+                  "optimizer": "SGD (the seeds' configurations: no momentum), SGD with momentum or AdamW as each "
+                               "configuration says, stock hvd.DistributedOptimizer",
                   "launcher": f"mpirun -np {RANKS}, all configurations in one launch, interleaved step by step",
-                  "configs": {k: {"compressor": c, "error_feedback": e, "server": s}
-                              for k, (c, e, s) in CONFIGS.items()}},
+                  "configs": {k: {**c, "lr": c["lr"] or cfg["lr"]} for k, c in CONFIGS.items()}},
         "table": table,
         "findings": findings,
         "finding": " ".join(f"{v}." for v in findings.values()),

@@ -14,8 +14,9 @@ wall time of the epoch's training steps (forward, backward, compression, collect
 whether the 4 replicas are bit-identical.
 
 usage: training_worker.py CONFIG_JSON OUT_JSON
-CONFIG_JSON: {"configs": {label: [compressor, error_feedback, server]}, "epochs", "batch_size", "lr",
-"momentum", "seed", "train_limit", "test_limit", "width"}
+CONFIG_JSON: {"configs": {label: spec}, "epochs", "batch_size", "seed", "train_limit", "test_limit", "width",
+"vit_dim"}; a spec names compressor, error_feedback, server, optimizer ("sgd" or "adamw"), lr, momentum,
+weight_decay, model ("cnn" or "vit"), and the Compression's momentum (correction), warmup, clip and dense_below.
 """
 import json
 import math
@@ -38,6 +39,26 @@ def build_model(width):
         nn.Conv2d(1, c1, 5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(16 * c2, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+class TinyViT(nn.Module):
+    """A small vision transformer: 7x7 patches (16 tokens) and a class token, ``depth`` pre-norm blocks."""
+
+    def __init__(self, dim, depth=2, heads=4, patch=7):
+        super().__init__()
+        self.patch = patch
+        self.embed = nn.Linear(patch * patch, dim)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, 1 + (28 // patch) ** 2, dim))
+        block = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(block, depth, enable_nested_tensor=False)
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
+
+    def forward(self, x):
+        p = self.patch
+        tokens = self.embed(x.unfold(2, p, p).unfold(3, p, p).reshape(len(x), -1, p * p))
+        tokens = torch.cat([self.cls.expand(len(x), -1, -1), tokens], 1) + self.pos
+        return self.head(self.norm(self.blocks(tokens)[:, 0]))
 
 
 def load_split(split, limit):
@@ -67,20 +88,26 @@ def replicas_identical(model):
 
 
 def build(j, spec, cfg):
-    """Configuration j: its model (the same initial weights for all), optimizer and Compression (or None)."""
-    compressor, error_feedback, server = spec
+    """Configuration j: its model (the same initial weights for all of a kind), optimizer and Compression (or
+    None for Horovod's own dense allreduce)."""
     torch.manual_seed(cfg["seed"])
-    model = build_model(cfg["width"])
+    model = build_model(cfg["width"]) if spec["model"] == "cnn" else TinyViT(cfg["vit_dim"])
     # names unique per configuration, so that Horovod's collectives of different configurations never share
     # a name (and its response cache) while the configurations are interleaved
     named = [(f"c{j}.{n}", p) for n, p in model.named_parameters()]
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
+    correction = spec["momentum_correction"]   # the momentum moves from the optimizer into the Compression
+    if spec["optimizer"] == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=0.0 if correction else spec["momentum"])
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"])
     compression = None
-    if compressor == "none" and not error_feedback and not server:
+    if spec["compressor"] == "none" and not spec["error_feedback"] and not spec["server"]:
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=named)
     else:
-        compression = hc.Compression(compressor, error_feedback=error_feedback, server=server,
-                                     named_parameters=named, seed=cfg["seed"], dense_below=0)
+        compression = hc.Compression(spec["compressor"], error_feedback=spec["error_feedback"],
+                                     server=spec["server"], named_parameters=named, seed=cfg["seed"],
+                                     dense_below=spec["dense_below"], warmup=spec["warmup"], clip=spec["clip"],
+                                     momentum=spec["momentum"] if correction else 0.0)
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=named, compression=compression)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     return {"model": model, "optimizer": optimizer, "compression": compression, "records": [], "failed": None,
