@@ -388,6 +388,8 @@ class Config:
         steps, first = self.warmup
         if step >= steps:
             return self.worker
+        if first == "dense":   # 1-bit Adam's warm-up: uncompressed
+            return Identity()
         final = _sparsifier_of(self.worker).ratio
         return _with_ratio(self.worker, max(final, first * (final / first) ** (step / steps)))
 
@@ -414,14 +416,18 @@ def _with_ratio(c, ratio):
 
 def check_warmup(warmup, worker):
     """``warmup``: 0 (none), a number of steps (first ratio 0.25, as Deep Gradient Compression starts), or
-    (steps, first ratio). Only for a sparsifier given by ratio= (the ratio is what warms up)."""
+    (steps, first ratio): only for a sparsifier given by ratio= (the ratio is what warms up). Or
+    (steps, "dense"): the first steps send the gradients uncompressed, for any compressor (1-bit Adam's
+    warm-up, which ``hvd_compress.torch.FrozenVarianceAdamW`` pairs with)."""
     steps, first = tuple(warmup) if isinstance(warmup, (tuple, list)) and len(warmup) == 2 else (warmup, 0.25)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"warmup must be a number of steps >= 0 or (steps, first ratio), got {warmup!r}")
     if not steps:
         return 0, 0.25
+    if first == "dense":
+        return steps, first
     if isinstance(first, bool) or not isinstance(first, (int, float)) or not 0 < first <= 1:
-        raise ValueError(f"the warm-up's first ratio must be a number in (0, 1], got {first!r}")
+        raise ValueError(f"the warm-up's first ratio must be a number in (0, 1] or \"dense\", got {first!r}")
     if not worker.sparsifies or _sparsifier_of(worker).ratio is None:
         raise ValueError(f"warmup={warmup!r} needs a sparsifier given by ratio= (e.g. topk:0.01), got {worker!r}")
     return steps, float(first)

@@ -35,7 +35,7 @@ def test_checks_pass(summary):
 
 def test_every_configuration_trains_on_4_identical_replicas(summary):
     table, setup = summary["table"], summary["setup"]
-    assert setup["ranks"] == 4 and len(table) == 17   # the seeds' 10, SGD with momentum 4, AdamW on a ViT 3
+    assert setup["ranks"] == 4 and len(table) == 19   # the seeds' 10, SGD with momentum 4, AdamW on a ViT 5
     for label, row in table.items():
         assert row["epochs_done"] == setup["epochs"] and row["failed"] is None, label
         assert row["replicas_identical"] is True, label
@@ -65,8 +65,8 @@ def test_bytes_on_the_wire(summary):
     assert 0.25 <= ratio["QSGD 16 levels"] < 0.26                         # int8 level per element
     assert 2 / 32 <= ratio["DoubleSqueeze 1-bit"] < 0.07                  # 1 bit up, 1 bit down on the root
     for label, row in summary["table"].items():
-        if summary["setup"]["configs"][label]["warmup"]:   # the ratio starts at 25%
-            assert row["bytes_over_wire_format"] > 1.5, label
+        if summary["setup"]["configs"][label]["warmup"]:   # the ratio starts at 25%, or the first steps are dense
+            assert row["bytes_over_wire_format"] > 1.2, label
         else:   # the payloads and hvd_compress's 5 control bytes per compressed tensor and step, exactly
             assert row["bytes_sent"] == row["payload_bytes_by_wire_format"], label
     assert ratio["SGD-m: Top-k 1% + EF"] == ratio["Top-k 1% (no EF)"]   # momentum in the optimizer: same bytes

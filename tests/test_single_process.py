@@ -105,7 +105,8 @@ def test_state_dict_round_trip_and_refusals(horovod):
     ({"compressor": "sign", "error_feedback": True, "momentum": 0.9}, ValueError, "needs a sparsifying compressor"),
     ({"compressor": "topk:k=3", "warmup": 10}, ValueError, "needs a sparsifier given by ratio="),
     ({"compressor": "topk:0.1", "warmup": -1}, ValueError, "warmup must be a number of steps >= 0"),
-    ({"compressor": "topk:0.1", "warmup": (10, 0)}, ValueError, "first ratio must be a number in (0, 1], got 0"),
+    ({"compressor": "topk:0.1", "warmup": (10, 0)}, ValueError,
+     'first ratio must be a number in (0, 1] or "dense", got 0'),
     ({"compressor": "topk:0.1", "clip": -1}, ValueError, "clip must be a finite number >= 0 (a gradient norm"),
     ({"compressor": "topk:0.1", "clip": float("inf")}, ValueError, "clip must be a finite number >= 0"),
     ({"compressor": "topk:0.1", "clip": True}, ValueError, "clip must be a finite number >= 0"),
@@ -202,3 +203,47 @@ def test_clip_scales_each_workers_tensor_down_to_clip_over_sqrt_n():
     assert torch.allclose(update["long"], long, rtol=1e-12)
     assert torch.equal(update["short"], sum(g["short"] for g in grads) / n)
     assert torch.allclose(update["long"].norm(), torch.tensor(threshold, dtype=torch.float64), rtol=1e-5)
+
+
+def test_frozen_variance_adamw_is_adamw_then_freezes_v(horovod):
+    """FrozenVarianceAdamW: AdamW bit for bit for freeze_after steps, then v stays and the step follows the
+    documented formula; hvd.DistributedOptimizer, which rebuilds the optimizer from its groups, keeps it."""
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(6)]
+    mine = [w.clone().requires_grad_() for w in weights]
+    plain = [w.clone().requires_grad_() for w in weights]
+    opt = horovod.DistributedOptimizer(hc.FrozenVarianceAdamW(mine, lr=0.1, weight_decay=0.05, freeze_after=3),
+                                   named_parameters=[(f"w{i}", w) for i, w in enumerate(mine)])
+    ref = torch.optim.AdamW(plain, lr=0.1, weight_decay=0.05)
+    assert [g["freeze_after"] for g in opt.param_groups] == [3]
+    for step, gs in enumerate(grads, 1):
+        for w, p, g in zip(mine, plain, gs):
+            w.grad, p.grad = g.clone(), g.clone()
+        before = [(w.detach().clone(), opt.state[w]["exp_avg"].clone(), opt.state[w]["exp_avg_sq"].clone())
+                  for w in mine] if step > 3 else None
+        opt.step()
+        ref.step()
+        if step <= 3:   # AdamW itself
+            assert all(torch.equal(w, p) for w, p in zip(mine, plain))
+            continue
+        for w, g, (w0, m0, v0) in zip(mine, gs, before):
+            assert torch.equal(opt.state[w]["exp_avg_sq"], v0)   # frozen
+            m = m0.lerp(g, 0.1)
+            expected = w0 * (1 - 0.1 * 0.05) - 0.1 / (1 - 0.9 ** step) * m / ((v0 / (1 - 0.999 ** 3)).sqrt() + 1e-8)
+            assert torch.allclose(w.detach(), expected, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="freeze_after must be a number of steps >= 1, got 0"):
+        hc.FrozenVarianceAdamW(mine, freeze_after=0)
+
+
+def test_dense_warmup_sends_the_first_steps_uncompressed():
+    """warmup=(steps, "dense") (1-bit Adam's warm-up): exact averages first, then the compressor."""
+    sim = Simulation("topk:0.25", error_feedback=True, n=2, warmup=(2, "dense"))
+    grads = [{"w": torch.arange(8, dtype=torch.float64) * (r + 1)} for r in range(2)]
+    for step in range(3):
+        update = sim.step(grads)["w"]
+        if step < 2:
+            assert torch.equal(update, (grads[0]["w"] + grads[1]["w"]) / 2)
+            assert not sim.worker_error[0]["w"].any()   # nothing left out
+        else:
+            assert int((update != 0).sum()) == 2   # Top-k 25% of 8: the same 2 on both ranks

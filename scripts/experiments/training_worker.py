@@ -15,7 +15,8 @@ whether the 4 replicas are bit-identical.
 
 usage: training_worker.py CONFIG_JSON OUT_JSON
 CONFIG_JSON: {"configs": {label: spec}, "epochs", "batch_size", "seed", "train_limit", "test_limit", "width",
-"vit_dim"}; a spec names compressor, error_feedback, server, optimizer ("sgd" or "adamw"), lr, momentum,
+"vit_dim"}; a spec names compressor, error_feedback, server, optimizer ("sgd", "adamw" or "adamw-frozen-v":
+hvd_compress's FrozenVarianceAdamW, frozen when the warm-up ends), lr, momentum,
 weight_decay, model ("cnn" or "vit"), and the Compression's momentum (correction), warmup, clip and dense_below.
 """
 import json
@@ -87,9 +88,13 @@ def replicas_identical(model):
     return all(torch.equal(bits[0], bits[r]) for r in range(1, hvd.size()))
 
 
-def build(j, spec, cfg):
+def build(j, spec, cfg, total_steps):
     """Configuration j: its model (the same initial weights for all of a kind), optimizer and Compression (or
-    None for Horovod's own dense allreduce)."""
+    None for Horovod's own dense allreduce). A warm-up given as a fraction is that part of the run's steps (at
+    least 5: the quick run is short, and a second moment learnt from fewer steps is noise)."""
+    warmup = spec["warmup"]
+    if isinstance(warmup, list) and isinstance(warmup[0], float):
+        warmup = [max(5, round(warmup[0] * total_steps)), warmup[1]]
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg["width"]) if spec["model"] == "cnn" else TinyViT(cfg["vit_dim"])
     # names unique per configuration, so that Horovod's collectives of different configurations never share
@@ -97,16 +102,20 @@ def build(j, spec, cfg):
     named = [(f"c{j}.{n}", p) for n, p in model.named_parameters()]
     correction = spec["momentum_correction"]   # the momentum moves from the optimizer into the Compression
     if spec["optimizer"] == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=0.0 if correction else spec["momentum"])
-    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=spec["lr"],
+                                    momentum=0.0 if correction else spec["momentum"])
+    elif spec["optimizer"] == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"])
+    else:   # 1-bit Adam's recipe: the second moment frozen when the dense warm-up ends
+        optimizer = hc.FrozenVarianceAdamW(model.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"],
+                                           freeze_after=warmup[0])
     compression = None
     if spec["compressor"] == "none" and not spec["error_feedback"] and not spec["server"]:
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=named)
     else:
         compression = hc.Compression(spec["compressor"], error_feedback=spec["error_feedback"],
                                      server=spec["server"], named_parameters=named, seed=cfg["seed"],
-                                     dense_below=spec["dense_below"], warmup=spec["warmup"], clip=spec["clip"],
+                                     dense_below=spec["dense_below"], warmup=warmup, clip=spec["clip"],
                                      momentum=spec["momentum"] if correction else 0.0)
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=named, compression=compression)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -129,9 +138,9 @@ def main(config_path, out_path):
     cfg = json.loads(open(config_path).read())
     x_train, y_train = load_split("train", cfg["train_limit"])
     x_test, y_test = load_split("test", cfg["test_limit"])
-    runs = {label: build(j, spec, cfg) for j, (label, spec) in enumerate(cfg["configs"].items())}
     bs, size = cfg["batch_size"], hvd.size()
     steps = len(x_train) // size // bs
+    runs = {label: build(j, spec, cfg, steps * cfg["epochs"]) for j, (label, spec) in enumerate(cfg["configs"].items())}
     for epoch in range(cfg["epochs"]):
         g = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
         shard = torch.randperm(len(x_train), generator=g)[hvd.rank()::size]
