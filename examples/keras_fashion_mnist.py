@@ -3,14 +3,15 @@
     horovodrun -np 2 python examples/keras_fashion_mnist.py --compressor topk:0.01 --error-feedback
 
 The Keras twin of examples/pytorch_fashion_mnist.py: same flags, same model, same sharding, same output.
-Gradients are combined by ``horovod.tensorflow.keras.DistributedOptimizer``. With ``--compressor none``
-(no error feedback, no server pass) hvd_compress is not used at all: the run is Horovod's own dense fp32
-allreduce, the baseline the compressed runs are compared with.
+Gradients are combined by ``horovod.tensorflow.keras.DistributedOptimizer`` on tf-keras (the default here),
+or by ``hvd_compress.keras.DistributedOptimizer`` on Keras 3 (run with ``TF_USE_LEGACY_KERAS=0``). With
+``--compressor none`` (no error feedback, no server pass) hvd_compress is not used at all: the run is Horovod's
+own dense fp32 allreduce, the baseline the compressed runs are compared with.
 """
 import os
 
-# tf.keras must be Keras 2 (the tf-keras package): horovod.tensorflow.keras is written for it, and it must
-# be chosen before TensorFlow is first imported.
+# tf.keras is Keras 2 (the tf-keras package) unless TF_USE_LEGACY_KERAS=0 is set: horovod.tensorflow.keras is
+# written for it (hvd_compress.keras is the Keras 3 path), and it must be chosen before TensorFlow is imported.
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import numpy as np
@@ -22,6 +23,10 @@ import horovod.tensorflow.keras as hvd      # init / rank / DistributedOptimizer
 from fmnist_common import (EpochLog, config_line, exit_unless_identical, parse_args, steps_per_epoch,
                            uses_hvd_compress)
 from tf_fmnist_common import build_model, evaluate, load_split, replicas_identical, setup_devices
+
+KERAS3 = hasattr(tf.keras, "version")   # Keras 3: Horovod's Keras wrapper would not average, hvd_compress.keras does
+if KERAS3:
+    import hvd_compress.keras as hck
 
 
 def train_dataset(x, y, steps, args):
@@ -73,13 +78,16 @@ def main():
     compression = None
     if use_hc:
         import hvd_compress.tensorflow as htc
-        compression = htc.Compression(args.compressor or None, error_feedback=args.error_feedback,
-                                      server=args.server or None, variables=model.trainable_variables)
-        optimizer = hvd.DistributedOptimizer(optimizer, compression=compression)
-    else:
-        optimizer = hvd.DistributedOptimizer(optimizer)
-    model.compile(optimizer=optimizer, loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    hvd_tf.broadcast_variables(model.variables, root_rank=0)
+        compression = (hck if KERAS3 else htc).Compression(
+            args.compressor or None, error_feedback=args.error_feedback, server=args.server or None,
+            variables=model.trainable_variables)
+    optimizer = (hck if KERAS3 else hvd).DistributedOptimizer(
+        optimizer, **({"compression": compression} if use_hc else {}))   # else Horovod's dense allreduce
+    # Keras 3: Horovod's collectives have no XLA kernels (jit_compile="auto" would pick XLA on a GPU)
+    model.compile(optimizer=optimizer, loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  **({"jit_compile": False} if KERAS3 else {}))
+    if not KERAS3:   # (on Keras 3, hck's callback broadcasts when fit starts, before the first step)
+        hvd_tf.broadcast_variables(model.variables, root_rank=0)
 
     if rank0:
         print(config_line(hvd.size(), device, args, n_params, use_hc), flush=True)
@@ -87,15 +95,16 @@ def main():
     log = EpochLog(lambda: compression.stats() if use_hc else None, dense_step, steps, args.epochs, rank0)
     progress = rank0 and not args.no_progress
     callbacks = [
-        # Makes the optimizer's slots (created by the first step) rank 0's, and the model again.
-        hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+        # Makes the optimizer's slots (created by the first step) rank 0's, and the model again. Keras 3:
+        # the model and the optimizer (built by then) are made rank 0's when fit starts.
+        hck.BroadcastGlobalVariablesCallback(0) if KERAS3 else hvd.callbacks.BroadcastGlobalVariablesCallback(0),
         # Listed explicitly so that it closes its bar before the report prints (Keras appends its own
         # progress bar after the user's callbacks otherwise). It shows rank 0's own running loss.
-        *([tf.keras.callbacks.ProgbarLogger(count_mode="steps")] if progress else []),
+        *([tf.keras.callbacks.ProgbarLogger(**({} if KERAS3 else {"count_mode": "steps"}))] if progress else []),
         EpochReport(log, x_test, y_test),
     ]
     model.fit(train_dataset(x_train, y_train, steps, args), epochs=args.epochs, steps_per_epoch=steps,
-              callbacks=callbacks, verbose=1 if progress else 0)
+              shuffle=False, callbacks=callbacks, verbose=1 if progress else 0)   # (the batches are in order)
 
     log.finish(args, hvd.size(), n_params, use_hc)
     if args.check_replicas:

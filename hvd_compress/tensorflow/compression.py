@@ -1,5 +1,6 @@
 """``Compression`` for TensorFlow: ``compression=`` of ``hvd.DistributedGradientTape``, of
-``hvd.DistributedOptimizer`` and of Horovod's Keras ``DistributedOptimizer`` (tf-keras).
+``hvd.DistributedOptimizer``, of Horovod's Keras ``DistributedOptimizer`` (tf-keras) and, for Keras 3, of
+``hvd_compress.keras.DistributedOptimizer``.
 
 The same step as the PyTorch plug-in (the README's Design section), written for Horovod's TensorFlow path, which
 calls ``compress(g)``, allreduces what it returns, and calls ``decompress()`` on the result, one gradient
@@ -95,9 +96,11 @@ class Compression(tf.Module):
         if any(_is_keras3_variable(v) for v in variables):
             raise ValueError(
                 "these are Keras 3 variables. With Keras 3, Horovod 0.28's Keras DistributedOptimizer accepts "
-                "compression= but never averages gradients (ranks silently diverge). Use tf-keras: "
-                "pip install tf-keras and set TF_USE_LEGACY_KERAS=1 before importing TensorFlow. For a custom "
-                "loop with hvd.DistributedGradientTape, pass variables=[v.value for v in model.trainable_variables]")
+                "compression= but never averages gradients (ranks silently diverge). For model.fit on Keras 3 use "
+                "hvd_compress.keras: its Compression(...) and DistributedOptimizer(optimizer, compression=...). "
+                "Or use tf-keras with Horovod's wrapper (pip install tf-keras, TF_USE_LEGACY_KERAS=1 before "
+                "importing TensorFlow). For a custom loop with hvd.DistributedGradientTape, pass "
+                "variables=[v.value for v in model.trainable_variables]")
         for v in variables:
             if not isinstance(v, tf.Variable):
                 raise ValueError(f"variables must be tf.Variables, got {type(v).__name__}")
