@@ -148,6 +148,8 @@ class Compression:
         self._step_stats, self._last_stats = self._new_stats(), None
         self._totals = {"bytes_sent": 0, "dense_bytes": 0, "skipped_steps": 0}
         self._skipping = False                            # this step had a non-finite gradient somewhere
+        self._to_commit = []                              # this step's tensors whose buffers commit at its end
+        self._dense_not_finite = []                       # dense tensors whose average is not finite
 
     # ---- Horovod's Compressor interface -----------------------------------------------------------------
 
@@ -347,22 +349,22 @@ class Compression:
             bucket.transport.finish(self, bucket)
 
     def _commit(self, p):
+        """This tensor's statistics now; its buffers at the end of the step (``_end_step``), once every gradient
+        of the step is known to be finite, the dense ones (averaged by Horovod itself) too."""
         s = self._step_stats
         s["bytes_sent"] += p.bytes_sent
         s["dense_bytes"] += 4 * p.shape.numel()
         if p.transport == "dense":
             if p.shape.numel() < self.dense_below:
                 s["dense_small_bytes"] += p.bytes_sent
-            if p.velocity is not None and not self._skipping and bool(p.update.isfinite().all()):
-                self._swap("velocity", self._velocity, p.name, p.velocity)
+            if not bool(p.update.isfinite().all()):   # the average: alike on every rank
+                self._dense_not_finite.append(p.name)
+            if p.velocity is not None:
+                self._to_commit.append(p)
             return
         if self._skipping:
             return
-        for kind, committed, new in (("worker", self._worker_error, p.worker_error),
-                                     ("server", self._server_error, p.server_error),
-                                     ("velocity", self._velocity, p.velocity)):
-            if new is not None:
-                self._swap(kind, committed, p.name, new)
+        self._to_commit.append(p)
         s["residual"] += p.stats[0]
         s["norm"] += p.stats[1]
         if self.config.error_feedback:
@@ -380,6 +382,21 @@ class Compression:
             self._spare[(kind, name)] = old
 
     def _end_step(self):
+        if self._dense_not_finite and not self._skipping:
+            bad, self._dense_not_finite, self._to_commit = sorted(self._dense_not_finite), [], []
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"gradient not finite (NaN or Inf) for parameter(s) {bad} (dense, averaged by Horovod) on some "
+                    f"rank; hvd_compress dropped this step and left every error buffer unchanged")
+            self._skipping = True
+        if not self._skipping:
+            for p in self._to_commit:
+                for kind, committed, new in (("worker", self._worker_error, p.worker_error),
+                                             ("server", self._server_error, p.server_error),
+                                             ("velocity", self._velocity, p.velocity)):
+                    if new is not None:
+                        self._swap(kind, committed, p.name, new)
+        self._to_commit, self._dense_not_finite = [], []
         for bucket in self._buckets:
             bucket.reset()
         self._last_stats, self._step_stats = self._step_stats, self._new_stats()
@@ -400,9 +417,7 @@ class Compression:
         for bucket in self._buckets:
             bucket.wait_quietly()
             bucket.reset()
-        self._pending.clear()
-        self._skipping = False
-        self._step_stats = self._new_stats()
+        self._drop_step()
         if opt is not None:
             for handle, _ in opt._handles.values():
                 if handle is not None and not callable(handle):
@@ -414,13 +429,18 @@ class Compression:
             for group in opt._group_counts:
                 opt._group_counts[group] = 0
 
+    def _drop_step(self):
+        """Forget the step in progress: nothing of it is committed."""
+        self._pending.clear()
+        self._skipping = False
+        self._step_stats = self._new_stats()
+        self._to_commit, self._dense_not_finite = [], []
+
     def _forget_world(self):
         """Drop what is bound to the ranks of the job (the buffers aside), after an elastic resize: the next
         step binds to the optimizer's process set again, forms buckets for the new size, checks the
         configuration on every rank and allocates its buffers (see ``hvd_compress.torch.elastic``)."""
-        self._pending.clear()
-        self._skipping = False
-        self._step_stats = self._new_stats()
+        self._drop_step()
         self._buckets, self._bucket_of = [], None
         self._spare.clear()
         self._payloads.clear()

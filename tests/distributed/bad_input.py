@@ -5,6 +5,8 @@ usage: bad_input.py SCENARIO[,SCENARIO...]   (run one after the other in the sam
   mismatch   rank 1 is configured with another compressor     -> ValueError on both ranks
   nan        rank 1's gradient of fc2.weight is NaN at step 3 -> FloatingPointError on both ranks, buffers kept
              (Compression(nonfinite="raise"); the default skips such a step, see tests/distributed/amp.py)
+  nan_dense  the same in fc2.bias, which travels dense (dense_below=16): Horovod averages it, the other
+             tensors are compressed                            -> the same, at the end of the step
   op_sum     DistributedOptimizer(op=hvd.Sum)                  -> RuntimeError on both ranks
   k_too_big  TopK(k=10) on a 3-element bias                     -> ValueError on both ranks
   momentum_twice  Compression(momentum=0.9) and SGD(momentum=0.9) -> ValueError on both ranks
@@ -41,7 +43,8 @@ def run(full_name, say):
             "k_too_big": "topk:k=2" if sharded else "topk:k=10"}.get(scenario, "topk:0.3")
     compression = hc.Compression(spec, error_feedback=True, server="topk:0.5",
                                  named_parameters=model.named_parameters(), transport="sharded" if sharded else None,
-                                 dense_below=0, nonfinite="raise", momentum=0.9 if scenario == "momentum_twice" else 0)
+                                 dense_below=16 if scenario == "nan_dense" else 0, nonfinite="raise",
+                                 momentum=0.9 if scenario == "momentum_twice" else 0)
     momentum = 0.9 if scenario == "momentum_twice" else 0
     optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum),
                                          named_parameters=model.named_parameters(), compression=compression,
@@ -49,12 +52,13 @@ def run(full_name, say):
     before = None
     try:
         for step in range(6):
-            if scenario == "nan" and step == 3:
+            if scenario.startswith("nan") and step == 3:
                 before = compression.state_dict()
             optimizer.zero_grad()
             loss = loss_of(model, step, hvd.rank())
-            if scenario == "nan" and step == 3 and hvd.rank() == 1:
-                loss = loss + model.fc2.weight[0, 0] * float("nan")
+            if scenario.startswith("nan") and step == 3 and hvd.rank() == 1:
+                poisoned = model.fc2.bias[0] if scenario == "nan_dense" else model.fc2.weight[0, 0]
+                loss = loss + poisoned * float("nan")
             loss.backward()
             optimizer.step()
     except Exception as err:   # noqa: BLE001 - the test reads what each rank caught
