@@ -13,11 +13,10 @@ import torch.nn.functional as F
 import horovod.torch as hvd
 from tqdm import tqdm
 
-from hvd_compress.data import load_fashion_mnist
-
 # Next to this script: `python examples/pytorch_fashion_mnist.py` puts examples/ first on sys.path.
 from fmnist_common import (EpochLog, config_line, exit_unless_identical, parse_args, steps_per_epoch,
                            uses_hvd_compress)
+from fmnist_data import load_fashion_mnist
 
 
 def build_model():

@@ -10,7 +10,8 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 import numpy as np
 import tensorflow as tf
 
-from hvd_compress.data import load_fashion_mnist
+# Next to this module (the examples that import it put examples/ first on sys.path).
+from fmnist_data import load_fashion_mnist
 
 
 def build_model():

@@ -74,7 +74,7 @@ class Link:
         return cls(gbit_per_s * 1e9 / 8, latency_us * 1e-6)
 
 
-# Kernel seconds per element (encode, decode) on one CPU core, from `python scripts/bench.py kernels` on the
+# Kernel seconds per element (encode, decode) on one CPU core, from `python -m scripts.bench kernels` on the
 # development machine (2.5e7 float32 elements); a GPU is far faster, which only makes compression cheaper.
 KERNEL_SECONDS_PER_ELEMENT = {
     "TopK": (5.2e-9, 1.5e-9), "RandK": (1.3e-9, 2.3e-9), "Natural": (2.2e-8, 8.7e-9),

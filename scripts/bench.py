@@ -1,5 +1,4 @@
-#!/usr/bin/env python
-"""Benchmarks: ``python scripts/bench.py BENCHMARK|all [--quick] [--out DIR]``.
+"""Benchmarks: ``python -m scripts.bench BENCHMARK|all [--quick] [--out DIR]``.
 
 Each benchmark prints a table of ratios measured side by side in one run (absolute times are context only:
 machines here are noisy) and writes results/bench/BENCHMARK.json (results/bench-quick/ with --quick, or DIR).
@@ -15,14 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from experiments.common import ROOT, run_and_report  # noqa: E402
+from .experiments.common import ROOT, run_and_report
 
 BENCHMARKS = {
-    "bytes": "benchmarks.bytes",
-    "kernels": "benchmarks.kernels",
-    "steps": "benchmarks.steps",
-    "model": "benchmarks.costmodel",
+    "bytes": "scripts.benchmarks.bytes",
+    "kernels": "scripts.benchmarks.kernels",
+    "steps": "scripts.benchmarks.steps",
+    "model": "scripts.benchmarks.costmodel",
 }
 
 

@@ -1,5 +1,4 @@
-#!/usr/bin/env python
-"""Reproduce the seeds' experiments: ``python scripts/reproduce.py EXPERIMENT [--quick] [--out DIR]``.
+"""Reproduce the seeds' experiments: ``python -m scripts.reproduce EXPERIMENT [--quick] [--out DIR]``.
 
 Each experiment writes PNG plots and a summary.json to results/EXPERIMENT/ (results/EXPERIMENT-quick/ with
 --quick, or DIR). The exit code is 0 when every check of the experiment passed, 1 when one failed (the
@@ -16,15 +15,14 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from experiments.common import ROOT, run_and_report  # noqa: E402
+from .experiments.common import ROOT, run_and_report
 
 EXPERIMENTS = {
-    "divergence": "experiments.divergence",
-    "classes": "experiments.classes",
-    "cgd": "experiments.cgd",
-    "variance": "experiments.variance",
-    "training": "experiments.training",
+    "divergence": "scripts.experiments.divergence",
+    "classes": "scripts.experiments.classes",
+    "cgd": "scripts.experiments.cgd",
+    "variance": "scripts.experiments.variance",
+    "training": "scripts.experiments.training",
 }
 
 

@@ -46,7 +46,8 @@ if ! "$VENV/bin/horovodrun" --check-build 2>/dev/null | grep -q "\[X\] TensorFlo
     "${PIP[@]}" download --no-deps --no-binary :all: -d "$BUILD" "horovod==$HOROVOD_VERSION"
     tar -xzf "$BUILD"/horovod-*.tar.gz -C "$BUILD"
     SRC=$BUILD/horovod-$HOROVOD_VERSION
-    # Horovod 0.28.1 as released does not build against torch >= 2.1 / TF >= 2.16 (see ENVIRONMENT.md):
+    # Horovod 0.28.1 as released does not build against torch >= 2.1 / TF >= 2.16: torch's headers need C++17,
+    # and horovod/tensorflow/xla_mpi_ops.cc does not compile against TF >= 2.16 (left out of the build):
     sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$SRC/CMakeLists.txt" "$SRC/horovod/torch/CMakeLists.txt"
     sed -i '/xla_mpi_ops.cc/d' "$SRC/horovod/tensorflow/CMakeLists.txt"
     HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \

@@ -1,5 +1,5 @@
-"""scripts/bench.py: the quick modes of `bytes` and `kernels` end to end (a subprocess, as a user runs them), then
-their exact claims. Timings are never asserted (the machine is shared); only that every timing exists."""
+"""`python -m scripts.bench`: the quick modes of `bytes` and `kernels` end to end (a subprocess, as a user runs
+them), then their exact claims. Timings are never asserted (the machine is shared); only that every timing exists."""
 import json
 import math
 import os
@@ -10,12 +10,12 @@ from pathlib import Path
 from hvd_compress import compressors as C
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "bench.py"
+SCRIPT = "scripts.bench"   # run as a module from ROOT
 
 
 def bench(name, out, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), name, "--quick", "--out", str(out)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", SCRIPT, name, "--quick", "--out", str(out)], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     assert (out / f"{name}.json").is_file(), proc.stdout[-5000:]
     summary = json.loads((out / f"{name}.json").read_text())

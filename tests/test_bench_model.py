@@ -1,4 +1,4 @@
-"""scripts/bench.py model: the cost model fitted to the committed measurements (results/bench/*.json) runs,
+"""`python -m scripts.bench model`: the cost model fitted to the committed measurements (results/bench/*.json) runs,
 models every measured configuration and keeps the sharded transport's bytes per rank flat in n."""
 import json
 import subprocess
@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cost_model_fits_and_projects(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "model", "--quick", "--out",
+    proc = subprocess.run([sys.executable, "-m", "scripts.bench", "model", "--quick", "--out",
                            str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]

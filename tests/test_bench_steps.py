@@ -1,4 +1,4 @@
-"""`scripts/bench.py steps --quick` runs end to end: ranks in network namespaces over tc-limited veths.
+"""`python -m scripts.bench steps --quick` runs end to end: ranks in network namespaces over tc-limited veths.
 
 Needs root (CAP_NET_ADMIN) and iproute2; skipped otherwise. No timing thresholds: it checks that every
 configuration of the quick plan was measured with a finite positive step time, that every row carries a finite
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from benchmarks.steps import preflight  # noqa: E402   (why the network cannot be built here, or None)
+sys.path.insert(0, str(ROOT))   # for `import scripts`; `python -m pytest` from ROOT has it there already
+from scripts.benchmarks.steps import preflight  # noqa: E402   (why the network cannot be built here, or None)
 
 
 def namespaces():
@@ -29,7 +29,7 @@ def test_steps_quick(tmp_path):
     why = preflight()
     if why:
         pytest.skip(why)
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "steps", "--quick", "--out",
+    proc = subprocess.run([sys.executable, "-m", "scripts.bench", "steps", "--quick", "--out",
                            str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     output = proc.stdout[-6000:]
@@ -38,8 +38,7 @@ def test_steps_quick(tmp_path):
     assert proc.returncode == 0, output
     summary = json.loads((tmp_path / "steps.json").read_text())
     assert summary["ok"] and summary["checks"] and all(summary["checks"].values()), summary["checks"]
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from benchmarks.steps import COMPUTE_ONLY, PLANS
+    from scripts.benchmarks.steps import COMPUTE_ONLY, PLANS
     plan = PLANS[True]
     assert len(summary["tables"]) == len(plan["sizes"]) * len(plan["rates_gbit"]), output
     for table in summary["tables"]:

@@ -1,5 +1,5 @@
-"""scripts/reproduce.py: every implemented experiment's quick mode end to end (a subprocess, as a user runs it),
-then the seeds' claims in its summary.json. (variance and training have their own test files.)"""
+"""`python -m scripts.reproduce`: every implemented experiment's quick mode end to end (a subprocess, as a user runs
+it), then the seeds' claims in its summary.json. (variance and training have their own test files.)"""
 import json
 import os
 import subprocess
@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "reproduce.py"
+SCRIPT = "scripts.reproduce"   # run as a module from ROOT
 
 
 def reproduce(experiment, out, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(SCRIPT), experiment, "--quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", SCRIPT, experiment, "--quick", "--out", str(out)]
     return subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout)
 

@@ -1,4 +1,4 @@
-"""scripts/reproduce.py training --quick end to end (a subprocess on 4 real Horovod ranks, as a user runs it),
+"""`python -m scripts.reproduce training --quick` end to end (a subprocess on 4 real Horovod ranks, as a user runs it),
 then the claims in its summary.json."""
 import json
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "reproduce.py"
+SCRIPT = "scripts.reproduce"   # run as a module from ROOT
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def summary(tmp_path_factory):
     out = tmp_path_factory.mktemp("training")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # quick takes about a minute on 2 idle cores; the timeout only guards against a hang on a loaded machine
-    proc = subprocess.run([sys.executable, str(SCRIPT), "training", "--quick", "--out", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", SCRIPT, "training", "--quick", "--out", str(out)], cwd=ROOT,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-5000:]
     s = json.loads((out / "summary.json").read_text())

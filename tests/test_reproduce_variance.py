@@ -1,6 +1,6 @@
-"""scripts/reproduce.py variance --quick end to end (a subprocess, as a user runs it), then the first seed's Fig. 1
-claims in its summary.json: biased compressors (deterministic natural, Top-k) have the lower empirical variance
-||C(x) - x||^2 / ||x||^2 on real CNN gradients, within their exact B3 bounds."""
+"""`python -m scripts.reproduce variance --quick` end to end (a subprocess, as a user runs it), then the first
+seed's Fig. 1 claims in its summary.json: biased compressors (deterministic natural, Top-k) have the lower empirical
+variance ||C(x) - x||^2 / ||x||^2 on real CNN gradients, within their exact B3 bounds."""
 import sys
 from pathlib import Path
 

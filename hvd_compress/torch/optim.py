@@ -5,7 +5,7 @@ compressed gradients equal the true ones. An optimizer that is linear in the gra
 that into the same total movement of the weights. Adam is not linear: it divides by sqrt(v), the running
 mean of the squared gradient, and a coordinate that Top-k sends once in 100 steps, with 100 steps' worth of
 gradient, is divided by a v that its rare large values inflate and its many zeros deflate. Training then
-moves far less than dense Adam (measured: ``scripts/reproduce.py training``, AdamW on a small ViT).
+moves far less than dense Adam (measured: ``python -m scripts.reproduce training``, AdamW on a small ViT).
 
 1-bit Adam's remedy (Tang et al., 2021): warm up uncompressed, then freeze v. With v fixed the update is
 linear in the gradient again, and error feedback's promise holds.

@@ -1,1 +1,1 @@
-"""The benchmarks of scripts/bench.py, one module each (see that script)."""
+"""The benchmarks of ``python -m scripts.bench`` (scripts/bench.py), one module each (see that script)."""

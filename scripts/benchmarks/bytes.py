@@ -35,12 +35,11 @@ from pathlib import Path
 
 from hvd_compress import compressors as C
 
-from experiments.common import ROOT
-from benchmarks.kernels import _commit
+from ..experiments.common import ROOT, commit
 
 BIN = Path(sys.executable).parent
 
-WORKER = Path(__file__).with_name("bytes_worker.py")
+WORKER = "scripts.benchmarks.bytes_worker"   # run as a module from ROOT
 
 COMPRESSORS = ["topk:0.01", "randk:0.01", "randk:0.01,shared", "randk:0.01,biased", "natural", "natural:det",
                "sign", "onebit", "qsgd:16", "qsgd:1024", "topk:0.01+natural", "topk:0.01+natural:det",
@@ -120,7 +119,7 @@ def configs(compressors):
 
 def launch(ranks, configs_path, out, cfg):
     """The worker on `ranks` ranks: horovodrun --gloo for 2, mpirun for more (both launchers get used)."""
-    args = [sys.executable, str(WORKER), str(out), str(configs_path), str(cfg["warmup"]), str(cfg["counted"])]
+    args = [sys.executable, "-m", WORKER, str(out), str(configs_path), str(cfg["warmup"]), str(cfg["counted"])]
     if ranks == 2:
         cmd = [str(BIN / "horovodrun"), "-np", "2", "--gloo", *args]
     else:
@@ -266,7 +265,7 @@ def run(out, quick):
                   "model": "conv(1->32) + batchnorm(32) + conv(32->64) + linear(3136->300) + linear(300->10)",
                   "parameters": sum(params.values()), "tensors": len(params), "param_sizes": params,
                   "dense_bytes": dense, "compressors": QUICK_COMPRESSORS if quick else COMPRESSORS,
-                  "modes": MODES, "transports": TRANSPORTS, "tolerance": TOLERANCE, "commit": _commit(),
+                  "modes": MODES, "transports": TRANSPORTS, "tolerance": TOLERANCE, "commit": commit(),
                   "formula": "sum_p wire_bytes(d_p) + 4 T (step markers) + F T (finiteness flags: F = 1 "
                              "allgather, 4 allreduce, n sharded) "
                              "[+ sum_p server wire_bytes(d_p) on the root with DoubleSqueeze]"},

@@ -10,7 +10,7 @@ horovod.torch collective is counted at the one place all of them pass: the priva
 them catches every path once, independently of ``Compression.stats()``.
 
 Rank 0 writes OUT_JSON: {"params", "tensors", "rows": [{config, "skipped" or "ranks": [per-rank steps]}]}.
-usage: bytes_worker.py OUT_JSON CONFIGS_JSON WARMUP_STEPS COUNTED_STEPS
+usage: python -m scripts.benchmarks.bytes_worker OUT_JSON CONFIGS_JSON WARMUP_STEPS COUNTED_STEPS
 """
 import json
 import sys

@@ -1,6 +1,6 @@
 """Benchmark `model`: the cost model of ``hvd_compress.transport``, fitted to the measurements, projected.
 
-    python scripts/bench.py model [--quick]
+    python -m scripts.bench model [--quick]
 
 Reads what the other benchmarks measured (results/bench/steps.json, and kernels.json when present) and
 writes results/bench/model.json and model.png. Nothing is timed here: the fit and the projection are
@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt
 from hvd_compress import compressors as C
 from hvd_compress import transport as T
 
-from experiments.common import ROOT, relpath, save
+from ..experiments.common import ROOT, relpath, save
 
 from .steps import CONFIGS, PLANS
 
@@ -100,7 +100,7 @@ def run(out, quick):
     steps, kernels = load("steps"), load("kernels")
     if steps is None or steps.get("quick"):
         print("bench.py model needs the full steps benchmark's results/bench/steps.json: run "
-              "`python scripts/bench.py steps` (root) first")
+              "`python -m scripts.bench steps` (root) first")
         return {"error": "no results/bench/steps.json", "checks": {"steps measurements present": False}}, False
     plan = PLANS[False]
     sizes = [plan["width"] * plan["width"], plan["width"]] * plan["layers"]

@@ -45,9 +45,9 @@ import torch
 
 from hvd_compress import compressors as C
 
-from experiments.common import ROOT, progress, relpath, save
+from ..experiments.common import ROOT, commit, progress, relpath, save
 
-WORKER = Path(__file__).with_name("kernels_worker.py")
+WORKER = "scripts.benchmarks.kernels_worker"   # run as a module from ROOT
 BIN = Path(sys.executable).parent
 CONFIG = {
     True: {"sizes": [10 ** 4, 10 ** 5, 10 ** 6],
@@ -378,7 +378,7 @@ def step_table(memcpy, rows):
 def allreduce_times(sizes, repeats, tmp):
     """Dense fp32 hvd.allreduce of each size on 2 ranks (a Gloo job)."""
     out = Path(tmp) / "allreduce.json"
-    cmd = [str(BIN / "horovodrun"), "-np", "2", "--gloo", sys.executable, str(WORKER), str(out), str(repeats),
+    cmd = [str(BIN / "horovodrun"), "-np", "2", "--gloo", sys.executable, "-m", WORKER, str(out), str(repeats),
            *map(str, sizes)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -558,7 +558,7 @@ def run(out, quick):
                   "timed": "encode+pack (encode_s) and unpack+decode (decode_s); total_s = median of their sum",
                   "memcpy": "dst.copy_(x), dst preallocated and touched; clone_s: x.clone()",
                   "allreduce": "hvd.allreduce (Average, fp32) on 2 ranks, horovodrun --gloo, the slower rank",
-                  "cpu": _cpu_name(), "commit": _commit(), "loadavg_before": load_before,
+                  "cpu": _cpu_name(), "commit": commit(), "loadavg_before": load_before,
                   "loadavg_after": os.getloadavg(),
                   "torch": torch.__version__, "tensorflow": tf.__version__},
         "memcpy": {d: {"memcpy_s": r["memcpy_s"], "memcpy_cpu_s": r["memcpy_cpu_s"], "clone_s": r["clone_s"],
@@ -588,18 +588,6 @@ def run(out, quick):
         "figures": {"throughput": relpath(figure)}, "checks": checks,
     }
     return summary, all(checks.values())
-
-
-def _commit():
-    """The commit measured (+ "-dirty" when hvd_compress/ has uncommitted changes)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "hvd_compress"], cwd=ROOT, capture_output=True,
-                               text=True).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def _cpu_name():

@@ -3,7 +3,7 @@ context, of a memcpy of the same tensor in the same processes), median over repe
 
 Each repeat starts after a barrier (a tiny allreduce), so both ranks enter together; a repeat's time is the
 slower rank's (the collective is done when both are). Rank 0 writes OUT_JSON: {d: {"allreduce_s", "memcpy_s"}}.
-usage: kernels_worker.py OUT_JSON REPEATS D [D ...]
+usage: python -m scripts.benchmarks.kernels_worker OUT_JSON REPEATS D [D ...]
 """
 import json
 import statistics

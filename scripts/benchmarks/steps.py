@@ -47,9 +47,9 @@ import threading
 import time
 from pathlib import Path
 
-from experiments.common import ROOT, relpath, save
+from ..experiments.common import ROOT, relpath, save
 
-WORKER = Path(__file__).with_name("steps_worker.py")
+WORKER = "scripts.benchmarks.steps_worker"   # run as a module from ROOT
 PREFIX = "hcns"                 # every namespace this benchmark makes starts with it
 BRIDGE_NS, BRIDGE, BRIDGE_IP = "hcnsbr", "hcbr0", "10.77.0.254"
 LOCK = Path(tempfile.gettempdir()) / "hvd_compress_steps.lock"
@@ -260,7 +260,7 @@ def launch(net, plan, tmp, log):
                        HOROVOD_LOCAL_SIZE=str(slot.local_size), HOROVOD_CROSS_RANK=str(slot.cross_rank),
                        HOROVOD_CROSS_SIZE=str(slot.cross_size))
             logs.append(tmp / f"rank{i}_{tag}.log")
-            cmd = ["ip", "netns", "exec", f"{PREFIX}{i}", sys.executable, str(WORKER), str(plan_path), str(out_path)]
+            cmd = ["ip", "netns", "exec", f"{PREFIX}{i}", sys.executable, "-m", WORKER, str(plan_path), str(out_path)]
             if i == 0:
                 proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True, preexec_fn=_own_session_dying_with_us)

@@ -15,7 +15,8 @@ dense / fp16) and, when ``stats()`` has ``"buckets"``, their number. Configurati
 ``dense_below`` and ``bucket_mb`` are handed to ``hc.Compression()`` when set (``PASSTHROUGH``). Rank 0 writes
 the report (JSON) after every configuration, so a run cut short still leaves what it measured.
 
-Usage: steps_worker.py PLAN_JSON OUT_JSON (the plan is written by steps.py).
+Usage: python -m scripts.benchmarks.steps_worker PLAN_JSON OUT_JSON (from the repository root; the plan is written
+by steps.py).
 """
 import gc
 import inspect
@@ -32,8 +33,7 @@ import torch
 import torch.nn as nn
 import horovod.torch as hvd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import hvd_compress.torch as hc  # noqa: E402
+import hvd_compress.torch as hc
 
 
 def make_model(width, layers, seed=0):

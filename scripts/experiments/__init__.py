@@ -1,1 +1,2 @@
-"""The experiments of ``scripts/reproduce.py``: one module per experiment, each with ``run(out, quick)``."""
+"""The experiments of ``python -m scripts.reproduce`` (scripts/reproduce.py): one module per experiment, each with
+``run(out, quick)``."""

@@ -1,7 +1,9 @@
-"""Helpers shared by the experiments: paths, JSON that survives inf/NaN, figures, progress bars."""
+"""Helpers shared by the experiments and benchmarks: paths, the commit measured, JSON that survives inf/NaN,
+figures, progress bars."""
 import importlib
 import json
 import math
+import subprocess
 import time
 from pathlib import Path
 
@@ -12,6 +14,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def commit():
+    """The commit measured (+ "-dirty" when hvd_compress/ has uncommitted changes)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "hvd_compress"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
 
 
 def clean(obj):

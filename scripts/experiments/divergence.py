@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -21,7 +20,7 @@ from hvd_compress.simulate import Simulation
 
 from .common import ROOT, progress, relpath, save
 
-WORKER = Path(__file__).with_name("divergence_worker.py")
+WORKER = "scripts.experiments.divergence_worker"   # run as a module from ROOT
 A = torch.tensor([[-3.0, 2, 2], [2, -3, 2], [2, 2, -3]], dtype=torch.float64)
 MODES = {"plain": ("topk:k=1", False, None), "ef": ("topk:k=1", True, None),
          "doublesqueeze": ("topk:k=1", True, "topk:k=1")}
@@ -46,7 +45,7 @@ def launch_worker(tmp, cfg, quick):
         raise SystemExit("mpirun not found: install OpenMPI (bash scripts/setup.sh does)")
     out = tmp / "trajectories.json"
     cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", "3",
-           sys.executable, str(WORKER), str(out), str(cfg["plain_steps"]), str(cfg["max_steps"]), str(LOW),
+           sys.executable, "-m", WORKER, str(out), str(cfg["plain_steps"]), str(cfg["max_steps"]), str(LOW),
            str(HIGH), *map(str, cfg["etas"])]
     # a short Horovod cycle: this run is thousands of tiny steps, each a few collectives
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HOROVOD_CYCLE_TIME="0.1")

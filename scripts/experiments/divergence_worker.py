@@ -11,7 +11,7 @@ rank i holds f_i. For every step size three methods run, each with stock ``hvd.D
 Each run stops early once ||x|| leaves [LOW, HIGH] * ||x0|| (converged or diverged).
 
 Rank 0 writes OUT_JSON: {mode: {eta: {"x": [x_0, x_1, ...], "bytes_sent": ...}}}.
-usage: divergence_worker.py OUT_JSON PLAIN_STEPS MAX_STEPS LOW HIGH ETA [ETA ...]
+usage: python -m scripts.experiments.divergence_worker OUT_JSON PLAIN_STEPS MAX_STEPS LOW HIGH ETA [ETA ...]
 """
 import json
 import math

@@ -40,7 +40,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
@@ -49,7 +48,7 @@ from hvd_compress import compressors as C
 
 from .common import ROOT, progress, relpath, save
 
-WORKER = Path(__file__).with_name("training_worker.py")
+WORKER = "scripts.experiments.training_worker"   # run as a module from ROOT
 RANKS = 4
 
 
@@ -118,7 +117,7 @@ def launch_worker(tmp, cfg, quick):
     configs = {label: {**c, "lr": c["lr"] or cfg["lr"]} for label, c in CONFIGS.items()}
     config.write_text(json.dumps({**cfg, "configs": configs}))
     cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(RANKS),
-           sys.executable, str(WORKER), str(config), str(out)]
+           sys.executable, "-m", WORKER, str(config), str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []

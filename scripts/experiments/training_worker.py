@@ -13,7 +13,7 @@ epoch's minibatches, test loss and accuracy, bytes rank 0 handed to collectives 
 wall time of the epoch's training steps (forward, backward, compression, collectives, update). At the end:
 whether the 4 replicas are bit-identical.
 
-usage: training_worker.py CONFIG_JSON OUT_JSON
+usage: python -m scripts.experiments.training_worker CONFIG_JSON OUT_JSON
 CONFIG_JSON: {"configs": {label: spec}, "epochs", "batch_size", "seed", "train_limit", "test_limit", "width",
 "vit_dim"}; a spec names compressor, error_feedback, server, optimizer ("sgd", "adamw" or "adamw-frozen-v":
 hvd_compress's FrozenVarianceAdamW, frozen when the warm-up ends), lr, momentum,
@@ -30,7 +30,8 @@ import torch.nn.functional as F
 import horovod.torch as hvd
 
 import hvd_compress.torch as hc
-from hvd_compress.data import load_fashion_mnist
+
+from examples.fmnist_data import load_fashion_mnist
 
 
 def build_model(width):

@@ -34,8 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hvd_compress import parse
-from hvd_compress.data import load_fashion_mnist
 from hvd_compress.seeds import call_key
+
+from examples.fmnist_data import load_fashion_mnist
 
 from .common import progress, relpath, save
 

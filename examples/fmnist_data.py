@@ -1,6 +1,8 @@
 """Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (gzipped IDX files), pure numpy.
 
-No torch import, so the loader works for every framework (and in tests that have no torch).
+No torch import, so the loader works for every framework. The examples (run as files, ``python examples/X.py``,
+which puts this folder first on ``sys.path``) import it as ``fmnist_data``; the experiments (run as modules from
+the repository root, ``python -m scripts.reproduce ...``) as ``examples.fmnist_data``.
 """
 import gzip
 import os
