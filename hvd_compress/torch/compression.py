@@ -87,9 +87,10 @@ class Compression:
         clip: local gradient clipping (Deep Gradient Compression): before momentum and error feedback, each
             worker scales each gradient tensor down to norm clip / sqrt(n) if it is longer (n ranks); 0: none.
         nonfinite: what a step does when some rank's gradient holds NaN or Inf. "skip" (as stock Horovod,
-            whose averaged gradient is then non-finite too): every rank returns NaN gradients, so that
-            ``torch.amp.GradScaler`` and users see the overflow, no error buffer changes, and the step is
-            counted in ``stats()["skipped_steps"]``; the next step is normal. "raise": every rank raises
+            whose averaged gradient is then non-finite too): every rank returns NaN gradients (for a tensor
+            that travels dense: Horovod's non-finite average of it), so that ``torch.amp.GradScaler`` and
+            users see the overflow, no error buffer changes, and the step is counted in
+            ``stats()["skipped_steps"]``; the next step is normal. "raise": every rank raises
             FloatingPointError naming the parameters (the buffers are kept likewise).
 
     Gradients are averaged (use Horovod's default ``op=hvd.Average``). Half-precision gradients are
