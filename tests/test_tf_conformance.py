@@ -361,3 +361,22 @@ def test_dispatch_by_tensor_type():
         _assert_bitwise(c(x, (KEY, 2)).numpy(), expected)
         _assert_bitwise(dispatch.apply(c, tf.Variable(x), (KEY, 2)).numpy(), expected)
     assert isinstance(TopK(k=1)(torch.ones(3)), torch.Tensor)
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def test_every_compressor_class_has_both_kernels_in_both_frameworks():
+    """The kernel registries: a Compressor class added without its PyTorch or TensorFlow encode / decode
+    fails here, not at a user's first step."""
+    from hvd_compress import compressors as C
+    classes = [cls for cls in _subclasses(C.Compressor) if not cls.__name__.startswith("_")]
+    assert {c.__name__ for c in classes} >= {"TopK", "RandK", "Natural", "ScaledSign", "OneBit", "QSGD", "Compose",
+                                             "Scaled", "Identity"}
+    for registry in (PK._encode_torch, PK._decode_torch, TK._encode_tf, TK._decode_tf):
+        default = registry.dispatch(object)
+        missing = [cls.__name__ for cls in classes if registry.dispatch(cls) is default]
+        assert not missing, f"{registry.__name__}: no kernel for {missing}"

@@ -12,6 +12,7 @@ streams differ from torch's; everything deterministic (values, wire format, byte
 TensorFlow flushes subnormal floats to zero in some eager CPU kernels; Natural compression therefore reads
 and writes exponents with integer bit operations only, so that it is exact over the whole float range.
 """
+import functools
 import numbers
 
 import tensorflow as tf
@@ -237,50 +238,47 @@ def _compose_decode(c, parts, d, seed, dtype):
     return _scatter(idx, decode(c.second, parts[1:], k, second_stage(seed), dtype), d)
 
 
+# The kernel of each compressor class, one registry per direction (a test checks that every Compressor class
+# has both, in both frameworks); subclasses inherit their base class's kernels.
+@functools.singledispatch
+def _encode_tf(c, x, seed):
+    raise TypeError(f"no TensorFlow kernel for {c!r}")
+
+
+@functools.singledispatch
+def _decode_tf(c, parts, d, seed, dtype):
+    raise TypeError(f"no TensorFlow kernel for {c!r}")
+
+
+def _scaled_decode(c, parts, d, seed, dtype):
+    out = decode(c.compressor, parts, d, seed, dtype)
+    return out * tf.constant(c.lam, out.dtype)
+
+
+for _cls, _enc, _dec in [
+        (C.TopK, _topk_encode, lambda c, parts, d, seed, dtype: _sparse_decode(c, parts, d, seed)),
+        (C.RandK, _randk_encode, lambda c, parts, d, seed, dtype: _sparse_decode(c, parts, d, seed)),
+        (C.Natural, _natural_encode, _natural_decode),
+        (C.ScaledSign, _sign_encode, lambda c, parts, d, seed, dtype: _sign_decode(c, parts, d, seed)),
+        (C.OneBit, _onebit_encode, lambda c, parts, d, seed, dtype: _onebit_decode(c, parts, d, seed)),
+        (C.QSGD, _qsgd_encode, lambda c, parts, d, seed, dtype: _qsgd_decode(c, parts, d, seed)),
+        (C.Compose, _compose_encode, _compose_decode),
+        (C.Scaled, lambda c, x, seed: encode(c.compressor, x, seed), _scaled_decode),
+        (C.Identity, lambda c, x, seed: [x], lambda c, parts, d, seed, dtype: parts[0])]:
+    _encode_tf.register(_cls, _enc)
+    _decode_tf.register(_cls, _dec)
+del _cls, _enc, _dec
+
+
 def encode(c, x, seed=0):
     """Parts of the payload of flat tensor x (float32 or float64), in the order of ``c.layout(d)``."""
-    if isinstance(c, C.TopK):
-        return _topk_encode(c, x, seed)
-    if isinstance(c, C.RandK):
-        return _randk_encode(c, x, seed)
-    if isinstance(c, C.Natural):
-        return _natural_encode(c, x, seed)
-    if isinstance(c, C.ScaledSign):
-        return _sign_encode(c, x, seed)
-    if isinstance(c, C.OneBit):
-        return _onebit_encode(c, x, seed)
-    if isinstance(c, C.QSGD):
-        return _qsgd_encode(c, x, seed)
-    if isinstance(c, C.Compose):
-        return _compose_encode(c, x, seed)
-    if isinstance(c, C.Scaled):
-        return encode(c.compressor, x, seed)
-    if isinstance(c, C.Identity):
-        return [x]
-    raise TypeError(f"no TensorFlow kernel for {c!r}")
+    return _encode_tf(c, x, seed)
 
 
 def decode(c, parts, d, seed=0, dtype=tf.float32):
     """The dense flat tensor of d elements that the parts encode. ``dtype`` matters only where no part
     carries values (Natural)."""
-    if isinstance(c, (C.TopK, C.RandK)):
-        return _sparse_decode(c, parts, d, seed)
-    if isinstance(c, C.Natural):
-        return _natural_decode(c, parts, d, seed, dtype)
-    if isinstance(c, C.ScaledSign):
-        return _sign_decode(c, parts, d, seed)
-    if isinstance(c, C.OneBit):
-        return _onebit_decode(c, parts, d, seed)
-    if isinstance(c, C.QSGD):
-        return _qsgd_decode(c, parts, d, seed)
-    if isinstance(c, C.Compose):
-        return _compose_decode(c, parts, d, seed, dtype)
-    if isinstance(c, C.Scaled):
-        out = decode(c.compressor, parts, d, seed, dtype)
-        return out * tf.constant(c.lam, out.dtype)
-    if isinstance(c, C.Identity):
-        return parts[0]
-    raise TypeError(f"no TensorFlow kernel for {c!r}")
+    return _decode_tf(c, parts, d, seed, dtype)
 
 
 # ---- payloads as bytes -------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ draw the same random numbers (a counter-based hash of the element index and the 
 the same payloads up to the rounding of a reduction (a scale, a mean, a norm); each path is bitwise consistent
 with itself: ``decode`` of a payload is exactly what ``step`` subtracts, and ``apply`` equals ``step``'s C(x).
 """
+import functools
 import math
 import threading
 
@@ -318,26 +319,32 @@ def encode(c, x, seed=0):
     return _encode_torch(c, x, seed)
 
 
+# The kernel of each compressor class, one registry per direction (a test checks that every Compressor class
+# has both, in both frameworks); subclasses inherit their base class's kernels.
+@functools.singledispatch
 def _encode_torch(c, x, seed):
-    if isinstance(c, C.TopK):
-        return _topk_encode(c, x, seed)
-    if isinstance(c, C.RandK):
-        return _randk_encode(c, x, seed)
-    if isinstance(c, C.Natural):
-        return _natural_encode(c, x, seed)
-    if isinstance(c, C.ScaledSign):
-        return _sign_encode(c, x, seed)
-    if isinstance(c, C.OneBit):
-        return _onebit_encode(c, x, seed)
-    if isinstance(c, C.QSGD):
-        return _qsgd_encode(c, x, seed)
-    if isinstance(c, C.Compose):
-        return _compose_encode(c, x, seed)
-    if isinstance(c, C.Scaled):
-        return encode(c.compressor, x, seed)
-    if isinstance(c, C.Identity):
-        return [x]
     raise TypeError(f"no PyTorch kernel for {c!r}")
+
+
+@functools.singledispatch
+def _decode_torch(c, parts, d, seed, dtype):
+    raise TypeError(f"no PyTorch kernel for {c!r}")
+
+
+for _cls, _enc, _dec in [
+        (C.TopK, _topk_encode, lambda c, parts, d, seed, dtype: _sparse_decode(c, parts, d, seed)),
+        (C.RandK, _randk_encode, lambda c, parts, d, seed, dtype: _sparse_decode(c, parts, d, seed)),
+        (C.Natural, _natural_encode, _natural_decode),
+        (C.ScaledSign, _sign_encode, lambda c, parts, d, seed, dtype: _sign_decode(c, parts, d, seed)),
+        (C.OneBit, _onebit_encode, lambda c, parts, d, seed, dtype: _onebit_decode(c, parts, d, seed)),
+        (C.QSGD, _qsgd_encode, lambda c, parts, d, seed, dtype: _qsgd_decode(c, parts, d, seed)),
+        (C.Compose, _compose_encode, _compose_decode),
+        (C.Scaled, lambda c, x, seed: encode(c.compressor, x, seed),
+         lambda c, parts, d, seed, dtype: decode(c.compressor, parts, d, seed, dtype) * c.lam),
+        (C.Identity, lambda c, x, seed: [x], lambda c, parts, d, seed, dtype: parts[0])]:
+    _encode_torch.register(_cls, _enc)
+    _decode_torch.register(_cls, _dec)
+del _cls, _enc, _dec
 
 
 def decode(c, parts, d, seed=0, dtype=torch.float32):
@@ -351,23 +358,7 @@ def decode(c, parts, d, seed=0, dtype=torch.float32):
             out = torch.empty(d, dtype=dtype)
             _decode_fused(lib, inner, lam, parts, d, out, False, 0)
             return out
-    if isinstance(c, (C.TopK, C.RandK)):
-        return _sparse_decode(c, parts, d, seed)
-    if isinstance(c, C.Natural):
-        return _natural_decode(c, parts, d, seed, dtype)
-    if isinstance(c, C.ScaledSign):
-        return _sign_decode(c, parts, d, seed)
-    if isinstance(c, C.OneBit):
-        return _onebit_decode(c, parts, d, seed)
-    if isinstance(c, C.QSGD):
-        return _qsgd_decode(c, parts, d, seed)
-    if isinstance(c, C.Compose):
-        return _compose_decode(c, parts, d, seed, dtype)
-    if isinstance(c, C.Scaled):
-        return decode(c.compressor, parts, d, seed, dtype) * c.lam
-    if isinstance(c, C.Identity):
-        return parts[0]
-    raise TypeError(f"no PyTorch kernel for {c!r}")
+    return _decode_torch(c, parts, d, seed, dtype)
 
 
 def decode_sum(c, payloads, d, seed, dtype):
