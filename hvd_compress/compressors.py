@@ -43,6 +43,11 @@ class Compressor:
         """Class memberships {"U": {"zeta"}, "B1": {"alpha", "beta"}, "B2": {...}, "B3": {"delta"}}."""
         raise NotImplementedError
 
+    def max_nonzeros(self, d):
+        """At most how many nonzeros C(x) has for d elements (what the sharded transport's exact average of n
+        payloads may hold)."""
+        return d
+
     def __call__(self, x, seed=0):
         """C(x): encode then decode, for tests and theory tools. ``x`` is a torch tensor (any shape)."""
         from .kernels import apply
@@ -85,6 +90,9 @@ class _Sparsifier(Compressor):
                 raise ValueError(f"{self!r}: k={self.k} is larger than the tensor's {d} elements")
             return self.k
         return max(1, min(d, int(self.ratio * d)))
+
+    def max_nonzeros(self, d):
+        return self.k_for(d) if d else 0
 
 
 class TopK(_Sparsifier):
@@ -203,6 +211,7 @@ class Compose(Compressor):
 
     sparsifies = True
     seed = property(lambda self: self.first.seed + self.second.seed)
+    max_nonzeros = property(lambda self: self.first.max_nonzeros)
 
     def __init__(self, first, second):
         if not isinstance(first, (TopK, RandK)) or getattr(first, "shared", False):
@@ -249,6 +258,7 @@ class Scaled(Compressor):
     summable = property(lambda self: self.compressor.summable)
     sparsifies = property(lambda self: self.compressor.sparsifies)
     seed = property(lambda self: self.compressor.seed)
+    max_nonzeros = property(lambda self: self.compressor.max_nonzeros)
 
     def layout(self, d):
         return self.compressor.layout(d)

@@ -131,16 +131,9 @@ def traffic(transport, config, d, n, value_itemsize=4):
         if server is not None:
             down = (n - 1) * max(server.wire_bytes(s, value_itemsize) if s else 0 for s in slices)
         else:   # the exact average: at most n payloads' nonzeros
-            down = (n - 1) * max(exact_bytes(s, min(s, n * nonzeros(worker, s)), value_itemsize) for s in slices)
+            down = (n - 1) * max(exact_bytes(s, min(s, n * worker.max_nonzeros(s)), value_itemsize) for s in slices)
         return up + down, 2 * (n - 1)
     raise ValueError(f"unknown transport {transport!r}")
-
-
-def nonzeros(compressor, d):
-    """At most how many nonzeros C(x) has for d elements."""
-    inner = compressor.compressor if isinstance(compressor, C.Scaled) else compressor
-    inner = inner.first if isinstance(inner, C.Compose) else inner
-    return inner.k_for(d) if d and isinstance(inner, (C.TopK, C.RandK)) else d
 
 
 def exact_bytes(d, nnz, value_itemsize=4):
