@@ -48,6 +48,11 @@ class Compressor:
         payloads may hold)."""
         return d
 
+    def stages(self, d):
+        """[(compressor, elements)]: the basic compressors a call runs, on how many elements (the kernels'
+        cost); Scaled and Compose name their parts."""
+        return [(self, d)]
+
     def __call__(self, x, seed=0):
         """C(x): encode then decode, for tests and theory tools. ``x`` is a torch tensor (any shape)."""
         from .kernels import apply
@@ -213,6 +218,9 @@ class Compose(Compressor):
     seed = property(lambda self: self.first.seed + self.second.seed)
     max_nonzeros = property(lambda self: self.first.max_nonzeros)
 
+    def stages(self, d):
+        return self.first.stages(d) + self.second.stages(self.first.k_for(d))
+
     def __init__(self, first, second):
         if not isinstance(first, (TopK, RandK)) or getattr(first, "shared", False):
             raise ValueError(f"Compose needs TopK or a non-shared RandK first, got {first!r}")
@@ -259,6 +267,7 @@ class Scaled(Compressor):
     sparsifies = property(lambda self: self.compressor.sparsifies)
     seed = property(lambda self: self.compressor.seed)
     max_nonzeros = property(lambda self: self.compressor.max_nonzeros)
+    stages = property(lambda self: self.compressor.stages)
 
     def layout(self, d):
         return self.compressor.layout(d)

@@ -95,12 +95,10 @@ def kernel_seconds(compressor, d, table=None):
     if compressor in table:
         enc, dec = table[compressor]
         return enc * d, dec * d
-    if isinstance(compressor, C.Scaled):
-        return kernel_seconds(compressor.compressor, d, table)
-    if isinstance(compressor, C.Compose):
-        e1, d1 = kernel_seconds(compressor.first, d, table)
-        e2, d2 = kernel_seconds(compressor.second, compressor.first.k_for(d), table)
-        return e1 + e2, d1 + d2
+    stages = compressor.stages(d)
+    if stages != [(compressor, d)]:   # Scaled, Compose: the sum of their parts
+        costs = [kernel_seconds(c, n, table) for c, n in stages]
+        return sum(e for e, _ in costs), sum(x for _, x in costs)
     enc, dec = table.get(type(compressor).__name__, (1e-8, 5e-9))
     return enc * d, dec * d
 
