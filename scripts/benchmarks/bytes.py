@@ -56,13 +56,6 @@ def _bounds(d, n):
     return [(j * d) // n for j in range(n + 1)]   # the n contiguous slices of the sharded transport
 
 
-def _max_nonzeros(c, d):
-    """At most how many nonzeros C(x) has: k for the sparsifiers (also scaled or composed), else d."""
-    inner = c.compressor if isinstance(c, C.Scaled) else c
-    inner = inner.first if isinstance(inner, C.Compose) else inner
-    return inner.k_for(d) if isinstance(inner, (C.TopK, C.RandK)) else d
-
-
 def _sharded(c, server, d, n, rank):
     """Sharded, from its description: an alltoall of the n slices' payloads (this rank hands all n, its own
     included), then an allgather of this rank's slice of the result: the server's payload; without a server
@@ -77,7 +70,7 @@ def _sharded(c, server, d, n, rank):
         return up, True
     if server is not None:
         return up + server.wire_bytes(s), True
-    return up + 4 + min(4 * s, 8 * min(s, n * _max_nonzeros(c, s))), False
+    return up + 4 + min(4 * s, 8 * min(s, n * c.max_nonzeros(s))), False
 
 
 # Bytes one rank hands to collectives for one gradient of d elements, per transport, without the per-tensor
