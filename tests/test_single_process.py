@@ -247,3 +247,9 @@ def test_dense_warmup_sends_the_first_steps_uncompressed():
             assert not sim.worker_error[0]["w"].any()   # nothing left out
         else:
             assert int((update != 0).sum()) == 2   # Top-k 25% of 8: the same 2 on both ranks
+
+
+def test_stats_keys_are_the_ones_the_tensorflow_plug_in_reports_too():
+    """tests/test_tf_distributed.py checks the TensorFlow plug-in's stats() against this same set."""
+    from test_tf_distributed import TORCH_STATS_KEYS
+    assert hc.Compression("topk:0.5", named_parameters=_model().named_parameters()).stats().keys() == TORCH_STATS_KEYS

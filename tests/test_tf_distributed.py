@@ -28,6 +28,9 @@ CHECKPOINTS = [{"id": "ckpt/topk-ds", "compressor": "topk:0.3", "error_feedback"
                {"id": "ckpt/randk-ef-qsgd-server", "compressor": "randk:0.3", "error_feedback": True,
                 "server": "qsgd:4", "checkpoint": True}]
 LAUNCHERS = {2: "horovodrun", 3: "mpirun"}
+TORCH_STATS_KEYS = {"steps", "skipped_steps", "last_step_skipped", "bytes_sent", "dense_bytes", "ratio",
+                    "dense_small_bytes", "variance", "worker_error_norm", "server_error_norm", "total_bytes_sent",
+                    "total_dense_bytes", "transports", "buckets", "link_gbps", "worker_ratio"}
 
 
 def _tf_run(n, tmp_path_factory):
@@ -72,6 +75,7 @@ def test_matches_simulation_and_replicas_identical(request, n, case):
         assert err <= 1e-9 * max(1.0, np.abs(expected).max()), f"{name}: off by {err}"
     stats = ranks[0][case["id"]]["_stats"]
     assert stats["steps"] == case["steps"] and stats["total_bytes_sent"] > 0
+    assert stats.keys() == TORCH_STATS_KEYS   # the same keys as the PyTorch plug-in's stats()
 
 
 def test_process_set_of_2_of_3_ranks_equals_the_simulation_of_2(tmp_path):

@@ -373,7 +373,9 @@ class Compression(tf.Module):
         self.committed_at.assign(tf.fill([len(self.names)], tf.constant(-1, tf.int64)))
 
     def stats(self):
-        """About the last completed step, as the PyTorch plug-in reports it (see its ``stats()``)."""
+        """About the last completed step, with the PyTorch plug-in's keys (see its ``stats()``). Here every
+        variable is compressed and travels on its own (allreduce for summable payloads, else allgather): no
+        dense small tensors, one "bucket" per variable, no link measured."""
         self._settle()
         skipped = self.skipped.numpy()
         steps = [int(s.numpy()) for s in self.steps]
@@ -389,8 +391,12 @@ class Compression(tf.Module):
                 "variance": float(last[:, 0].sum() / last[:, 1].sum()) if last[:, 1].sum() else 0.0,
                 "worker_error_norm": float(np.sqrt(last[:, 0].sum())) if self.config.error_feedback else 0.0,
                 "server_error_norm": float(np.sqrt(last[:, 2].sum())),
+                "dense_small_bytes": 0,
                 "total_bytes_sent": sum(b * s for b, s in zip(self._bytes_per_step, steps)),
-                "total_dense_bytes": sum(b * s for b, s in zip(dense, steps))}
+                "total_dense_bytes": sum(b * s for b, s in zip(dense, steps)),
+                "transports": {n: "allreduce" if self.config.worker.summable else "allgather" for n in self.names},
+                "buckets": [[n] for n in self.names], "link_gbps": None,
+                "worker_ratio": C.ratio_of(self.config.worker)}
 
     def __repr__(self):
         return f"Compression({self.config.fingerprint()})"
