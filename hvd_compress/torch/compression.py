@@ -31,7 +31,6 @@ import math
 import pickle
 import sys
 import weakref
-from typing import Optional
 
 import torch
 import horovod.torch as hvd
