@@ -376,7 +376,8 @@ def test_every_compressor_class_has_both_kernels_in_both_frameworks():
     classes = [cls for cls in _subclasses(C.Compressor) if not cls.__name__.startswith("_")]
     assert {c.__name__ for c in classes} >= {"TopK", "RandK", "Natural", "ScaledSign", "OneBit", "QSGD", "Compose",
                                              "Scaled", "Identity"}
-    for registry in (PK._encode_torch, PK._decode_torch, TK._encode_tf, TK._decode_tf):
+    for label, registry in [("PyTorch encode", PK._encode_torch), ("PyTorch decode", PK._decode_torch),
+                            ("TensorFlow encode", TK._encode_tf), ("TensorFlow decode", TK._decode_tf)]:
         default = registry.dispatch(object)
         missing = [cls.__name__ for cls in classes if registry.dispatch(cls) is default]
-        assert not missing, f"{registry.__name__}: no kernel for {missing}"
+        assert not missing, f"{label}: no kernel for {missing}"

@@ -12,12 +12,12 @@ streams differ from torch's; everything deterministic (values, wire format, byte
 TensorFlow flushes subnormal floats to zero in some eager CPU kernels; Natural compression therefore reads
 and writes exponents with integer bit operations only, so that it is exact over the whole float range.
 """
-import functools
 import numbers
 
 import tensorflow as tf
 
 from .. import compressors as C
+from ..kernels import registries
 from ..seeds import as_pair, second_stage
 
 _DTYPES = {C.INT32: tf.int32, C.UINT8: tf.uint8, C.INT8: tf.int8, C.INT16: tf.int16}
@@ -238,24 +238,13 @@ def _compose_decode(c, parts, d, seed, dtype):
     return _scatter(idx, decode(c.second, parts[1:], k, second_stage(seed), dtype), d)
 
 
-# The kernel of each compressor class, one registry per direction (a test checks that every Compressor class
-# has both, in both frameworks); subclasses inherit their base class's kernels.
-@functools.singledispatch
-def _encode_tf(c, x, seed):
-    raise TypeError(f"no TensorFlow kernel for {c!r}")
-
-
-@functools.singledispatch
-def _decode_tf(c, parts, d, seed, dtype):
-    raise TypeError(f"no TensorFlow kernel for {c!r}")
-
-
 def _scaled_decode(c, parts, d, seed, dtype):
     out = decode(c.compressor, parts, d, seed, dtype)
     return out * tf.constant(c.lam, out.dtype)
 
 
-for _cls, _enc, _dec in [
+# The kernels of each compressor class (see hvd_compress.kernels.registries)
+_encode_tf, _decode_tf = registries("TensorFlow", [
         (C.TopK, _topk_encode, lambda c, parts, d, seed, dtype: _sparse_decode(c, parts, d, seed)),
         (C.RandK, _randk_encode, lambda c, parts, d, seed, dtype: _sparse_decode(c, parts, d, seed)),
         (C.Natural, _natural_encode, _natural_decode),
@@ -264,10 +253,7 @@ for _cls, _enc, _dec in [
         (C.QSGD, _qsgd_encode, lambda c, parts, d, seed, dtype: _qsgd_decode(c, parts, d, seed)),
         (C.Compose, _compose_encode, _compose_decode),
         (C.Scaled, lambda c, x, seed: encode(c.compressor, x, seed), _scaled_decode),
-        (C.Identity, lambda c, x, seed: [x], lambda c, parts, d, seed, dtype: parts[0])]:
-    _encode_tf.register(_cls, _enc)
-    _decode_tf.register(_cls, _dec)
-del _cls, _enc, _dec
+        (C.Identity, lambda c, x, seed: [x], lambda c, parts, d, seed, dtype: parts[0])])
 
 
 def encode(c, x, seed=0):

@@ -15,13 +15,13 @@ draw the same random numbers (a counter-based hash of the element index and the 
 the same payloads up to the rounding of a reduction (a scale, a mean, a norm); each path is bitwise consistent
 with itself: ``decode`` of a payload is exactly what ``step`` subtracts, and ``apply`` equals ``step``'s C(x).
 """
-import functools
 import math
 import threading
 
 import torch
 
 from .. import compressors as C
+from ..kernels import registries
 from ..seeds import as_pair, second_stage
 from . import fused
 
@@ -319,19 +319,8 @@ def encode(c, x, seed=0):
     return _encode_torch(c, x, seed)
 
 
-# The kernel of each compressor class, one registry per direction (a test checks that every Compressor class
-# has both, in both frameworks); subclasses inherit their base class's kernels.
-@functools.singledispatch
-def _encode_torch(c, x, seed):
-    raise TypeError(f"no PyTorch kernel for {c!r}")
-
-
-@functools.singledispatch
-def _decode_torch(c, parts, d, seed, dtype):
-    raise TypeError(f"no PyTorch kernel for {c!r}")
-
-
-for _cls, _enc, _dec in [
+# The kernels of each compressor class (see hvd_compress.kernels.registries)
+_encode_torch, _decode_torch = registries("PyTorch", [
         (C.TopK, _topk_encode, lambda c, parts, d, seed, dtype: _sparse_decode(c, parts, d, seed)),
         (C.RandK, _randk_encode, lambda c, parts, d, seed, dtype: _sparse_decode(c, parts, d, seed)),
         (C.Natural, _natural_encode, _natural_decode),
@@ -341,10 +330,7 @@ for _cls, _enc, _dec in [
         (C.Compose, _compose_encode, _compose_decode),
         (C.Scaled, lambda c, x, seed: encode(c.compressor, x, seed),
          lambda c, parts, d, seed, dtype: decode(c.compressor, parts, d, seed, dtype) * c.lam),
-        (C.Identity, lambda c, x, seed: [x], lambda c, parts, d, seed, dtype: parts[0])]:
-    _encode_torch.register(_cls, _enc)
-    _decode_torch.register(_cls, _dec)
-del _cls, _enc, _dec
+        (C.Identity, lambda c, x, seed: [x], lambda c, parts, d, seed, dtype: parts[0])])
 
 
 def decode(c, parts, d, seed=0, dtype=torch.float32):
