@@ -1,5 +1,8 @@
 """What every rank must agree on, and what a saved state must match: shared by both plug-ins."""
 import hashlib
+import pickle
+
+import numpy as np
 
 STATE_FORMAT = 1
 
@@ -32,3 +35,14 @@ def check_state(state, mine, size):
     if state["size"] != size:
         raise ValueError(f"the state was saved with {state['size']} ranks and this job has {size}: "
                          f"worker error buffers belong to ranks")
+
+
+def allgather_object(obj, allgather):
+    """Every rank's ``obj`` (pickled) in rank order. ``allgather(array, part)`` is the framework's allgather
+    of a numpy array on the right process set (``part``, "sizes" or "data", names the collective); Horovod
+    0.28's allgather_object takes no process set."""
+    data = np.frombuffer(bytearray(pickle.dumps(obj)), np.uint8)
+    sizes = allgather(np.array([len(data)], np.int64), "sizes")
+    gathered = allgather(data, "data")
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [pickle.loads(gathered[a:b].tobytes()) for a, b in zip(bounds[:-1], bounds[1:])]

@@ -32,7 +32,6 @@ and is not supported.
 """
 
 import os
-import pickle
 import sys
 
 import numpy as np
@@ -301,16 +300,20 @@ class Compression(tf.Module):
             self._check_same_config_everywhere()
         self._bound = True
 
+    @property
+    def _set(self):
+        """The process set collectives run on (all ranks until the first step binds one)."""
+        return self.process_set or hvd.global_process_set
+
     def _size(self):
-        return (self.process_set or hvd.global_process_set).size()
+        return self._set.size()
 
     def _rank(self):
-        return (self.process_set or hvd.global_process_set).rank()
+        return self._set.rank()
 
     def _root(self):
         """The global rank of the root (Horovod's broadcast takes a global rank)."""
-        ps = self.process_set or hvd.global_process_set
-        return self.root_rank if ps.process_set_id == 0 else ps.ranks[self.root_rank]
+        return self.root_rank if self._set.process_set_id == 0 else self._set.ranks[self.root_rank]
 
     @staticmethod
     def _process_set_of_caller():
@@ -326,13 +329,11 @@ class Compression(tf.Module):
         return None
 
     def _allgather_object(self, obj, name):
-        """hvd.allgather_object on this object's process set (Horovod 0.28's takes none)."""
-        data = np.frombuffer(pickle.dumps(obj), np.uint8)
-        ps = self.process_set or hvd.global_process_set
-        sizes = hvd.allgather(tf.constant([len(data)], tf.int64), name=f"{name}_sizes", process_set=ps).numpy()
-        gathered = hvd.allgather(tf.constant(data), name=name, process_set=ps).numpy()
-        bounds = np.concatenate([[0], np.cumsum(sizes)])
-        return [pickle.loads(gathered[a:b].tobytes()) for a, b in zip(bounds[:-1], bounds[1:])]
+        """Every rank's ``obj`` in rank order, over this object's process set (see
+        ``agreement.allgather_object``)."""
+        def allgather(array, part):
+            return hvd.allgather(tf.constant(array), name=f"{name}_{part}", process_set=self._set).numpy()
+        return agreement.allgather_object(obj, allgather)
 
     def fingerprint(self):
         return (agreement.fingerprint(self.config, self.root_rank, self.seed, zip(self.names, self.shapes))

@@ -25,10 +25,8 @@ The update is written into the gradient's own memory, which the step no longer n
 place: no fresh tensor per step.
 """
 import dataclasses
-import io
 import itertools
 import math
-import pickle
 import sys
 import weakref
 
@@ -628,10 +626,7 @@ def _wait_quietly(handle):
 
 
 def _allgather_object(obj, name, process_set):
-    """Every rank's ``obj`` (pickled) in rank order, over a process set (Horovod 0.28's allgather_object
-    takes none)."""
-    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-    sizes = hvd.allgather(torch.tensor([data.numel()]), name=f"{name}.sizes", process_set=process_set).tolist()
-    gathered = hvd.allgather(data, name=name, process_set=process_set)
-    offsets = [0] + list(itertools.accumulate(sizes))
-    return [pickle.load(io.BytesIO(gathered[a:b].numpy().tobytes())) for a, b in zip(offsets, offsets[1:])]
+    """Every rank's ``obj`` in rank order, over a process set (see ``agreement.allgather_object``)."""
+    def allgather(array, part):
+        return hvd.allgather(torch.from_numpy(array), name=f"{name}.{part}", process_set=process_set).numpy()
+    return agreement.allgather_object(obj, allgather)
