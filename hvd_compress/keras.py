@@ -28,6 +28,11 @@ from .tensorflow.compression import Compression as _TFCompression, _is_keras3_va
 __all__ = ["Compression", "DistributedOptimizer", "BroadcastGlobalVariablesCallback", "broadcast_weights"]
 
 
+def _tf_variable(v):
+    """The tf.Variable under a Keras 3 variable (``.value`` is it outside an autocast scope); others as they are."""
+    return v.value if _is_keras3_variable(v) else v
+
+
 class Compression(_TFCompression):
     """``hvd_compress.tensorflow.Compression`` that takes a Keras 3 model's variables
     (``variables=model.trainable_variables``), for :func:`DistributedOptimizer` only: Horovod's own Keras
@@ -35,8 +40,7 @@ class Compression(_TFCompression):
 
     def __init__(self, compressor, error_feedback=False, server=None, variables=None, **kwargs):
         if variables is not None:
-            # the tf.Variable under each Keras 3 variable (.value is it outside an autocast scope)
-            variables = [v.value if _is_keras3_variable(v) else v for v in variables]
+            variables = [_tf_variable(v) for v in variables]
         super().__init__(compressor, error_feedback=error_feedback, server=server, variables=variables, **kwargs)
 
 
@@ -92,7 +96,7 @@ def broadcast_weights(model, root_rank=0, process_set=hvd.global_process_set):
     if getattr(model, "optimizer", None) is not None:
         variables += list(model.optimizer.variables)
     if variables:
-        hvd.broadcast_variables([v.value if _is_keras3_variable(v) else v for v in variables], root_rank,
+        hvd.broadcast_variables([_tf_variable(v) for v in variables], root_rank,
                                 process_set=process_set)
 
 

@@ -260,6 +260,8 @@ class Compression(tf.Module):
 
     def _settle(self):
         """Eagerly undoes the commits made in skipped steps, before the buffers are read."""
+        if not int(tf.size(self.skipped)):   # no step was ever skipped (stats() may be read every step)
+            return
         for i in range(len(self.names)):
             if bool(self._committed_in_skipped_step(i)):
                 self._undo(i)
