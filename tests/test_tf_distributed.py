@@ -1,6 +1,6 @@
 """The TensorFlow plug-in on real multi-process runs (2 ranks with horovodrun/Gloo, 3 with mpirun): every
-compressor x mode on 2 ranks, and every compressor in the DoubleSqueeze mode (error feedback and server pass:
-the n-rank paths) on 3, equals the single-process simulation and replicas are bit-identical, the seed's
+compressor x mode x transport (see CASES_2 and CASES_3 for what runs by default) equals the single-process
+simulation and replicas are bit-identical, the seed's
 counterexample, checkpoint/resume, Keras (tf-keras) fit, bad set-ups and steps skipped for a non-finite
 gradient."""
 import json
@@ -21,12 +21,32 @@ STEPS = 12
 
 
 CASES = cases_of_every_compressor_and_mode(STEPS)
-# tracing a step function per case is most of this file's time: 3 ranks run the mode that exercises every path
-CASES_3 = [c for c in CASES if c["id"].endswith("/doublesqueeze")]
+# sharded compresses slice by slice: a fixed k= larger than a slice is refused (tested with bad input)
+SHARDED = [{**c, "id": c["id"] + "/sharded", "transport": "sharded"} for c in CASES if "k=" not in c["compressor"]]
+DS = {"compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5", "steps": STEPS}
+TRANSPORTS = [
+    {**DS, "id": "transport=dense", "transport": "dense"},
+    {**DS, "id": "transport=allgather/randk:0.3,shared", "compressor": "randk:0.3,shared", "transport": "allgather"},
+    # a link slow enough that the larger variables are compressed and the smallest stay dense
+    {**DS, "id": "transport=auto", "transport": "auto", "link_gbps": 1e-4},
+    {**DS, "id": "dense_below=16", "dense_below": 16},
+    {**DS, "id": "dense_below=16/sharded", "dense_below": 16, "transport": "sharded"},
+]
 CHECKPOINTS = [{"id": "ckpt/topk-ds", "compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5",
                 "checkpoint": True},
-               {"id": "ckpt/randk-ef-qsgd-server", "compressor": "randk:0.3", "error_feedback": True,
-                "server": "qsgd:4", "checkpoint": True}]
+               {"id": "ckpt/randk-ef-qsgd-server/sharded", "compressor": "randk:0.3", "error_feedback": True,
+                "server": "qsgd:4", "transport": "sharded", "checkpoint": True}]
+# Tracing a step function per case is most of this file's time (about 7 s a case). By default: on 2 ranks every
+# compressor x mode on the built-in transport, sharded in the modes that take its two paths (plain: the exact
+# average travels; DoubleSqueeze: the server pass on each slice), and the other transports; on 3 ranks the
+# DoubleSqueeze mode (every n-rank path) on both. HVD_COMPRESS_TF_MATRIX=all: every compressor x mode x
+# transport on 2 and 3 ranks (README, Tests).
+if os.environ.get("HVD_COMPRESS_TF_MATRIX") == "all":
+    CASES_2 = CASES + SHARDED + TRANSPORTS
+    CASES_3 = CASES + SHARDED + TRANSPORTS
+else:
+    CASES_2 = CASES + [c for c in SHARDED if "/ef/" not in c["id"]] + TRANSPORTS
+    CASES_3 = [c for c in CASES + SHARDED if "/doublesqueeze" in c["id"]]
 LAUNCHERS = {2: "horovodrun", 3: "mpirun"}
 TORCH_STATS_KEYS = {"steps", "skipped_steps", "last_step_skipped", "bytes_sent", "dense_bytes", "ratio",
                     "dense_small_bytes", "variance", "worker_error_norm", "server_error_norm", "total_bytes_sent",
@@ -35,7 +55,7 @@ TORCH_STATS_KEYS = {"steps", "skipped_steps", "last_step_skipped", "bytes_sent",
 
 def _tf_run(n, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"tfrun{n}")
-    (out / "cases.json").write_text(json.dumps(CASES + CHECKPOINTS if n == 2 else CASES_3))
+    (out / "cases.json").write_text(json.dumps(CASES_2 + CHECKPOINTS if n == 2 else CASES_3))
     proc = launch(n, DISTRIBUTED / "tf_worker.py", out / "cases.json", out, launcher=LAUNCHERS[n], timeout=1200)
     assert proc.returncode == 0, proc.stdout[-5000:]
     ranks = []
@@ -61,8 +81,8 @@ def test_checkpoint_at_10_resumes_equal_to_uninterrupted_20(tf_run2):
     assert report == {c["id"]: {"parameters_equal": True, "error_buffers_equal": True} for c in CHECKPOINTS}
 
 
-@pytest.mark.parametrize("n, case", [(2, c) for c in CASES] + [(3, c) for c in CASES_3],
-                         ids=[f"{n}ranks-{LAUNCHERS[n]}-{c['id']}" for n, cs in ((2, CASES), (3, CASES_3)) for c in cs])
+@pytest.mark.parametrize("n, case", [(2, c) for c in CASES_2] + [(3, c) for c in CASES_3],
+                         ids=[f"{n}ranks-{LAUNCHERS[n]}-{c['id']}" for n, cs in ((2, CASES_2), (3, CASES_3)) for c in cs])
 def test_matches_simulation_and_replicas_identical(request, n, case):
     from tf_common import names_of, train_reference
     _, ranks, _ = request.getfixturevalue(f"tf_run{n}")
@@ -76,6 +96,15 @@ def test_matches_simulation_and_replicas_identical(request, n, case):
     stats = ranks[0][case["id"]]["_stats"]
     assert stats["steps"] == case["steps"] and stats["total_bytes_sent"] > 0
     assert stats.keys() == TORCH_STATS_KEYS   # the same keys as the PyTorch plug-in's stats()
+    how = set(stats["transports"].values())
+    if case.get("transport") == "auto":   # auto mixes: dense for the smallest variables, compressed for the rest
+        assert "dense" in how and len(how) == 2, stats["transports"]
+    elif case.get("dense_below"):
+        assert how == {"dense", case.get("transport", "allgather")}, stats["transports"]
+        assert stats["dense_small_bytes"] > 0
+    else:
+        assert how == {case.get("transport") or ("allreduce" if ",shared" in case["compressor"] or
+                                                 case["compressor"] == "none" else "allgather")}, how
 
 
 def test_process_set_of_2_of_3_ranks_equals_the_simulation_of_2(tmp_path):

@@ -2,20 +2,18 @@
 ``hvd.DistributedOptimizer``, of Horovod's Keras ``DistributedOptimizer`` (tf-keras) and, for Keras 3, of
 ``hvd_compress.keras.DistributedOptimizer``.
 
-The same step as the PyTorch plug-in (the README's Design section), written for Horovod's TensorFlow path, which
-calls ``compress(g)``, allreduces what it returns, and calls ``decompress()`` on the result, one gradient
-at a time, while tracing a ``tf.function``. So everything happens in the graph:
+The same step as the PyTorch plug-in (the README's Design section) over the same transport objects
+(``hvd_compress/bucket.py``), written for Horovod's TensorFlow path, which calls ``compress(g)``, allreduces
+what it returns, and calls ``decompress()`` on the result, one gradient at a time, while tracing a
+``tf.function``. So everything happens in the graph, one variable per bucket:
 
-    compress(g)    x = g + e               payload p = C_w(x)                 (e: error feedback)
-                   allgather p's bytes (or allreduce summable payloads)      -> gbar = 1/n sum_j decode(p_j)
-                   y = gbar + d, v = C_s(y); the root's payload bytes are broadcast; every rank decodes them
-                   returns a one-element marker: the step number, or NaN where x is not finite
+    compress(g)    the transport's steps, all at once: x = g + e, payload p = C_w(x), its collective,
+                   gbar = 1/n sum_j decode(p_j), the server pass on the root (sharded: on every rank's slice),
+                   its collective, the update v; returns a one-element marker: the step number, or NaN where
+                   x is not finite ("dense" variables: the gradient itself, which Horovod averages)
     decompress(m)  m is the marker averaged over ranks: NaN means some rank's gradient was not finite, a
                    wrong step that ranks are out of step or that Horovod does not average (an error naming
                    the variable). Otherwise e <- x - decode(p), d <- y - v, and v is the gradient.
-
-Every rank keeps the server buffer d: gbar, d and the server seed are the same on every rank, so d stays
-identical everywhere, while the broadcast keeps the root authoritative for v.
 
 A step whose gradient is not finite anywhere leaves every buffer as it was, as in the PyTorch plug-in. But
 Horovod runs compress, allreduce and decompress one variable after the other, each in its own ``tf.cond``, so
@@ -31,6 +29,7 @@ order: each gradient is matched to the next variable of its shape. Horovod's ``g
 and is not supported.
 """
 
+import itertools
 import os
 import sys
 
@@ -39,9 +38,16 @@ import tensorflow as tf
 import horovod.tensorflow as hvd
 
 from .. import compressors as C
-from .. import agreement
+from .. import agreement, options
+from .. import transport as T
+from ..bucket import Bucket, Pending, plan
 from ..seeds import server_seed, worker_seed
 from . import kernels as K
+from . import ops
+
+# Collectives are named after the Compression object (its number in this process: every rank of the set
+# builds the same objects in the same order)
+_instances = itertools.count()
 
 
 def _is_keras3_variable(v):
@@ -59,6 +65,10 @@ class Compression(tf.Module):
             (``model.trainable_variables``).
         root_rank: the rank whose server payload every rank applies.
         seed: base of the seeds of random compressors.
+        transport, link_gbps, dense_below: as in the PyTorch plug-in: how payloads travel ("allgather",
+            "allreduce", "sharded", "dense", "auto"; None: allreduce for summable payloads, else allgather),
+            the link "auto" prices them with (None: measured at the first step), and the size under which a
+            variable's gradient travels uncompressed in Horovod's allreduce (0: compress every variable).
         process_set: the Horovod process set whose ranks average the gradients, the one given to
             ``hvd.DistributedGradientTape(process_set=...)`` or ``hvd.DistributedOptimizer(process_set=...)``
             (None: every rank). Every collective of this object runs on it, ranks are counted within it
@@ -76,18 +86,15 @@ class Compression(tf.Module):
     """
 
     def __init__(self, compressor, error_feedback=False, server=None, variables=None, root_rank=0, seed=0,
-                 nonfinite="skip", process_set=None):
+                 transport=None, link_gbps=None, dense_below=1024, nonfinite="skip", process_set=None):
         super().__init__(name="hvd_compress")
         if process_set is not None and not process_set.included():
             raise ValueError(f"this rank ({hvd.rank()}) is not in the process set {process_set.ranks}: "
                              f"create the Compression on the set's ranks only")
         self.process_set = process_set   # None until the first step takes the tape's or optimizer's
         self._bound = False
-        if nonfinite not in ("skip", "raise"):
-            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
-        self.nonfinite = nonfinite
-        worker = C.parse(compressor) or C.Identity()
-        self.config = C.Config(worker, bool(error_feedback), C.parse(server))
+        self.config, self._link = options.config_of(compressor, error_feedback, server, transport, link_gbps)
+        self.dense_below, self.nonfinite = options.check(dense_below, nonfinite)
         if variables is None:
             raise ValueError("Compression needs variables=model.trainable_variables (in the order Horovod "
                              "reduces their gradients): Horovod passes compress() no variable")
@@ -110,31 +117,37 @@ class Compression(tf.Module):
         self.names = [f"{i}/{v.name}" for i, v in enumerate(variables)]
         self.shapes = [tuple(v.shape) for v in variables]
         self.root_rank, self.seed = int(root_rank), int(seed)
+        self.tag = next(_instances)
         dtypes = [K.compute_dtype(v.dtype) for v in variables]
-        sizes = [int(np.prod(s)) for s in self.shapes]
+        self.sizes = dict(zip(self.names, (int(np.prod(s)) for s in self.shapes)))
+        self.bucket_bytes = 4 * max(self.sizes.values(), default=1)   # one variable per collective
+        self._transports, self._buckets, self._kernel_table = {}, {}, None
 
         def buffers(prefix):
             return [tf.Variable(tf.zeros([d], dt), trainable=False, name=f"{prefix}_{i}")
-                    for i, (d, dt) in enumerate(zip(sizes, dtypes))]
+                    for i, (d, dt) in enumerate(zip(self.sizes.values(), dtypes))]
 
+        # the server buffer d is the root's (sharded: each rank's slice of it; the rest stays zero)
         self.worker_error = buffers("worker_error") if self.config.error_feedback else []
         self.server_error = buffers("server_error") if self.config.server is not None else []
         # the buffers before their last commit, to undo a commit made in a step that is then skipped
         self.worker_error_before = buffers("worker_error_before") if self.config.error_feedback else []
         self.server_error_before = buffers("server_error_before") if self.config.server is not None else []
-        self.steps = [tf.Variable(0, dtype=tf.int64, trainable=False, name=f"step_{i}") for i in range(len(sizes))]
+        count = len(self.names)
+        self.steps = [tf.Variable(0, dtype=tf.int64, trainable=False, name=f"step_{i}") for i in range(count)]
         # global step count; index of the last variable compressed (a new step starts when it does not grow);
         # the global step of each variable's last commit (-1: none to undo); the skipped global steps
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        self.last_index = tf.Variable(len(sizes), dtype=tf.int64, trainable=False, name="last_index")
-        self.committed_at = tf.Variable(tf.fill([len(sizes)], tf.constant(-1, tf.int64)), trainable=False,
+        self.last_index = tf.Variable(count, dtype=tf.int64, trainable=False, name="last_index")
+        self.committed_at = tf.Variable(tf.fill([count], tf.constant(-1, tf.int64)), trainable=False,
                                         name="committed_at")
         self.skipped = tf.Variable(tf.zeros([0], tf.int64), shape=tf.TensorShape([None]), trainable=False,
                                    name="skipped_steps")
-        # last step's ||C(x) - x||^2 and ||x||^2 and ||d||^2 per variable, for stats()
-        self.last = tf.Variable(tf.zeros([len(sizes), 3], tf.float64), trainable=False, name="last_step_norms")
-        self._bytes_per_step = [0] * len(sizes)   # what this rank hands to collectives per step (static)
+        # last step's ||C(x) - x||^2, ||x||^2 and ||d||^2 per variable, for stats(); bytes sent (last, total)
+        self.last = tf.Variable(tf.zeros([count, 3], tf.float64), trainable=False, name="last_step_norms")
+        self.sent = tf.Variable(tf.zeros([count, 2], tf.int64), trainable=False, name="bytes_sent")
         self._cursor_graph, self._cursor = None, 0
+        self._now = None   # (step, server buffer) of the variable being compressed
 
     # ---- Horovod's Compressor interface ------------------------------------------------------------------
 
@@ -145,76 +158,74 @@ class Compression(tf.Module):
         i = self._index_of(tensor)
         if not self._bound:
             self._bind(self._process_set_of_caller())
-        name, worker, server = self.names[i], self.config.worker, self.config.server
-        ps = self.process_set
+        name, how = self.names[i], self._transports[self.names[i]]
         global_step = self._global_step(i)
-        with tf.control_dependencies([global_step, self._undo_if_skipped(i)]):
-            x = tf.reshape(tf.cast(tensor, K.compute_dtype(tensor.dtype)), [-1])
+        with tf.control_dependencies([global_step, self._undo_if_skipped(i)]):   # buffers read after an undo
             step = self.steps[i].read_value()
-            if self.config.error_feedback:
-                x = x + self.worker_error[i]
-        dtype, d = x.dtype, x.shape[0]
-        seed = worker_seed(worker, self.seed, step, self._rank(), name)
+            g = tf.reshape(tf.cast(tensor, K.compute_dtype(tensor.dtype)), [-1])
+            e_in = self.worker_error[i].read_value() if self.config.error_feedback and how != "dense" else None
+            self._now = (step, self.server_error[i].read_value() if self.server_error else None)
+        p = Pending(name, how, tensor.shape, tensor.dtype, 0, work=g)
+        ctx = (i, step, global_step, p)
+        if how == "dense":   # Horovod averages the gradient itself
+            p.bytes_sent = self.sizes[name] * tensor.dtype.size
+            return tensor, ctx
+        bucket = self._buckets[name]
         try:
-            parts = K.encode(worker, x, seed)
+            bucket.transport.encode(self, p, e_in, True if e_in is not None else None)
         except ValueError as err:
-            raise ValueError(f"variable {name!r}: {err}") from None
-        local = K.decode(worker, parts, d, seed, dtype)
-        n, sent = self._size(), 0
-        if worker.summable:
-            mean = hvd.allreduce(parts[0], op=hvd.Average, name=f"hc_w_{i}", process_set=ps)
-            gbar = K.decode(worker, [mean], d, seed, dtype)
-            sent += parts[0].shape[0] * dtype.size
-        else:
-            data = K.pack(parts)
-            gathered = tf.reshape(hvd.allgather(data, name=f"hc_w_{i}", process_set=ps), [n, -1])
-            gbar = None
-            for r in range(n):   # in rank order on every rank: bit-identical sums
-                decoded = K.decode(worker, K.unpack(worker, gathered[r], d, dtype), d, seed, dtype)
-                gbar = decoded if gbar is None else gbar + decoded
-            # a true division: in a graph, Grappler turns "/ n" into "* (1/n)", one ulp off the simulation's
-            gbar = tf.math.divide_no_nan(gbar, tf.constant(n, dtype))
-            sent += data.shape[0]
-        update, server_error = gbar, None
-        if server is not None:
-            y = gbar + self.server_error[i]
-            s_seed = server_seed(server, self.seed, step, name)
-            data = hvd.broadcast(K.pack(K.encode(server, y, s_seed)), self._root(), name=f"hc_s_{i}",
-                                 process_set=ps)
-            update = K.decode(server, K.unpack(server, data, d, dtype), d, s_seed, dtype)
-            server_error = y - update
-            if self._rank() == self.root_rank:
-                sent += data.shape[0]
-        finite = tf.reduce_all(tf.math.is_finite(x))
-        marker = tf.where(finite, tf.cast(step + 1, tf.float32), float("nan"))
-        self._bytes_per_step[i] = sent + 4
-        ctx = (i, tensor.shape, tensor.dtype, step, global_step, x, local, update, server_error)
-        return tf.reshape(marker, [1]), ctx
+            where = f" (one of its {self.size()} slices, transport 'sharded')" if how == "sharded" else ""
+            raise ValueError(f"variable {name!r}{where}: {err}") from None
+        self._pending = {name: p}
+        bucket.reset()
+        bucket.add(self, p)
+        # the ranks' finiteness flags go into the marker (which also keeps the payload collective in the graph
+        # on ranks that do not decode it: TensorFlow prunes ops whose results nobody uses)
+        not_finite = tf.reduce_sum(bucket.transport.receive(self, bucket)) > 0
+        bucket.transport.reduce_and_serve(self, bucket)
+        bucket.transport.finish(self, bucket)
+        marker = tf.where(not_finite, float("nan"), tf.cast(step + 1, tf.float32))
+        p.bytes_sent += 4
+        # named: Horovod names its allreduce after this tensor, and the root's graph has more ops than the others'
+        return tf.reshape(marker, [1], name=f"hc_marker_{self.tag}_{i}"), ctx
 
     @tf.autograph.experimental.do_not_convert
-    def decompress(self, marker, ctx):
-        i, shape, grad_dtype, step, global_step, x, local, update, server_error = ctx
-        name = self.names[i]
+    def decompress(self, reduced, ctx):
+        i, step, global_step, p = ctx
+        name, dense = self.names[i], p.transport == "dense"
         expected = tf.cast(step + 1, tf.float32)
-        not_finite = tf.math.is_nan(marker[0])
+        if dense:   # the average itself says whether some rank's gradient was not finite
+            not_finite = tf.logical_not(tf.reduce_all(tf.math.is_finite(reduced)))
+            in_step = tf.logical_not(not_finite)
+        else:
+            not_finite = tf.math.is_nan(reduced[0])
+            in_step = tf.abs(reduced[0] - expected) <= 1e-3 * expected
         skip_step = self._skip_if(not_finite, global_step)
-        in_step = tf.abs(marker[0] - expected) <= 1e-3 * expected
-        with tf.control_dependencies([skip_step]):   # written into skipped before a "raise" stops the graph
+        sent = self.sent[i].assign(tf.stack([0, self.sent[i][1]]) + tf.cast(p.bytes_sent, tf.int64))   # sent, even if skipped
+        with tf.control_dependencies([skip_step, sent]):   # written into skipped before a "raise" stops the graph
             check = tf.debugging.Assert(
                 tf.logical_or(in_step, tf.logical_and(not_finite, self.nonfinite == "skip")),
                 [f"hvd_compress: variable {name!r}: the gradient is not finite (NaN or Inf) on some rank "
                  f"(NaN marker), or ranks are out of step, or Horovod does not average (use op=hvd.Average). "
-                 f"No buffer of this step was changed. Marker and expected step:", marker, expected])
+                 f"No buffer of this step was changed. Marker and expected step:", reduced[0], expected])
+        update = tf.reshape(tf.cast(reduced, p.work.dtype), [-1]) if dense else p.update
 
         def commit():
-            residual = tf.reduce_sum(tf.cast(tf.square(x - local), tf.float64))
-            norms = [residual, tf.reduce_sum(tf.cast(tf.square(x), tf.float64)), tf.constant(0.0, tf.float64)]
             assigns = [self.steps[i].assign_add(1), self.committed_at[i].assign(global_step)]
+            if dense:
+                with tf.control_dependencies(assigns):
+                    return tf.identity(update)
+            norms = [p.stats[0], p.stats[1], tf.constant(0.0, tf.float64)]
             if self.config.error_feedback:
-                assigns.append(_keep_and_assign(self.worker_error_before[i], self.worker_error[i], x - local))
-            if server_error is not None:
-                assigns.append(_keep_and_assign(self.server_error_before[i], self.server_error[i], server_error))
-                norms[2] = tf.reduce_sum(tf.cast(tf.square(server_error), tf.float64))
+                assigns.append(_keep_and_assign(self.worker_error_before[i], self.worker_error[i], p.worker_error))
+            if p.server_error is not None:
+                new = p.server_error
+                if p.transport == "sharded":   # this rank's slice of d
+                    b = T.bounds(self.sizes[name], self.size())
+                    old = self.server_error[i]
+                    new = tf.concat([old[:b[self.rank()]], new, old[b[self.rank() + 1]:]], 0)
+                assigns.append(_keep_and_assign(self.server_error_before[i], self.server_error[i], new))
+                norms[2] = p.server_stats[0]
             assigns.append(self.last[i].assign(tf.stack(norms)))
             with tf.control_dependencies(assigns):
                 return tf.identity(update)
@@ -222,7 +233,30 @@ class Compression(tf.Module):
         with tf.control_dependencies([check]):
             update = tf.cond(skip_step, lambda: tf.fill(tf.shape(update), tf.constant(np.nan, update.dtype)),
                              commit)
-        return tf.reshape(tf.cast(update, grad_dtype), shape)
+        return tf.reshape(tf.cast(update, p.grad_dtype), p.shape)
+
+    # ---- what the shared transports ask of the step (see hvd_compress/bucket.py) ------------------------------
+
+    ops = ops
+
+    def worker(self):
+        return self.config.worker
+
+    def seed_of(self, key, server=False):
+        step = self._now[0]
+        if server:
+            return server_seed(self.config.server, self.seed, step, key)
+        return worker_seed(self.config.worker, self.seed, step, self.rank(), key)
+
+    def server_error_of(self, name):
+        d = self._now[1]
+        if self._transports[name] == "sharded":
+            b = T.bounds(self.sizes[name], self.size())
+            d = d[b[self.rank()]:b[self.rank() + 1]]
+        return d
+
+    def _spare_buffer(self, kind, name, like):
+        return True   # TensorFlow: the new buffer is a new tensor, assigned when the step commits
 
     # ---- steps that are skipped for a non-finite gradient (see the module's docstring) -----------------------
 
@@ -295,27 +329,31 @@ class Compression(tf.Module):
                              f"this Compression was given {self.process_set.ranks or 'all ranks'}: give it the "
                              f"same process_set as the tape or optimizer (or none)")
         self.process_set = self.process_set or theirs or hvd.global_process_set
-        if not 0 <= self.root_rank < self._size():
-            raise ValueError(f"root_rank must be a rank of the {self._size()} ranks (of the process set), "
+        if not 0 <= self.root_rank < self.size():
+            raise ValueError(f"root_rank must be a rank of the {self.size()} ranks (of the process set), "
                              f"got {self.root_rank!r}")
-        with tf.init_scope():
+        with tf.init_scope():   # eager collectives: the configuration check and what "auto" measures
             self._check_same_config_everywhere()
+            todo = {n: d for n, d in self.sizes.items() if n not in self._transports}   # all, but after a resume
+            self._transports.update(plan(self, self.sizes, todo))
+        self._buckets = {n: Bucket(f"{self.tag}.{i}", [n], how) for i, (n, how) in
+                         enumerate(self._transports.items()) if how != "dense"}
         self._bound = True
 
-    @property
-    def _set(self):
+    def _ranks(self):
         """The process set collectives run on (all ranks until the first step binds one)."""
         return self.process_set or hvd.global_process_set
 
-    def _size(self):
-        return self._set.size()
+    def size(self):
+        return self._ranks().size()
 
-    def _rank(self):
-        return self._set.rank()
+    def rank(self):
+        return self._ranks().rank()
 
-    def _root(self):
+    def root(self):
         """The global rank of the root (Horovod's broadcast takes a global rank)."""
-        return self.root_rank if self._set.process_set_id == 0 else self._set.ranks[self.root_rank]
+        ranks = self._ranks()
+        return self.root_rank if ranks.process_set_id == 0 else ranks.ranks[self.root_rank]
 
     @staticmethod
     def _process_set_of_caller():
@@ -334,15 +372,15 @@ class Compression(tf.Module):
         """Every rank's ``obj`` in rank order, over this object's process set (see
         ``agreement.allgather_object``)."""
         def allgather(array, part):
-            return hvd.allgather(tf.constant(array), name=f"{name}_{part}", process_set=self._set).numpy()
+            return hvd.allgather(tf.constant(array), name=f"{name}_{part}", process_set=self._ranks()).numpy()
         return agreement.allgather_object(obj, allgather)
 
     def fingerprint(self):
         return (agreement.fingerprint(self.config, self.root_rank, self.seed, zip(self.names, self.shapes))
-                + f" nonfinite={self.nonfinite}")
+                + f" dense_below={self.dense_below} nonfinite={self.nonfinite}")
 
     def _check_same_config_everywhere(self):
-        if self._size() == 1:
+        if self.size() == 1:
             return
         mine = self.fingerprint()
         digests = hvd.allgather(tf.constant([agreement.digest(mine)], tf.int64), name="hc_config_check",
@@ -354,51 +392,69 @@ class Compression(tf.Module):
     # ---- checkpointing and statistics ----------------------------------------------------------------------
 
     def state_dict(self):
-        """Every rank's worker error buffers, the server buffers and the per-variable steps, as numpy arrays.
-        A collective when there are several ranks: call it on every rank (eagerly), save it on one."""
+        """Every rank's worker error buffers, the server buffers (the root's; sharded: every rank's slice) and
+        the per-variable steps, as numpy arrays. A collective when there are several ranks: call it on every
+        rank (eagerly), save it on one."""
         self._settle()
-        mine = {n: e.numpy() for n, e in zip(self.names, self.worker_error)}
-        everyone = self._allgather_object(mine, "hc_state_dict") if self._size() > 1 else [mine]
+        mine = ({n: e.numpy() for n, e in zip(self.names, self.worker_error)},
+                {n: d.numpy() for n, d in zip(self.names, self.server_error)})
+        everyone = self._allgather_object(mine, f"hc_state_dict_{self.tag}") if self.size() > 1 else [mine]
+        server_error = dict(everyone[self.root_rank][1])
+        for name in server_error:
+            if self._transports.get(name) == "sharded":
+                b = T.bounds(self.sizes[name], len(everyone))
+                server_error[name] = np.concatenate([s[name][b[r]:b[r + 1]] for r, (_, s) in enumerate(everyone)])
+        link = self._link and (self._link.bandwidth, self._link.latency)
         return {"format": agreement.STATE_FORMAT, "fingerprint": self.fingerprint(), "size": len(everyone),
                 "steps": {n: int(s.numpy()) for n, s in zip(self.names, self.steps)},
-                "worker_error": everyone,
-                "server_error": {n: d.numpy() for n, d in zip(self.names, self.server_error)}}
+                "worker_error": [w for w, _ in everyone], "server_error": server_error,
+                "transports": dict(self._transports), "link": link}
 
     def load_state_dict(self, state):
         """Restores what ``state_dict()`` saved; every rank loads the same dict and takes its own part."""
-        agreement.check_state(state, self.fingerprint(), self._size())
+        agreement.check_state(state, self.fingerprint(), self.size())
+        self._transports = dict(state.get("transports", {}))   # "auto" continues with the saved choices
+        self._link = T.Link(*state["link"]) if state.get("link") else self._link
+        self._bound = False                                    # buckets formed again at the next step
         for name, e in zip(self.names, self.worker_error):
-            e.assign(state["worker_error"][self._rank()][name])
+            e.assign(state["worker_error"][self.rank()][name])
         for name, d in zip(self.names, self.server_error):
-            d.assign(state["server_error"][name])
+            value = np.asarray(state["server_error"][name])
+            if self._transports.get(name) == "sharded":   # this rank's slice, the rest zero
+                b, rank = T.bounds(value.size, self.size()), self.rank()
+                value = np.concatenate([np.zeros(b[rank], value.dtype), value[b[rank]:b[rank + 1]],
+                                        np.zeros(value.size - b[rank + 1], value.dtype)])
+            elif self.rank() != self.root_rank:
+                value = np.zeros_like(value)
+            d.assign(value)
         for name, s in zip(self.names, self.steps):
             s.assign(state["steps"][name])
         self.committed_at.assign(tf.fill([len(self.names)], tf.constant(-1, tf.int64)))
 
     def stats(self):
-        """About the last completed step, with the PyTorch plug-in's keys (see its ``stats()``). Here every
-        variable is compressed and travels on its own (allreduce for summable payloads, else allgather): no
-        dense small tensors, one "bucket" per variable, no link measured."""
+        """About the last completed step, with the PyTorch plug-in's keys (see its ``stats()``); one "bucket"
+        per compressed variable (Horovod reduces one variable at a time)."""
         self._settle()
         skipped = self.skipped.numpy()
         steps = [int(s.numpy()) for s in self.steps]
-        last = self.last.numpy()
-        dense = [4 * int(np.prod(s)) for s in self.shapes]
+        last, sent = self.last.numpy(), self.sent.numpy()
+        dense = [4 * d for d in self.sizes.values()]
         done = max(steps, default=0)
-        sent = sum(b for b, s in zip(self._bytes_per_step, steps) if s == done and done)
-        dense_now = sum(b for b, s in zip(dense, steps) if s == done and done)
+        now = [s == done and done > 0 for s in steps]
+        sent_now = int(sum(b for b, x in zip(sent[:, 0], now) if x))
+        dense_now = sum(b for b, x in zip(dense, now) if x)
+        small = [self._transports.get(n) == "dense" and d < self.dense_below for n, d in self.sizes.items()]
         return {"steps": done, "skipped_steps": len(skipped),
                 "last_step_skipped": bool(len(skipped)) and int(skipped[-1]) == int(self.step.numpy()),
-                "bytes_sent": sent, "dense_bytes": dense_now,
-                "ratio": sent / dense_now if dense_now else 0.0,
+                "bytes_sent": sent_now, "dense_bytes": dense_now,
+                "ratio": sent_now / dense_now if dense_now else 0.0,
                 "variance": float(last[:, 0].sum() / last[:, 1].sum()) if last[:, 1].sum() else 0.0,
                 "worker_error_norm": float(np.sqrt(last[:, 0].sum())) if self.config.error_feedback else 0.0,
                 "server_error_norm": float(np.sqrt(last[:, 2].sum())),
-                "dense_small_bytes": 0,
-                "total_bytes_sent": sum(b * s for b, s in zip(self._bytes_per_step, steps)),
-                "total_dense_bytes": sum(b * s for b, s in zip(dense, steps)),
-                "transports": {n: "allreduce" if self.config.worker.summable else "allgather" for n in self.names},
-                "buckets": [[n] for n in self.names], "link_gbps": None,
+                "dense_small_bytes": int(sum(b for b, x, y in zip(sent[:, 0], now, small) if x and y)),
+                "total_bytes_sent": int(sent[:, 1].sum()), "total_dense_bytes": sum(b * s for b, s in zip(dense, steps)),
+                "transports": dict(self._transports), "buckets": [[n] for n in self._buckets],
+                "link_gbps": self._link and self._link.bandwidth * 8 / 1e9,
                 "worker_ratio": C.ratio_of(self.config.worker)}
 
     def __repr__(self):

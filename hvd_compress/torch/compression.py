@@ -24,7 +24,6 @@ collectives, so every rank knows whether any rank's gradient was not finite befo
 The update is written into the gradient's own memory, which the step no longer needs, and returned in its
 place: no fresh tensor per step.
 """
-import dataclasses
 import itertools
 import math
 import sys
@@ -34,19 +33,19 @@ import torch
 import horovod.torch as hvd
 
 from .. import compressors as C
-from .. import agreement
-from .. import transport as T
-from ..seeds import server_seed, worker_seed
+from .. import agreement, options
+from ..bucket import Bucket, Pending, buckets_of, plan
+from ..plugin import CompressionBase
 from . import checkpoint
 from . import kernels as K
-from .bucket import Bucket, Pending, buckets_of, measure_kernels, measure_link
+from . import ops
 
 # Collectives are named after the Compression object (its number in this process: every rank builds the same
 # objects in the same order), so that two models trained alternately (a GAN) never share a collective's name.
 _instances = itertools.count()
 
 
-class Compression:
+class Compression(CompressionBase):
     """Gradient compression with optional worker error feedback and DoubleSqueeze server pass.
 
     Args:
@@ -98,24 +97,17 @@ class Compression:
     is dropped (no buffer changes), and the optimizer is reset as its ``load_state_dict()`` does.
     """
 
+    ops = ops   # the shared transports' kernels and collectives, in PyTorch
+
     def __init__(self, compressor, error_feedback=False, server=None, named_parameters=None, root_rank=0, seed=0,
                  transport=None, link_gbps=None, dense_below=1024, bucket_mb=64, nonfinite="skip", process_set=None,
                  momentum=0.0, warmup=0, clip=0.0):
-        worker = C.parse(compressor) or C.Identity()
-        config = C.Config(worker, bool(error_feedback), C.parse(server),
-                          momentum=C.check_momentum(momentum, worker, bool(error_feedback)),
-                          warmup=C.check_warmup(warmup, worker), clip=C.check_clip(clip))
-        self.config = dataclasses.replace(config, transport=T.check(transport, config))
-        self._link = None if link_gbps is None else T.Link.gbit(link_gbps)
-        if link_gbps is not None and transport != T.AUTO:
-            raise ValueError(f"link_gbps={link_gbps!r} is only used by transport='auto' (got {transport!r})")
-        if isinstance(dense_below, bool) or not isinstance(dense_below, int) or dense_below < 0:
-            raise ValueError(f"dense_below must be an integer >= 0 (elements), got {dense_below!r}")
+        self.config, self._link = options.config_of(compressor, error_feedback, server, transport, link_gbps,
+                                                    momentum, warmup, clip)
+        self.dense_below, self.nonfinite = options.check(dense_below, nonfinite)
         if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be a number > 0, got {bucket_mb!r}")
-        if nonfinite not in ("skip", "raise"):
-            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
-        self.dense_below, self.bucket_bytes, self.nonfinite = dense_below, int(bucket_mb * 2 ** 20), nonfinite
+        self.bucket_bytes = int(bucket_mb * 2 ** 20)
         if named_parameters is None:
             raise ValueError("Compression needs named_parameters=model.named_parameters() (the same as the "
                              "optimizer's): Horovod passes compress() no parameter name")
@@ -212,7 +204,6 @@ class Compression:
         if self.config.momentum:   # factor masking: the coordinates sent (where e changed from x) leave u
             x = work if e_in is None else work + e_in
             p.velocity.masked_fill_(e_out != x, 0)
-        p.worker_error = e_out
         marker = torch.full((1,), float(self._step + 1), dtype=torch.float32, device=work.device)
         p.bytes_sent += marker.element_size()
         self._pending[name] = p
@@ -265,24 +256,6 @@ class Compression:
         self.process_set = ranks
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else (lambda: None)
 
-    def _ranks(self):
-        """The process set every collective of this object runs on."""
-        return self.process_set if self.process_set is not None else hvd.global_process_set
-
-    def size(self):
-        """The number of ranks that average the gradients (those of the process set)."""
-        return self._ranks().size()
-
-    def rank(self):
-        """This rank's place in the process set."""
-        return self._ranks().rank()
-
-    def root(self):
-        """The server pass's rank as Horovod's broadcast names it (a global rank)."""
-        ranks = self._ranks()
-        # the global set's rank list is not always filled in (Horovod fills it at init), and needs no mapping
-        return self.root_rank if ranks.process_set_id == 0 else ranks.ranks[self.root_rank]
-
     # ---- the step -------------------------------------------------------------------------------------------
 
     def worker(self):
@@ -291,11 +264,8 @@ class Compression:
             self._worker_now = (self._step, self.config.worker_at(self._step))
         return self._worker_now[1]
 
-    def seed_of(self, key, server=False):
-        """The seed of a compressor call on ``key`` (a parameter or a slice) in this step."""
-        if server:
-            return server_seed(self.config.server, self.seed, self._step, key)
-        return worker_seed(self.config.worker, self.seed, self._step, self.rank(), key)
+    def _seed_step(self):
+        return self._step
 
     def _momentum_step(self, name, work):
         """u <- momentum * u + g, in g's memory (``work``), and a copy in the velocity's spare half."""
@@ -328,7 +298,9 @@ class Compression:
         active = [b for b in self._buckets if b.members_in_step(self._pending)]
         for bucket in active:
             bucket.launch_if_waiting(self)
-        bad = sorted(name for bucket in active for name in bucket.transport.receive(self, bucket))
+        bad = sorted(name for bucket in active
+                     for name, count in zip([p.name for p in bucket.launched],
+                                            bucket.transport.receive(self, bucket).tolist()) if count)
         if bad and self.nonfinite == "skip":   # as a dense allreduce would: every rank gets non-finite gradients
             self._skipping = True
             for p in self._pending.values():
@@ -413,7 +385,7 @@ class Compression:
         and reset Horovod's optimizer as its load_state_dict() does, so that zero_grad() and the next
         backward() work."""
         for bucket in self._buckets:
-            bucket.wait_quietly()
+            bucket.wait_quietly(self.ops)
             bucket.reset()
         self._drop_step()
         if opt is not None:
@@ -461,22 +433,20 @@ class Compression:
         return self._transports[name]
 
     def _plan(self):
-        n, config = self.size(), self.config
-        todo = [name for name in self._params if name not in self._transports]   # all, but after a resume
-        if todo and config.transport == T.AUTO and n > 1:
-            if self._link is None:
-                self._link = measure_link(self)
-            if self._kernel_table is None:
-                self._kernel_table = measure_kernels(self)
-        for name in todo:
-            d = self._params[name].numel()
-            if d < self.dense_below:
-                self._transports[name] = "dense"
-            else:
-                self._transports[name] = T.resolve(config.transport, config, d, n, self._link,
-                                                   table=self._kernel_table)
-        self._buckets = buckets_of(self._params, self._transports, self.bucket_bytes, self.tag)
+        sizes = {name: p.numel() for name, p in self._params.items()}
+        todo = {name: d for name, d in sizes.items() if name not in self._transports}   # all, but after a resume
+        self._transports.update(plan(self, sizes, todo))
+        groups = {name: (p.numel(), (K.compute_dtype(p.dtype), p.device))
+                  for name, p in self._params.items() if p.requires_grad}
+        self._buckets = buckets_of(groups, self._transports, self.bucket_bytes, self.tag)
         self._bucket_of = {name: b for b in self._buckets for name in b.names}
+
+    def _device(self):
+        return next(iter(self._params.values())).device
+
+    def server_error_of(self, name):
+        """The committed server buffer d of a tensor (sharded: this rank's slice of it), None before any."""
+        return self._server_error.get(name)
 
     def _new_bucket(self, name, how):
         """A bucket of its own for a parameter that had requires_grad=False when the buckets were formed."""
@@ -500,21 +470,11 @@ class Compression:
                     f"(sparse_as_dense=True is not supported)")
         return name
 
-    def fingerprint(self):
-        shapes = sorted((n, p.shape) for n, p in self._params.items())
-        extra = f" dense_below={self.dense_below} bucket_bytes={self.bucket_bytes} nonfinite={self.nonfinite}"
-        return agreement.fingerprint(self.config, self.root_rank, self.seed, shapes) + extra
+    def _shapes(self):
+        return sorted((n, p.shape) for n, p in self._params.items())
 
-    def _check_same_config_everywhere(self):
-        """Every rank must start the same collectives; a rank configured differently would hang the others,
-        so compare before the first payload travels (fixed-size collectives: safe whatever the config)."""
-        mine = self.fingerprint()
-        digests = hvd.allgather(torch.tensor([agreement.digest(mine)], dtype=torch.int64),
-                                name=f"hc.config_check.{self.tag}", process_set=self._ranks())
-        if bool((digests != agreement.digest(mine)).any()):
-            everyone = _allgather_object(mine, f"hc.config_check_text.{self.tag}", self._ranks())
-            raise agreement.mismatch_error(everyone)
-        self._checked = True
+    def _options(self):
+        return {"dense_below": self.dense_below, "bucket_bytes": self.bucket_bytes, "nonfinite": self.nonfinite}
 
     # ---- checkpointing and statistics --------------------------------------------------------------------
 
@@ -526,16 +486,11 @@ class Compression:
         mine = ({n: t.detach().cpu().clone() for n, t in self._worker_error.items()},
                 {n: t.detach().cpu().clone() for n, t in self._server_error.items()},
                 {n: t.detach().cpu().clone() for n, t in self._velocity.items()})
-        everyone = _allgather_object(mine, f"hc.state_dict.{self.tag}", self._ranks()) if self.size() > 1 else [mine]
-        server_error = dict(everyone[self.root_rank][1])
-        for name, how in self._transports.items():   # sharded: every rank holds its slice of d
-            if how == "sharded" and name in server_error:
-                server_error[name] = torch.cat([s[name] for _, s, _ in everyone])
-        link = self._link and (self._link.bandwidth, self._link.latency)
+        everyone, server_error = self._gather_state(mine)
         return {"format": agreement.STATE_FORMAT, "fingerprint": self.fingerprint(), "step": self._step,
                 "size": len(everyone), "worker_error": [w for w, _, _ in everyone], "server_error": server_error,
                 "velocity": [v for _, _, v in everyone],
-                "transports": dict(self._transports), "link": link}
+                "transports": dict(self._transports), "link": self._saved_link()}
 
     def load_state_dict(self, state):
         """Restores what ``state_dict()`` saved; every rank loads the same dict and takes its own part."""
@@ -546,17 +501,10 @@ class Compression:
             raise ValueError(f"the state has error buffers for unknown parameters {sorted(unknown)}")
         self._worker_error = {n: t.clone() for n, t in state["worker_error"][self.rank()].items()}
         self._velocity = {n: t.clone() for n, t in state.get("velocity", [{}] * self.size())[self.rank()].items()}
-        self._transports = dict(state.get("transports", {}))   # "auto" continues with the saved choices
+        self._load_plan(state)
         self._buckets, self._bucket_of = [], None               # formed again at the next compress()
-        self._link = T.Link(*state["link"]) if state.get("link") else self._link
-        rank, is_root = self.rank(), self.rank() == self.root_rank
-        self._server_error = {}
-        for name, t in state["server_error"].items():
-            if self._transports.get(name) == "sharded":
-                b = T.bounds(t.numel(), self.size())
-                self._server_error[name] = t[b[rank]:b[rank + 1]].clone()
-            elif is_root:
-                self._server_error[name] = t.clone()
+        parts = {name: self._server_part(name, t) for name, t in state["server_error"].items()}
+        self._server_error = {name: t.clone() for name, t in parts.items() if t is not None}
         self._step = int(state["step"])
 
     def _refuse_during_a_step(self, what):
@@ -599,10 +547,6 @@ class Compression:
                 "link_gbps": self._link and self._link.bandwidth * 8 / 1e9,
                 "worker_ratio": C.ratio_of(self.config.worker_at(max(self._step - 1, 0)))}
 
-    def __repr__(self):
-        return f"Compression({self.config.fingerprint()})"
-
-
 def _horovod_optimizer_calling():
     """The Horovod optimizer among compress()'s callers (its _allreduce_grad_async, or the list comprehension
     of its grouped variant), or None when compress() is called otherwise."""
@@ -623,10 +567,3 @@ def _wait_quietly(handle):
         hvd.synchronize(handle)
     except Exception:   # noqa: BLE001
         pass
-
-
-def _allgather_object(obj, name, process_set):
-    """Every rank's ``obj`` in rank order, over a process set (see ``agreement.allgather_object``)."""
-    def allgather(array, part):
-        return hvd.allgather(torch.from_numpy(array), name=f"{name}.{part}", process_set=process_set).numpy()
-    return agreement.allgather_object(obj, allgather)

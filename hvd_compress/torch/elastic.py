@@ -37,7 +37,7 @@ from horovod.common.exceptions import HorovodInternalError
 from horovod.torch.elastic import state as _horovod_state
 
 from .. import transport as T
-from .compression import Compression, _allgather_object
+from .compression import Compression
 
 _constructing = 0   # > 0 while TorchState builds its handlers (a plain hvd.elastic.TorchState is refused)
 
@@ -130,7 +130,7 @@ class CompressionStateHandler(_horovod_state.StateHandler):
         mine = {"world": (token, old_size), "step": comp._step, "rank": old_rank,
                 "server": {n: (t.numel(), t.dtype) for n, t in comp._server_error.items()}}
         name = f"hc.elastic.{comp.tag}"
-        everyone = _allgather_object(mine, name, hvd.global_process_set)
+        everyone = comp._allgather_object(mine, name, hvd.global_process_set)
         token, transports, link, table = hvd.broadcast_object(
             (secrets.token_hex(8), comp._transports, comp._link, comp._kernel_table), root_rank=0,
             name=f"{name}.rank0")

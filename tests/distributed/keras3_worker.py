@@ -44,7 +44,8 @@ def train(spec, server):
         import keras
         import hvd_compress.keras as hck
         model = build(keras)
-        compression = hck.Compression(spec, error_feedback=True, server=server, variables=model.trainable_variables)
+        compression = hck.Compression(spec, error_feedback=True, server=server, variables=model.trainable_variables,
+                                      dense_below=0)
         optimizer = hck.DistributedOptimizer(keras.optimizers.SGD(0.05, momentum=0.9), compression=compression)
         broadcast = hck.BroadcastGlobalVariablesCallback(0)
         model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
@@ -54,7 +55,8 @@ def train(spec, server):
         keras = tf.keras
         assert not keras.__name__.startswith("keras"), keras.__name__   # tf_keras
         model = build(keras)
-        compression = htc.Compression(spec, error_feedback=True, server=server, variables=model.trainable_variables)
+        compression = htc.Compression(spec, error_feedback=True, server=server, variables=model.trainable_variables,
+                                      dense_below=0)
         optimizer = hvd_keras.DistributedOptimizer(keras.optimizers.SGD(0.05, momentum=0.9), compression=compression)
         broadcast = hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0)
         model.compile(optimizer=optimizer, loss="mse")

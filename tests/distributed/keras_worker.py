@@ -21,7 +21,7 @@ def main(spec, server, wrapper):
     model = tf.keras.Sequential([tf.keras.layers.Dense(8, activation="relu", input_shape=(6,)),
                                  tf.keras.layers.Dense(3)])
     compression = htc.Compression(spec, error_feedback=True, server=server or None,
-                                  variables=model.trainable_variables)
+                                  variables=model.trainable_variables, dense_below=0)
     if wrapper == "keras":
         opt = hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.05), compression=compression)
     else:   # horovod.tensorflow's own DistributedOptimizer, given a Keras optimizer

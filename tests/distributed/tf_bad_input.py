@@ -41,7 +41,7 @@ def skip_nonfinite_steps():
     from hvd_compress.simulate import Simulation
     spec = dict(compressor="randk:0.3", error_feedback=True, server="topk:0.5")
     variables = make_variables()
-    compression = htc.Compression(variables=variables, **spec)
+    compression = htc.Compression(variables=variables, dense_below=0, **spec)
     poison_at = tf.Variable(-1, dtype=tf.int64)   # index of the variable to poison on this rank, -1 none
 
     @tf.function(autograph=False)
@@ -91,7 +91,7 @@ def refused(scenario):
     try:
         spec = "topk:0.3" if scenario != "mismatch" or hvd.rank() == 0 else "natural"
         compression = htc.Compression(spec, error_feedback=True, server="topk:0.5", variables=variables,
-                                      nonfinite="raise")
+                                      nonfinite="raise", dense_below=0)
 
         @tf.function
         def train_step(x, y, poison):

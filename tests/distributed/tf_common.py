@@ -10,6 +10,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from hvd_compress.simulate import Simulation  # noqa: E402
+from hvd_compress.transport import Link  # noqa: E402
 
 LR = 0.03
 SHAPES = {"w1": (6, 5), "b1": (5,), "w2": (5, 3), "b2": (3,), "extra": (6, 3)}
@@ -39,7 +40,9 @@ def names_of(variables):
 
 def train_reference(case, n, steps, start=0, variables=None, sim=None):
     variables = variables or make_variables()
-    sim = sim or Simulation(case["compressor"], case.get("error_feedback", False), case.get("server"), n=n)
+    link = Link.gbit(case["link_gbps"]) if case.get("link_gbps") else None
+    sim = sim or Simulation(case["compressor"], case.get("error_feedback", False), case.get("server"), n=n,
+                            transport=case.get("transport"), link=link, dense_below=case.get("dense_below", 0))
     names = names_of(variables)
     for step in range(start, start + steps):
         grads = []
@@ -53,6 +56,14 @@ def train_reference(case, n, steps, start=0, variables=None, sim=None):
     return variables
 
 
+def compression_of(case, variables, **kwargs):
+    """The case's Compression (every variable compressed unless the case says dense_below)."""
+    import hvd_compress.tensorflow as htc
+    return htc.Compression(case["compressor"], error_feedback=case.get("error_feedback", False),
+                           server=case.get("server"), variables=variables, transport=case.get("transport"),
+                           link_gbps=case.get("link_gbps"), dense_below=case.get("dense_below", 0), **kwargs)
+
+
 def train_distributed(case, steps, start=0, variables=None, compression=None, process_set=None):
     """The case on Horovod's ranks (or a process set's: its ranks are the simulation's 0..n-1)."""
     import horovod.tensorflow as hvd
@@ -61,8 +72,7 @@ def train_distributed(case, steps, start=0, variables=None, compression=None, pr
     process_set = process_set or hvd.global_process_set
     variables = variables or make_variables()
     if compression is None:
-        compression = htc.Compression(case["compressor"], error_feedback=case.get("error_feedback", False),
-                                      server=case.get("server"), variables=variables, process_set=process_set)
+        compression = compression_of(case, variables, process_set=process_set)
 
     @tf.function(autograph=False)   # nothing to convert: tracing is most of this test's time
     def train_step(x, y, use_extra):

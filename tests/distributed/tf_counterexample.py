@@ -15,7 +15,7 @@ A = tf.constant([[-3.0, 2, 2], [2, -3, 2], [2, 2, -3]], tf.float64)
 
 def run(eta, steps, error_feedback):
     x = tf.Variable(tf.ones([3], tf.float64))
-    compression = htc.Compression(htc.TopK(k=1), error_feedback=error_feedback, variables=[x])
+    compression = htc.Compression(htc.TopK(k=1), error_feedback=error_feedback, variables=[x], dense_below=0)
     a = A[hvd.rank()]
 
     @tf.function

@@ -42,7 +42,8 @@ def run_on_the_pair(cases_path, out_dir, pair):
         pickle.dump(results, f)
     variables = make_variables()
     try:   # a Compression for all ranks would wait for rank 0 in its collectives: refused at the first step
-        compression = htc.Compression("topk:0.3", variables=variables, process_set=hvd.global_process_set)
+        compression = htc.Compression("topk:0.3", variables=variables, process_set=hvd.global_process_set,
+                                      dense_below=0)
         train_distributed({"compressor": "topk:0.3"}, 1, variables=variables, compression=compression,
                           process_set=pair)
         return "not refused"

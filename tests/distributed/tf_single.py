@@ -19,7 +19,7 @@ from hvd_compress.simulate import Simulation  # noqa: E402
 def one_process_skips_compression():
     """hvd.size() == 1: Horovod's tape reduces nothing and never calls compress()."""
     variables, plain = make_variables(), make_variables()
-    compression = htc.Compression("topk:0.1", error_feedback=True, variables=variables)
+    compression = htc.Compression("topk:0.1", error_feedback=True, variables=variables, dense_below=0)
     for step in range(3):
         x, y = batch(step, 0)
         with tf.GradientTape() as tape:
@@ -36,7 +36,8 @@ def one_process_skips_compression():
 
 def direct_calls_equal_simulation():
     variables = make_variables()
-    compression = htc.Compression("randk:0.4", error_feedback=True, server="natural", variables=variables)
+    compression = htc.Compression("randk:0.4", error_feedback=True, server="natural", variables=variables,
+                                  dense_below=0)
     sim = Simulation("randk:0.4", error_feedback=True, server="natural", n=1)
     names = names_of(variables)
     for step in range(3):
@@ -55,7 +56,8 @@ def direct_calls_equal_simulation():
 def tf_checkpoint_round_trip(tmp):
     """Compression is a tf.Module: tf.train.Checkpoint saves and restores this rank's buffers and steps."""
     variables = make_variables()
-    compression = htc.Compression("topk:0.3", error_feedback=True, server="topk:0.5", variables=variables)
+    compression = htc.Compression("topk:0.3", error_feedback=True, server="topk:0.5", variables=variables,
+                                  dense_below=0)
     for e in compression.worker_error + compression.server_error:
         e.assign(tf.random.stateless_normal(e.shape, [1, 2], dtype=e.dtype))
     compression.steps[0].assign(7)
@@ -66,8 +68,9 @@ def tf_checkpoint_round_trip(tmp):
         v.assign(tf.zeros_like(v))
     tf.train.Checkpoint(compression=compression).restore(path).assert_consumed()
     restored = [v.numpy() for v in compression.trainable_variables + compression.variables]
-    # worker and server buffers and their previous values, steps, last norms, and the skipping book-keeping
-    return len(saved) == 4 * 5 + 5 + 1 + 4 and all(np.array_equal(a, b) for a, b in zip(saved, restored))
+    # worker and server buffers and their previous values, steps, last norms, bytes sent, and the skipping
+    # book-keeping
+    return len(saved) == 4 * 5 + 5 + 1 + 1 + 4 and all(np.array_equal(a, b) for a, b in zip(saved, restored))
 
 
 def refuses(make, error, words):
@@ -83,7 +86,7 @@ def refuses(make, error, words):
 def keras3_variables():
     import keras   # Keras 3: what tf.keras is without TF_USE_LEGACY_KERAS
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    return htc.Compression("topk:0.5", variables=model.trainable_variables)
+    return htc.Compression("topk:0.5", variables=model.trainable_variables, dense_below=0)
 
 
 def main():
@@ -98,7 +101,7 @@ def main():
                                 TypeError, "gradients must be floating point"),
         "bad_spec": refuses(lambda: htc.Compression("topk:2.5", variables=make_variables()), ValueError,
                             "ratio must be a number in (0, 1], got 2.5"),
-        "k_too_big": refuses(lambda: htc.Compression("topk:k=7", variables=make_variables()).compress(
+        "k_too_big": refuses(lambda: htc.Compression("topk:k=7", variables=make_variables(), dense_below=0).compress(
             tf.zeros([5])), ValueError, "k=7 is larger than the tensor's 5 elements"),
     }
     print("RESULT " + json.dumps(checks), flush=True)

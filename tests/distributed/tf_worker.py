@@ -10,13 +10,12 @@ import pickle
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tf_common import make_variables, names_of, train_distributed  # noqa: E402
+from tf_common import compression_of, make_variables, names_of, train_distributed  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import horovod.tensorflow as hvd  # noqa: E402
 
-import hvd_compress.tensorflow as htc  # noqa: E402
 
 
 def checkpoint_matches(case, path):
@@ -33,8 +32,7 @@ def checkpoint_matches(case, path):
     variables = make_variables()
     for v, a in zip(variables, saved["variables"]):
         v.assign(a)
-    compression = htc.Compression(case["compressor"], error_feedback=case.get("error_feedback", False),
-                                  server=case.get("server"), variables=variables)
+    compression = compression_of(case, variables)
     compression.load_state_dict(saved["compression"])
     resumed, resumed_comp = train_distributed(case, 10, start=10, variables=variables, compression=compression)
     a, b = straight_comp.state_dict(), resumed_comp.state_dict()

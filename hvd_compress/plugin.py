@@ -1,0 +1,93 @@
+"""What both plug-ins' ``Compression`` share, framework aside: the ranks (those of the process set), the seed
+of each compressor call, the configuration check before the first payload travels, and how a saved state's
+buffers are gathered from the ranks and handed back to them. Each plug-in sets ``ops`` (its kernels and
+collectives: ``torch/ops.py``, ``tensorflow/ops.py``) and ``_seed_step()``."""
+import numpy as np
+
+from . import agreement
+from . import transport as T
+from .seeds import server_seed, worker_seed
+
+
+class CompressionBase:
+    ops = None
+    process_set = None
+
+    # ---- the ranks: those of the process set ---------------------------------------------------------------
+
+    def _ranks(self):
+        """The process set every collective of this object runs on (all ranks until the first step binds one)."""
+        return self.process_set if self.process_set is not None else self.ops.global_process_set()
+
+    def size(self):
+        """The number of ranks that average the gradients (those of the process set)."""
+        return self._ranks().size()
+
+    def rank(self):
+        """This rank's place in the process set."""
+        return self._ranks().rank()
+
+    def root(self):
+        """The server pass's rank as Horovod's broadcast names it (a global rank)."""
+        ranks = self._ranks()
+        # the global set's rank list is not always filled in (Horovod fills it at init), and needs no mapping
+        return self.root_rank if ranks.process_set_id == 0 else ranks.ranks[self.root_rank]
+
+    def seed_of(self, key, server=False):
+        """The seed of a compressor call on ``key`` (a parameter or a slice) in this step."""
+        if server:
+            return server_seed(self.config.server, self.seed, self._seed_step(), key)
+        return worker_seed(self.config.worker, self.seed, self._seed_step(), self.rank(), key)
+
+    # ---- agreeing on the configuration -------------------------------------------------------------------------
+
+    def fingerprint(self):
+        return agreement.fingerprint(self.config, self.root_rank, self.seed, self._shapes()) + \
+            "".join(f" {key}={value}" for key, value in self._options().items())
+
+    def _check_same_config_everywhere(self):
+        """Every rank must start the same collectives; a rank configured differently would hang the others,
+        so compare before the first payload travels (fixed-size collectives: safe whatever the config)."""
+        mine = self.fingerprint()
+        if self.size() > 1:
+            digests = self.ops.allgather_now(np.array([agreement.digest(mine)], np.int64),
+                                             f"hc.config_check.{self.tag}", self._ranks())
+            if (digests != agreement.digest(mine)).any():
+                raise agreement.mismatch_error(self._allgather_object(mine, f"hc.config_check_text.{self.tag}"))
+        self._checked = True
+
+    def _allgather_object(self, obj, name, process_set=None):
+        """Every rank's ``obj`` in rank order (see ``agreement.allgather_object``)."""
+        ranks = process_set or self._ranks()
+        return agreement.allgather_object(
+            obj, lambda array, part: self.ops.allgather_now(array, f"{name}.{part}", ranks))
+
+    # ---- saved state: every rank's buffers in one dict, and back ----------------------------------------------
+
+    def _gather_state(self, mine):
+        """``mine`` = (worker buffers, server buffers, ...) of this rank, each {name: array}: every rank's, and
+        the whole server buffers (the root's; sharded: every rank's slice, joined)."""
+        everyone = self._allgather_object(mine, f"hc.state_dict.{self.tag}") if self.size() > 1 else [mine]
+        server = dict(everyone[self.root_rank][1])
+        for name in server:
+            if self._transports.get(name) == "sharded":
+                server[name] = self.ops.concat_state([theirs[1][name] for theirs in everyone])
+        return everyone, server
+
+    def _server_part(self, name, whole):
+        """This rank's part of a saved server buffer: the root's whole one, a slice of it (sharded), or None."""
+        if self._transports.get(name) == "sharded":
+            b = T.bounds(len(whole), self.size())
+            return whole[b[self.rank()]:b[self.rank() + 1]]
+        return whole if self.rank() == self.root_rank else None
+
+    def _saved_link(self):
+        return self._link and (self._link.bandwidth, self._link.latency)
+
+    def _load_plan(self, state):
+        """The transports and link of a saved state ("auto" continues with the saved choices)."""
+        self._transports = dict(state.get("transports", {}))
+        self._link = T.Link(*state["link"]) if state.get("link") else self._link
+
+    def __repr__(self):
+        return f"Compression({self.config.fingerprint()})"

@@ -1,0 +1,187 @@
+"""What the shared transports (``hvd_compress/bucket.py``) need from TensorFlow: the kernels and Horovod's
+collectives, as graph ops (a collective's "handle" is its result). Everything is functional: ``out=``
+only gives the dtype, and ``e_out`` is True where the new error is wanted (it is returned)."""
+import numpy as np
+import tensorflow as tf
+import horovod.tensorflow as hvd
+
+from . import kernels as K
+
+
+def step(c, x, e_in, e_out, seed):
+    """(parts, stats, new error) with x = g + e_in: the PyTorch kernels' contract (stats = float64
+    [||x - C(x)||^2, ||x||^2, 1.0 if x is finite else 0.0]), the new error only where e_out is given."""
+    if e_in is not None:
+        x = x + e_in
+    d = numel(x)
+    parts = K.encode(c, x, seed)
+    left = x - K.decode(c, parts, d, seed, x.dtype)
+    stats = tf.stack([tf.reduce_sum(tf.square(tf.cast(left, tf.float64))),
+                      tf.reduce_sum(tf.square(tf.cast(x, tf.float64))),
+                      tf.cast(tf.reduce_all(tf.math.is_finite(x)), tf.float64)])
+    return parts, stats, (left if e_out is not None else None)
+
+
+def packed_step(comp, c, key, x, e_in, e_out, seed):
+    parts, stats, left = step(c, x, e_in, e_out, seed)
+    return K.pack(parts), stats, left
+
+
+def decode_mean(c, rows, d, seed, out):
+    """(sum_j decode(row_j)) / n, summed in rank order on every rank (bit-identical replicas)."""
+    total = None
+    for row in rows:
+        decoded = K.decode(c, K.unpack(c, row, d, out.dtype), d, seed, out.dtype)
+        total = decoded if total is None else total + decoded
+    # a true division: in a graph, Grappler turns "/ n" into "* (1/n)", one ulp off the simulation's
+    return tf.math.divide_no_nan(total, tf.constant(len(rows), out.dtype))
+
+
+def decode_values(c, values, d, seed, out):
+    return K.decode(c, [values], d, seed, out.dtype)
+
+
+def _bytes(t):
+    return tf.reshape(tf.bitcast(t, tf.uint8), [-1])
+
+
+def _from_bytes(data, n, dtype):
+    return tf.reshape(tf.bitcast(tf.reshape(data, [n, dtype.size]), dtype), [n])
+
+
+def pack_exact(v):
+    """The PyTorch plug-in's ``pack_exact`` bytes: int32 header, then the nonzeros (count; int32 indices,
+    values) or all of v (-1), whichever is smaller."""
+    idx = tf.cast(tf.where(tf.not_equal(v, 0))[:, 0], tf.int32)
+    count, size, itemsize = tf.size(idx), numel(v), v.dtype.size
+    return tf.cond(count * (4 + itemsize) < size * itemsize,
+                   lambda: tf.concat([_bytes(tf.reshape(count, [1])), _bytes(idx), _bytes(tf.gather(v, idx))], 0),
+                   lambda: tf.concat([_bytes(tf.constant([-1], tf.int32)), _bytes(v)], 0))
+
+
+def _count(data, offset):
+    return _from_bytes(data[offset:offset + 4], 1, tf.int32)[0]
+
+
+def exact_length(data, offset, size, itemsize):
+    count = _count(data, offset)
+    return 4 + tf.where(count < 0, size * itemsize, count * (4 + itemsize))
+
+
+def unpack_exact(data, size, out):
+    count, dtype = _count(data, 0), out.dtype
+
+    def sparse():
+        idx = _from_bytes(data[4:4 + 4 * count], count, tf.int32)
+        values = _from_bytes(data[4 + 4 * count:4 + count * (4 + dtype.size)], count, dtype)
+        return tf.tensor_scatter_nd_update(tf.zeros([size], dtype), tf.reshape(idx, [-1, 1]), values)
+    return tf.cond(count < 0, lambda: _from_bytes(data[4:4 + size * dtype.size], size, dtype), sparse)
+
+
+def combine_stats(stats):
+    stats = tf.stack(stats)
+    return tf.stack([tf.reduce_sum(stats[:, 0]), tf.reduce_sum(stats[:, 1]), tf.reduce_min(stats[:, 2])])
+
+
+def flags(stats, like=None):
+    return tf.cast(tf.stack([tf.equal(s[2], 0) for s in stats]), tf.uint8 if like is None else like.dtype)
+
+
+def count_flags(flags, members):
+    return tf.reduce_sum(tf.cast(tf.reshape(flags, [-1, members]), tf.float64), 0)
+
+
+def cat(tensors, keep=None):
+    return tf.concat(tensors, 0)
+
+
+def join(whole, pieces):
+    return tf.concat(pieces, 0)
+
+
+def rows(t, n):
+    return tf.reshape(t, [n, -1])
+
+
+def flat(t):
+    return tf.reshape(t, [-1])
+
+
+def numel(t):
+    d = t.shape.num_elements()
+    return d if d is not None else tf.size(t)
+
+
+def itemsize(t):
+    return t.dtype.size
+
+
+def empty_bytes(n, like):
+    """A receive buffer (its value is never read), made from data rather than a constant: Horovod's ops are
+    not marked stateful, so Grappler would run a broadcast of a constant at graph optimization, on this rank
+    alone, and the ranks' collectives would no longer match (a hang)."""
+    return tf.fill([n], tf.cast(tf.size(tf.where(tf.math.is_nan(like))), tf.uint8))
+
+
+def buffer_like(t):
+    return True
+
+
+def view_values(data, like):
+    return _from_bytes(data, numel(data) // like.dtype.size, like.dtype)
+
+
+def zeros(n, comp):
+    return tf.zeros([n], tf.float32)
+
+
+def randn(n, comp):
+    return tf.constant(np.random.RandomState(0).randn(n).astype(np.float32))
+
+
+def sync(t):
+    return t
+
+
+# ---- Horovod's collectives (ops in the graph: the handle is the result) ---------------------------------
+
+def allgather(t, name, process_set):
+    return hvd.allgather(t, name=name, process_set=process_set)
+
+
+def allreduce_mean(t, name, process_set):
+    return hvd.allreduce(t, op=hvd.Average, name=name, process_set=process_set)
+
+
+def alltoall(t, splits, name, process_set):
+    return hvd.alltoall(t, splits=tf.constant(splits, tf.int32), name=name, process_set=process_set)[0]
+
+
+def broadcast(t, root, name, process_set):
+    return hvd.broadcast(t, root, name=name, process_set=process_set)
+
+
+def wait(handle):
+    return handle
+
+
+def allreduce_now(t, name, process_set):
+    return hvd.allreduce(t, op=hvd.Sum, name=name, process_set=process_set)
+
+
+def slowest(values, name, process_set):
+    return hvd.allreduce(tf.constant(values, tf.float64), op=hvd.Max, name=name,
+                         process_set=process_set).numpy().tolist()
+
+
+def global_process_set():
+    return hvd.global_process_set
+
+
+def allgather_now(array, name, process_set):
+    """Every rank's numpy ``array``, concatenated (eagerly)."""
+    return hvd.allgather(tf.constant(array), name=name, process_set=process_set).numpy()
+
+
+def concat_state(pieces):
+    return np.concatenate(pieces)

@@ -1,0 +1,164 @@
+"""What the shared transports (``hvd_compress/bucket.py``) need from PyTorch: the kernels and Horovod's
+asynchronous collectives. ``out=`` arguments are written in place and returned; new errors go into the
+preallocated buffer given as ``e_out`` (the spare half of a double buffer)."""
+import torch
+import horovod.torch as hvd
+
+from . import kernels as K
+
+
+def packed_step(comp, c, key, x, e_in, e_out, seed):
+    """The worker (or server) step of one piece: (payload bytes, stats, new error), the payload written into
+    a buffer kept for that piece (it is copied into the send buffer before the next step writes it again)."""
+    data, stats = K.step_packed(c, x, e_in, e_out, seed,
+                                out=comp._payload_buffer(key, K.packed_nbytes(c, x.numel(), x.dtype), x.device))
+    return data, stats, e_out
+
+
+def step(c, x, e_in, e_out, seed):
+    parts, stats = K.step(c, x, e_in, e_out, seed)
+    return parts, stats, e_out
+
+
+def decode_mean(c, rows, d, seed, out):
+    return K.decode_mean(c, rows, d, seed, out.dtype, out=out)
+
+
+def decode_values(c, values, d, seed, out):
+    return out.copy_(K.decode(c, [values], d, seed, out.dtype))
+
+
+def pack_exact(v):
+    return K.pack_exact(v)
+
+
+def unpack_exact(data, size, out):
+    return out.copy_(K.unpack_exact(data, [size], out.dtype))
+
+
+def exact_length(data, offset, size, itemsize):
+    """Bytes of the ``kernels.pack_exact`` slice of ``size`` elements at ``offset``, from its int32 header."""
+    count = int(data[offset:offset + 4].clone().view(torch.int32).item())
+    return 4 + (size * itemsize if count < 0 else count * (4 + itemsize))
+
+
+def combine_stats(stats):
+    """The stats of a tensor from those of its slices."""
+    stats = torch.stack(stats)
+    return torch.stack([stats[:, 0].sum(), stats[:, 1].sum(), stats[:, 2].min()])
+
+
+def flags(stats, like=None):
+    """One element per tensor: 1 where its x is not finite on this rank (uint8, or like's dtype)."""
+    return torch.stack([s[2] == 0 for s in stats]).to(torch.uint8 if like is None else like.dtype)
+
+
+def count_flags(flags, members):
+    """Per tensor, the sum of its flags over ranks (rows) or their average: nonzero where not finite somewhere."""
+    return flags.reshape(-1, members).to(torch.float64).sum(0)
+
+
+def cat(tensors, keep=None):
+    """The tensors back to back: always a copy (payloads may be views of buffers that the step overwrites
+    later); with ``keep`` (a bucket), in a buffer it keeps from step to step (its collective is finished
+    before the next step writes it again): no fresh pages every step."""
+    if keep is None:
+        return torch.cat(tensors)
+    size = sum(t.numel() for t in tensors)
+    buffer = keep.send
+    if buffer is None or buffer.numel() != size or buffer.dtype != tensors[0].dtype:
+        buffer = keep.send = torch.empty(size, dtype=tensors[0].dtype, device=tensors[0].device)
+    return torch.cat(tensors, out=buffer)
+
+
+def join(whole, pieces):
+    """``whole`` after its pieces (views into it) were written in place."""
+    return whole
+
+
+def rows(t, n):
+    return t.view(n, -1)
+
+
+def flat(t):
+    return t.reshape(-1)
+
+
+def numel(t):
+    return t.numel()
+
+
+def itemsize(t):
+    return t.element_size()
+
+
+def empty_bytes(n, like):
+    return torch.empty(n, dtype=torch.uint8, device=like.device)
+
+
+def buffer_like(t):
+    return torch.empty_like(t)
+
+
+def view_values(data, like):
+    return data.view(like.dtype)
+
+
+def zeros(n, comp):
+    return torch.zeros(n, device=comp._device())
+
+
+def randn(n, comp):
+    return torch.randn(n, generator=torch.Generator().manual_seed(0)).to(comp._device())
+
+
+def sync(t):
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+    return t
+
+
+# ---- Horovod's collectives (asynchronous: a handle, then wait) --------------------------------------------
+
+def allgather(t, name, process_set):
+    return hvd.allgather_async(t, name=name, process_set=process_set)
+
+
+def allreduce_mean(t, name, process_set):
+    return hvd.allreduce_async(t, name=name, op=hvd.Average, process_set=process_set)
+
+
+def alltoall(t, splits, name, process_set):
+    return hvd.alltoall_async(t, splits=torch.tensor(splits, dtype=torch.int32), name=name, process_set=process_set)
+
+
+def broadcast(t, root, name, process_set):
+    return hvd.broadcast_async_(t, root, name=name, process_set=process_set)
+
+
+def wait(handle):
+    result = hvd.synchronize(handle)
+    return result[0] if isinstance(result, tuple) else result   # alltoall: (tensor, received splits)
+
+
+def allreduce_now(t, name, process_set):
+    return hvd.allreduce(t, name=name, process_set=process_set)
+
+
+def slowest(values, name, process_set):
+    """Every rank takes the largest of each value over ranks, so that all ranks choose alike."""
+    return hvd.allreduce(torch.tensor(values, dtype=torch.float64), op=hvd.Max, name=name,
+                         process_set=process_set).tolist()
+
+
+def global_process_set():
+    return hvd.global_process_set
+
+
+def allgather_now(array, name, process_set):
+    """Every rank's numpy ``array``, concatenated (eagerly)."""
+    return hvd.allgather(torch.from_numpy(array), name=name, process_set=process_set).numpy()
+
+
+def concat_state(pieces):
+    return torch.cat(pieces)
