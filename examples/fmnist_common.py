@@ -12,8 +12,8 @@ import time
 
 def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
     """The examples' flags; ``progress_bar`` only names the bar in ``--no-progress``'s help; ``transport``
-    adds --transport, --link-gbps, --dense-below, --bucket-mb, --momentum-correction, --warmup and
-    --clip (PyTorch plug-in only)."""
+    adds --transport, --link-gbps and --dense-below ("tensorflow"), and with True also the PyTorch plug-in's
+    --bucket-mb, --momentum-correction, --warmup and --clip."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compressor", default="topk:0.01", help='worker compressor spec, e.g. "topk:0.01", '
                    '"none", "natural", "sign", "topk:0.01+natural"')
@@ -26,6 +26,7 @@ def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
                        help="link bandwidth for --transport auto (default: measured at the first step)")
         p.add_argument("--dense-below", type=int, default=1024,
                        help="tensors with fewer elements travel uncompressed (0: compress all)")
+    if transport is True:
         p.add_argument("--bucket-mb", type=float, default=64,
                        help="dense gradient MiB per bucket of compressed tensors (one collective each)")
         p.add_argument("--momentum-correction", action="store_true",

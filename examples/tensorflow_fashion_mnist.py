@@ -66,7 +66,7 @@ def train_epoch(train_step, optimizer, n, epoch, steps, args, progress):
 
 
 def main():
-    args = parse_args(__doc__)
+    args = parse_args(__doc__, transport="tensorflow")
     hvd.init()
     device = setup_devices(hvd)
     tf.keras.utils.set_random_seed(args.seed)     # same initial weights everywhere (broadcast anyway)
@@ -85,7 +85,9 @@ def main():
     if use_hc:
         import hvd_compress.tensorflow as htc
         compression = htc.Compression(args.compressor or None, error_feedback=args.error_feedback,
-                                      server=args.server or None, variables=model.trainable_variables)
+                                      server=args.server or None, variables=model.trainable_variables,
+                                      transport=args.transport, link_gbps=args.link_gbps,
+                                      dense_below=args.dense_below)
     hvd.broadcast_variables(model.variables, root_rank=0)
     train_step = make_train_step(model, optimizer, loss_fn, x_train, y_train, compression)
 

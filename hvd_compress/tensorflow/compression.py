@@ -41,7 +41,7 @@ from .. import compressors as C
 from .. import agreement, options
 from .. import transport as T
 from ..bucket import Bucket, Pending, plan
-from ..seeds import server_seed, worker_seed
+from ..plugin import CompressionBase
 from . import kernels as K
 from . import ops
 
@@ -54,7 +54,7 @@ def _is_keras3_variable(v):
     return type(v).__module__.startswith("keras.") and not isinstance(v, tf.Variable)
 
 
-class Compression(tf.Module):
+class Compression(CompressionBase, tf.Module):
     """Gradient compression with optional worker error feedback and DoubleSqueeze server pass.
 
     Args:
@@ -84,6 +84,8 @@ class Compression(tf.Module):
     ``tf.Module``: ``tf.train.Checkpoint(compression=compression)`` saves this rank's buffers;
     ``state_dict()`` gathers every rank's.
     """
+
+    ops = ops   # the shared transports' kernels and collectives, in TensorFlow
 
     def __init__(self, compressor, error_feedback=False, server=None, variables=None, root_rank=0, seed=0,
                  transport=None, link_gbps=None, dense_below=1024, nonfinite="skip", process_set=None):
@@ -221,9 +223,8 @@ class Compression(tf.Module):
             if p.server_error is not None:
                 new = p.server_error
                 if p.transport == "sharded":   # this rank's slice of d
-                    b = T.bounds(self.sizes[name], self.size())
-                    old = self.server_error[i]
-                    new = tf.concat([old[:b[self.rank()]], new, old[b[self.rank() + 1]:]], 0)
+                    part, old = self._server_slice(name), self.server_error[i]
+                    new = tf.concat([old[:part.start], new, old[part.stop:]], 0)
                 assigns.append(_keep_and_assign(self.server_error_before[i], self.server_error[i], new))
                 norms[2] = p.server_stats[0]
             assigns.append(self.last[i].assign(tf.stack(norms)))
@@ -237,23 +238,21 @@ class Compression(tf.Module):
 
     # ---- what the shared transports ask of the step (see hvd_compress/bucket.py) ------------------------------
 
-    ops = ops
-
     def worker(self):
         return self.config.worker
 
-    def seed_of(self, key, server=False):
-        step = self._now[0]
-        if server:
-            return server_seed(self.config.server, self.seed, step, key)
-        return worker_seed(self.config.worker, self.seed, step, self.rank(), key)
+    def _seed_step(self):
+        return self._now[0]
 
     def server_error_of(self, name):
-        d = self._now[1]
-        if self._transports[name] == "sharded":
+        return self._now[1][self._server_slice(name)]
+
+    def _server_slice(self, name):
+        """Where this rank's part of a server buffer lies in it (sharded: its slice)."""
+        if self._transports.get(name) == "sharded":
             b = T.bounds(self.sizes[name], self.size())
-            d = d[b[self.rank()]:b[self.rank() + 1]]
-        return d
+            return slice(b[self.rank()], b[self.rank() + 1])
+        return slice(None)
 
     def _spare_buffer(self, kind, name, like):
         return True   # TensorFlow: the new buffer is a new tensor, assigned when the step commits
@@ -340,21 +339,6 @@ class Compression(tf.Module):
                          enumerate(self._transports.items()) if how != "dense"}
         self._bound = True
 
-    def _ranks(self):
-        """The process set collectives run on (all ranks until the first step binds one)."""
-        return self.process_set or hvd.global_process_set
-
-    def size(self):
-        return self._ranks().size()
-
-    def rank(self):
-        return self._ranks().rank()
-
-    def root(self):
-        """The global rank of the root (Horovod's broadcast takes a global rank)."""
-        ranks = self._ranks()
-        return self.root_rank if ranks.process_set_id == 0 else ranks.ranks[self.root_rank]
-
     @staticmethod
     def _process_set_of_caller():
         """The process_set of Horovod's allreduce that called compress() (None for a direct call)."""
@@ -368,26 +352,11 @@ class Compression(tf.Module):
             frame = frame.f_back
         return None
 
-    def _allgather_object(self, obj, name):
-        """Every rank's ``obj`` in rank order, over this object's process set (see
-        ``agreement.allgather_object``)."""
-        def allgather(array, part):
-            return hvd.allgather(tf.constant(array), name=f"{name}_{part}", process_set=self._ranks()).numpy()
-        return agreement.allgather_object(obj, allgather)
+    def _shapes(self):
+        return zip(self.names, self.shapes)
 
-    def fingerprint(self):
-        return (agreement.fingerprint(self.config, self.root_rank, self.seed, zip(self.names, self.shapes))
-                + f" dense_below={self.dense_below} nonfinite={self.nonfinite}")
-
-    def _check_same_config_everywhere(self):
-        if self.size() == 1:
-            return
-        mine = self.fingerprint()
-        digests = hvd.allgather(tf.constant([agreement.digest(mine)], tf.int64), name="hc_config_check",
-                                process_set=self.process_set).numpy()
-        if (digests != agreement.digest(mine)).any():
-            everyone = self._allgather_object(mine, "hc_config_check_text")
-            raise agreement.mismatch_error(everyone)
+    def _options(self):
+        return {"dense_below": self.dense_below, "nonfinite": self.nonfinite}
 
     # ---- checkpointing and statistics ----------------------------------------------------------------------
 
@@ -396,36 +365,27 @@ class Compression(tf.Module):
         the per-variable steps, as numpy arrays. A collective when there are several ranks: call it on every
         rank (eagerly), save it on one."""
         self._settle()
+        server = {n: self._server_part(n, d.numpy()) for n, d in zip(self.names, self.server_error)}
         mine = ({n: e.numpy() for n, e in zip(self.names, self.worker_error)},
-                {n: d.numpy() for n, d in zip(self.names, self.server_error)})
-        everyone = self._allgather_object(mine, f"hc_state_dict_{self.tag}") if self.size() > 1 else [mine]
-        server_error = dict(everyone[self.root_rank][1])
-        for name in server_error:
-            if self._transports.get(name) == "sharded":
-                b = T.bounds(self.sizes[name], len(everyone))
-                server_error[name] = np.concatenate([s[name][b[r]:b[r + 1]] for r, (_, s) in enumerate(everyone)])
-        link = self._link and (self._link.bandwidth, self._link.latency)
+                {n: d for n, d in server.items() if d is not None})
+        everyone, server_error = self._gather_state(mine)
         return {"format": agreement.STATE_FORMAT, "fingerprint": self.fingerprint(), "size": len(everyone),
                 "steps": {n: int(s.numpy()) for n, s in zip(self.names, self.steps)},
                 "worker_error": [w for w, _ in everyone], "server_error": server_error,
-                "transports": dict(self._transports), "link": link}
+                "transports": dict(self._transports), "link": self._saved_link()}
 
     def load_state_dict(self, state):
         """Restores what ``state_dict()`` saved; every rank loads the same dict and takes its own part."""
         agreement.check_state(state, self.fingerprint(), self.size())
-        self._transports = dict(state.get("transports", {}))   # "auto" continues with the saved choices
-        self._link = T.Link(*state["link"]) if state.get("link") else self._link
-        self._bound = False                                    # buckets formed again at the next step
+        self._load_plan(state)
+        self._bound = False   # buckets formed again at the next step
         for name, e in zip(self.names, self.worker_error):
             e.assign(state["worker_error"][self.rank()][name])
-        for name, d in zip(self.names, self.server_error):
-            value = np.asarray(state["server_error"][name])
-            if self._transports.get(name) == "sharded":   # this rank's slice, the rest zero
-                b, rank = T.bounds(value.size, self.size()), self.rank()
-                value = np.concatenate([np.zeros(b[rank], value.dtype), value[b[rank]:b[rank + 1]],
-                                        np.zeros(value.size - b[rank + 1], value.dtype)])
-            elif self.rank() != self.root_rank:
-                value = np.zeros_like(value)
+        for name, d in zip(self.names, self.server_error):   # this rank's part, the rest zero
+            whole = np.asarray(state["server_error"][name])
+            value, part = np.zeros_like(whole), self._server_part(name, whole)
+            if part is not None:
+                value[self._server_slice(name)] = part
             d.assign(value)
         for name, s in zip(self.names, self.steps):
             s.assign(state["steps"][name])
@@ -456,10 +416,6 @@ class Compression(tf.Module):
                 "transports": dict(self._transports), "buckets": [[n] for n in self._buckets],
                 "link_gbps": self._link and self._link.bandwidth * 8 / 1e9,
                 "worker_ratio": C.ratio_of(self.config.worker)}
-
-    def __repr__(self):
-        return f"Compression({self.config.fingerprint()})"
-
 
 def _keep_and_assign(before, buffer, value):
     """buffer's value into before, then value into buffer (in this order, whatever the graph's scheduling)."""
