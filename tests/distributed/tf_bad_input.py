@@ -1,9 +1,11 @@
 """Run under horovodrun with 2 ranks: bad set-ups of the TensorFlow plug-in end in a clear error on every
 rank. Each rank prints "<scenario> CAUGHT <type>: <message>" (and for nan "nan BUFFER_UNCHANGED <bool>" and,
 after two more steps, "nan TRAINED_ON <steps>").
-Scenario skip (the default nonfinite="skip"): gradients made NaN on one rank at a few steps are skipped on
-every rank, no buffer of those steps changes, and training goes on; rank 0 prints "RESULT <json>".
-usage: tf_bad_input.py SCENARIO... (mismatch, nan, skip)"""
+Scenarios skip and skip-sharded (the default nonfinite="skip"): gradients made NaN on one rank at a few steps
+are skipped on every rank, no buffer of those steps changes, and training goes on (skip-sharded: the sharded
+transport, and the variables under 16 elements dense, one of them poisoned); rank 0 prints
+"RESULT {scenario: report}".
+usage: tf_bad_input.py SCENARIO... (mismatch, nan, skip, skip-sharded)"""
 import json
 import os
 import sys
@@ -35,13 +37,16 @@ def same(a, b):
     return np.array_equal(a, b)
 
 
-def skip_nonfinite_steps():
+SKIPS = {"skip": {"dense_below": 0}, "skip-sharded": {"transport": "sharded", "dense_below": 16}}
+
+
+def skip_nonfinite_steps(transport=None, dense_below=0):
     """The poisoned steps: every rank skips them alike, their buffers stay, and the run equals the simulation
     of the other steps (skipped steps do not consume seeds)."""
     from hvd_compress.simulate import Simulation
-    spec = dict(compressor="randk:0.3", error_feedback=True, server="topk:0.5")
+    spec = dict(compressor="randk:0.3", error_feedback=True, server="topk:0.5", transport=transport)
     variables = make_variables()
-    compression = htc.Compression(variables=variables, dense_below=0, **spec)
+    compression = htc.Compression(variables=variables, dense_below=dense_below, **spec)
     poison_at = tf.Variable(-1, dtype=tf.int64)   # index of the variable to poison on this rank, -1 none
 
     @tf.function(autograph=False)
@@ -71,7 +76,8 @@ def skip_nonfinite_steps():
     everyone = hvd.allgather_object([v.numpy() for v in variables])
     report["identical"] = all(same(everyone[0], other) for other in everyone[1:])
 
-    sim, reference, names = Simulation(n=hvd.size(), **spec), make_variables(), names_of(variables)
+    sim = Simulation(n=hvd.size(), dense_below=dense_below, **spec)
+    reference, names = make_variables(), names_of(variables)
     for step in (s for s in range(STEPS) if s not in POISON):
         grads = []
         for r in range(hvd.size()):
@@ -82,8 +88,7 @@ def skip_nonfinite_steps():
             reference[names.index(name)].assign_sub(LR * update)
     report["equals_simulation"] = bool(max(np.abs(v.numpy() - r.numpy()).max()
                                            for v, r in zip(variables, reference)) <= 1e-9)
-    if hvd.rank() == 0:
-        print("RESULT " + json.dumps(report), flush=True)
+    return report
 
 
 def refused(scenario):
@@ -121,8 +126,14 @@ def refused(scenario):
 
 def main(scenarios):
     hvd.init()
+    reports = {}
     for scenario in scenarios:   # one TensorFlow start-up for all
-        skip_nonfinite_steps() if scenario == "skip" else refused(scenario)
+        if scenario in SKIPS:
+            reports[scenario] = skip_nonfinite_steps(**SKIPS[scenario])
+        else:
+            refused(scenario)
+    if hvd.rank() == 0:
+        print("RESULT " + json.dumps(reports), flush=True)
 
 
 if __name__ == "__main__":
