@@ -417,6 +417,7 @@ class Compression(CompressionBase, tf.Module):
                 "link_gbps": self._link and self._link.bandwidth * 8 / 1e9,
                 "worker_ratio": C.ratio_of(self.config.worker)}
 
+
 def _keep_and_assign(before, buffer, value):
     """buffer's value into before, then value into buffer (in this order, whatever the graph's scheduling)."""
     with tf.control_dependencies([before.assign(buffer)]):
