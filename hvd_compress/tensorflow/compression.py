@@ -10,7 +10,8 @@ what it returns, and calls ``decompress()`` on the result, one gradient at a tim
     compress(g)    the transport's steps, all at once: x = g + e, payload p = C_w(x), its collective,
                    gbar = 1/n sum_j decode(p_j), the server pass on the root (sharded: on every rank's slice),
                    its collective, the update v; returns a one-element marker: the step number, or NaN where
-                   x is not finite ("dense" variables: the gradient itself, which Horovod averages)
+                   x is not finite on some rank (the flags ride with the payloads) ("dense" variables: the
+                   gradient itself, which Horovod averages)
     decompress(m)  m is the marker averaged over ranks: NaN means some rank's gradient was not finite, a
                    wrong step that ranks are out of step or that Horovod does not average (an error naming
                    the variable). Otherwise e <- x - decode(p), d <- y - v, and v is the gradient.
