@@ -11,8 +11,8 @@ The worker step and the server pass are the same fused kernel (``kernels.step``:
 memory into buffers allocated once). Payloads travel in buckets (``hvd_compress/bucket.py``, shared with the
 TensorFlow plug-in): the compressed tensors of a bucket are encoded one by one, as Horovod hands them over,
 and the bucket's payloads leave in one collective as soon as its last tensor is in. How a bucket travels
-(allgather, allreduce of summable payloads, sharded) is its transport object; ``"dense"`` tensors (and, by default, tensors under ``dense_below`` elements) go to
-Horovod's own fused allreduce; ``"auto"`` picks per tensor by the cost model of ``hvd_compress.transport``,
+(allgather, allreduce of summable payloads, sharded) is its transport object; ``"dense"`` tensors (and, by
+default, tensors under ``dense_below`` elements) go to Horovod's own fused allreduce; ``"auto"`` picks per tensor by the cost model of ``hvd_compress.transport``,
 priced with this job's measured link and kernel times.
 
 Horovod calls compress() from each parameter's backward hook and decompress() from synchronize(), after
