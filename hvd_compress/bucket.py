@@ -24,10 +24,12 @@ transports) and starts the same collectives.
 """
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from . import transport as T
+from .seeds import server_seed, worker_seed
 
 
 @dataclass
@@ -54,7 +56,13 @@ def _part(t, a, b):
     return t if t is None or t is True else t[a:b]
 
 
-class _RootServer:
+class _Transport:
+    def error_part(self, comp, work):
+        """The part of a tensor this rank keeps an error buffer for."""
+        return work
+
+
+class _RootServer(_Transport):
     """The server pass on the root (allgather and allreduce): y = gbar + d, v = C_s(y), d <- y - decode(v);
     v's bytes are broadcast, and every rank decodes the same v."""
 
@@ -157,7 +165,7 @@ class Allreduce(_RootServer):
         self.serve(comp, bucket, members)
 
 
-class Sharded:
+class Sharded(_Transport):
     """Rank j owns slice j of every tensor: each rank compresses its n slices, an alltoall hands rank j the
     n payloads of slice j, rank j averages them and runs the server pass on its slice with its slice of d
     (without a server compressor: the exact average, sent as its nonzeros where that is smaller), and the n
@@ -240,7 +248,144 @@ class Sharded:
             p.update = p.work = ops.join(p.work, pieces[p.name])
 
 
-TRANSPORTS = {"allgather": Allgather(), "allreduce": Allreduce(), "sharded": Sharded()}
+@dataclass
+class Nodes:
+    """Where this rank sits among the job's nodes ("hierarchical")."""
+    local: Any          # the process set of this node's ranks
+    across: Any         # the process set of the ranks of this rank's local rank, one per node
+    local_rank: int
+    local_size: int
+
+
+def nodes_of(comp):
+    """The nodes from Horovod's local and cross ranks (the same table on every rank), and their process sets,
+    looked up or registered on every rank in the same order (as Horovod needs)."""
+    if comp._ranks().process_set_id != 0:
+        raise ValueError("transport 'hierarchical' forms its process sets from all ranks of the job: use it "
+                         "without a process set")
+    where = comp._allgather_object(comp.ops.node_place(), f"hc.nodes.{comp.tag}")   # (node, local rank) by rank
+    per_node = Counter(node for node, _ in where)
+    if len(set(per_node.values())) != 1:
+        raise ValueError(f"transport 'hierarchical' needs as many ranks on every node; ranks per node (by "
+                         f"Horovod's cross rank): {dict(sorted(per_node.items()))}")
+    size = next(iter(per_node.values()))
+    node, local_rank = where[comp.rank()]
+    sets = comp.ops.process_sets([[r for r, (k, _) in enumerate(where) if k == other] for other in sorted(per_node)] +
+                                 [[r for r, (_, j) in enumerate(where) if j == other] for other in range(size)])
+    return Nodes(sets[sorted(per_node).index(node)], sets[len(per_node) + local_rank], local_rank, size)
+
+
+class _Across:
+    """The Compression as the exchange between nodes sees it: one worker per node (the ranks of one local
+    rank, in their process set's order), root the first; buffers keyed by slice name are the tensor's own."""
+
+    root_rank = 0
+
+    def __init__(self, comp, owners):
+        self._comp, self._owners = comp, owners   # owners: slice name -> tensor name
+
+    def __getattr__(self, attr):
+        return getattr(self._comp, attr)
+
+    def _ranks(self):
+        return self._comp.nodes.across
+
+    def size(self):
+        return self._ranks().size()
+
+    def rank(self):
+        return self._ranks().rank()
+
+    def root(self):
+        return self._ranks().ranks[0]
+
+    def seed_of(self, key, server=False):
+        comp = self._comp
+        if server:
+            return server_seed(comp.config.server, comp.seed, comp._seed_step(), key)
+        return worker_seed(comp.config.worker, comp.seed, comp._seed_step(), self.rank(), key)
+
+    def server_error_of(self, key):
+        return self._comp.server_error_of(self._owners[key])
+
+    def _spare_buffer(self, kind, key, like):
+        return self._comp._spare_buffer(kind, self._owners[key], like)
+
+
+class Hierarchical(_Transport):
+    """Several nodes of L ranks: each node averages its gradients exactly, local rank j compresses slice j
+    of the node's average (its error buffer is that slice's), the ranks of one local rank exchange these
+    payloads as allgather or allreduce does between ranks (the server pass on the first node's rank), and
+    each node allgathers its L slices of the update. Only one node's payloads (+ the server's) leave it."""
+
+    def error_part(self, comp, work):
+        """The part of a tensor this rank keeps an error buffer for: its slice."""
+        b = T.bounds(comp.ops.numel(work), comp.nodes.local_size)
+        return work[b[comp.nodes.local_rank]:b[comp.nodes.local_rank + 1]]
+
+    def encode(self, comp, p, e_in, e_out):
+        """Only check the slices (every rank alike, so a refusal is every rank's); x is known after the
+        node's average."""
+        b = T.bounds(comp.ops.numel(p.work), comp.nodes.local_size)
+        for c in filter(None, (comp.worker(), comp.config.server)):
+            for j in range(comp.nodes.local_size):
+                c.layout(b[j + 1] - b[j])
+        p.payload = (e_in, e_out)
+
+    def start(self, comp, bucket, members):
+        bucket.sizes = [comp.ops.numel(p.work) for p in members]
+        bucket.handle = comp.ops.allreduce_mean(comp.ops.cat([p.work for p in members]), f"hc.n.{bucket.id}",
+                                                comp.nodes.local)
+
+    def receive(self, comp, bucket):
+        """The node's average; this rank's slice of it compressed and exchanged between nodes; per tensor,
+        on how many nodes the average was not finite (anywhere: every rank of the node knows alike)."""
+        members, ops, nodes = bucket.launched, comp.ops, comp.nodes
+        inner, names = T.default(comp.config), [T.shard_name(p.name, nodes.local_rank) for p in members]
+        if bucket.inner is None or bucket.inner.names != tuple(names):
+            bucket.across = _Across(comp, {key: p.name for key, p in zip(names, members)})
+            bucket.inner = Bucket(f"{bucket.id}.x", names, inner)
+        across, average, offset, slices = bucket.across, bucket.take(ops, "handle"), 0, []
+        for p, key, size in zip(members, names, bucket.sizes):
+            whole = average[offset:offset + size]
+            offset += size
+            e_in, e_out = p.payload
+            q = Pending(key, inner, None, p.grad_dtype, 0, work=self.error_part(comp, whole))
+            bucket.inner.transport.encode(across, q, e_in, e_out)
+            q.stats = ops.combine_stats([q.stats, ops.finite_stats(whole)])
+            p.stats, p.worker_error = q.stats, q.worker_error
+            slices.append(q)
+        bucket.inner.reset()
+        bucket.inner.launched = slices
+        bucket.inner.transport.start(across, bucket.inner, slices)
+        counts = bucket.inner.transport.receive(across, bucket.inner)
+        for p, q in zip(members, slices):
+            p.bytes_sent, q.bytes_sent = p.bytes_sent + q.bytes_sent, 0
+        return counts
+
+    def reduce_and_serve(self, comp, bucket):
+        bucket.inner.transport.reduce_and_serve(bucket.across, bucket.inner)
+
+    def finish(self, comp, bucket):
+        members, ops, nodes = bucket.launched, comp.ops, comp.nodes
+        slices = bucket.inner.launched
+        bucket.inner.transport.finish(bucket.across, bucket.inner)
+        for p, q in zip(members, slices):
+            p.bytes_sent += q.bytes_sent
+            p.server_stats, p.server_error = q.server_stats, q.server_error
+        gathered = ops.wait(ops.allgather(ops.cat([q.update for q in slices]), f"hc.u.{bucket.id}", nodes.local))
+        bounds = [T.bounds(size, nodes.local_size) for size in bucket.sizes]
+        pieces, offset = {p.name: [] for p in members}, 0
+        for j in range(nodes.local_size):
+            for p, b in zip(members, bounds):
+                pieces[p.name].append(gathered[offset:offset + b[j + 1] - b[j]])
+                offset += b[j + 1] - b[j]
+        for p in members:
+            p.update = p.work = ops.assemble(pieces[p.name], out=p.work)
+
+
+TRANSPORTS = {"allgather": Allgather(), "allreduce": Allreduce(), "sharded": Sharded(),
+              "hierarchical": Hierarchical()}
 
 
 class Bucket:
@@ -250,6 +395,7 @@ class Bucket:
         self.id, self.names, self.kind = id, tuple(names), transport
         self.transport = TRANSPORTS[transport]
         self.send = None
+        self.across = self.inner = None   # hierarchical: the exchange between nodes
         self.reset()
 
     def reset(self):
@@ -272,6 +418,8 @@ class Bucket:
                     ops.wait(handle)
                 except Exception:   # noqa: BLE001 - the error being raised is the one that matters
                     pass
+        if self.inner is not None:
+            self.inner.wait_quietly(ops)
 
     def add(self, comp, p):
         """One more member is compressed; the last one sends the bucket."""
@@ -327,9 +475,12 @@ def plan(comp, sizes, todo):
             comp._link = measure_link(comp, sizes)
         if comp._kernel_table is None:
             comp._kernel_table = measure_kernels(comp, sizes)
-    return {name: "dense" if d < comp.dense_below else
-            T.resolve(config.transport, config, d, n, comp._link, table=comp._kernel_table)
-            for name, d in todo.items()}
+    chosen = {name: "dense" if d < comp.dense_below else
+              T.resolve(config.transport, config, d, n, comp._link, table=comp._kernel_table)
+              for name, d in todo.items()}
+    if "hierarchical" in chosen.values() and comp.nodes is None:
+        comp.nodes = nodes_of(comp)
+    return chosen
 
 
 def measure_link(comp, sizes, repeats=3):

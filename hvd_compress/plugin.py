@@ -12,6 +12,7 @@ from .seeds import server_seed, worker_seed
 class CompressionBase:
     ops = None
     process_set = None
+    nodes = None   # transport "hierarchical": where this rank sits among the nodes (``bucket.Nodes``)
 
     # ---- the ranks: those of the process set ---------------------------------------------------------------
 

@@ -8,7 +8,9 @@ g's place, and the coordinates sent (where the new error differs from x) are cle
 each worker's gradient is first clipped to norm ``config.clip_threshold(n)``. With ``warmup``
 each step's worker compressor is ``config.worker_at(step)``. A transport (see ``hvd_compress.transport``)
 changes the math only where it says so: "dense" averages the exact gradients (as do tensors under
-``dense_below`` elements), "sharded" runs the pipeline on each of the n slices on its own. Buckets do not
+``dense_below`` elements), "sharded" runs the pipeline on each of the n slices on its own, "hierarchical"
+(nodes of ``local_size`` consecutive ranks) runs it with one worker per node, its ranks' exact average, on
+each of ``local_size`` slices. Buckets do not
 change the math: tensors are compressed one by one inside them. Gradients may be PyTorch or TensorFlow
 tensors; C(x) runs with the kernels of their framework.
 """
@@ -46,7 +48,7 @@ def _clip(g, max_norm):
 
 class Simulation:
     def __init__(self, compressor, error_feedback=False, server=None, n=2, seed=0, transport=None, link=None,
-                 dense_below=0, momentum=0.0, warmup=0, clip=0.0):
+                 dense_below=0, momentum=0.0, warmup=0, clip=0.0, local_size=1):
         self.worker, self.server = C.parse(compressor) or C.Identity(), C.parse(server)
         self.error_feedback, self.n, self.seed = bool(error_feedback), int(n), int(seed)
         self.momentum = C.check_momentum(momentum, self.worker, self.error_feedback)
@@ -55,6 +57,9 @@ class Simulation:
         self.velocity = [{} for _ in range(self.n)]       # u_i (momentum correction), per rank and name
         self.transport, self.link = T.check(transport, self.config), link
         self.dense_below = int(dense_below)   # tensors with fewer elements are averaged exactly (dense)
+        self.local_size = int(local_size)     # ranks per node ("hierarchical": node k is ranks kL..kL+L-1)
+        if self.local_size < 1 or self.n % self.local_size:
+            raise ValueError(f"local_size={local_size!r} does not divide the {self.n} ranks into nodes")
         self.worker_error = [{} for _ in range(self.n)]   # e_i, per rank and parameter name
         self.server_error = {}                            # d, per parameter name (or slice name)
         self.steps = {}                                   # steps each parameter has been through
@@ -81,6 +86,8 @@ class Simulation:
                                            T.resolve(self.transport, self.config, d, self.n, self.link))
             if how == "dense":
                 update = sum(gs[1:], gs[0]) / self.n
+            elif how == "hierarchical":
+                update = self._hierarchical(gs, name, step)
             else:
                 xs = [g + self.worker_error[i][name] if self.error_feedback and name in self.worker_error[i] else g
                       for i, g in enumerate(gs)]
@@ -102,13 +109,32 @@ class Simulation:
             self.steps[name] = step + 1
         return updates
 
+    def _hierarchical(self, gs, name, step):
+        """Node k's worker is its ranks' exact average; local rank j handles slice j, with node k's error
+        buffer of that slice, among the nodes (worker k: node k)."""
+        size = self.local_size
+        nodes = [sum(gs[k + 1:k + size], gs[k]) / size for k in range(0, self.n, size)]
+        b = T.bounds(int(gs[0].shape[0]), size)
+        pieces = []
+        for j in range(size):
+            key = T.shard_name(name, j)
+            xs = [g[b[j]:b[j + 1]] for g in nodes]
+            if self.error_feedback:
+                xs = [x + self.worker_error[k][key] if key in self.worker_error[k] else x for k, x in enumerate(xs)]
+            ps, update = self._pipeline(xs, key, step)
+            if self.error_feedback:
+                for k, x in enumerate(xs):
+                    self.worker_error[k][key] = x - ps[k]
+            pieces.append(update)
+        return _concat(pieces)
+
     def _pipeline(self, xs, key, step):
         """One piece (a whole tensor or a slice), keyed by ``key``: the ranks' C_w(x_i) and the update."""
         if int(xs[0].shape[0]) == 0:
             return xs, xs[0]
         worker = self.config.worker_at(step)
         ps = [worker(x, worker_seed(worker, self.seed, step, i, key)) for i, x in enumerate(xs)]
-        update = sum(ps[1:], ps[0]) / self.n
+        update = sum(ps[1:], ps[0]) / len(ps)
         if self.server is not None:
             y = update + self.server_error[key] if key in self.server_error else update
             update = self.server(y, server_seed(self.server, self.seed, step, key))

@@ -13,10 +13,17 @@ Transports of one gradient tensor of d elements on n ranks (P: worker payload by
                and the n results are allgathered.        ~ P + S : flat in n (no server: P + min(4d, n P))
     dense      no compression for this tensor: Horovod's fp32 allreduce of the exact gradient (no error
                buffers, no server pass); for tensors too small to be worth compressing.   ~ 2 * 4d
+    hierarchical  for several nodes of L ranks each: an exact (dense) average inside each node, then local
+               rank j of every node compresses slice j of its node's average (L slices; error buffer: that
+               slice's), the nodes exchange these payloads among the ranks of the same local rank as
+               allgather / allreduce would (the server pass on node 0's rank of each slice), and each node
+               allgathers its L slices of the update. What leaves a node ~ one node's payload P (+ S),
+               against L P for a flat transport; inside the node ~ 2 * 4d.
 
 allgather and allreduce give the same update; sharded compresses slice by slice (TopK keeps the top
 k/n of each slice, a scale such as ScaledSign's is per slice), so its update is that of the same compressors
-applied blockwise, which the simulation reproduces exactly.
+applied blockwise, which the simulation reproduces exactly; hierarchical likewise, with one worker per node
+(its ranks' exact average) and L slices.
 
 The cost model (``step_seconds``) prices a tensor's transport as latency * messages + bytes / bandwidth +
 kernel time, with ring collectives; ``choose`` picks the cheapest one for a tensor, and is what
@@ -28,7 +35,7 @@ from dataclasses import dataclass
 
 from . import compressors as C
 
-TRANSPORTS = ("allgather", "allreduce", "sharded", "dense")
+TRANSPORTS = ("allgather", "allreduce", "sharded", "dense", "hierarchical")
 AUTO = "auto"
 
 
@@ -39,6 +46,9 @@ def check(transport, config):
         return None
     if transport != AUTO and transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; known: {', '.join(TRANSPORTS + (AUTO,))}")
+    if transport == "hierarchical" and config.momentum:
+        raise ValueError("momentum correction is not available with transport 'hierarchical' (its factor "
+                         "masking needs the coordinates a node sent on every rank of the node)")
     if transport == "allreduce" and not config.worker.summable:
         raise ValueError(f"transport 'allreduce' needs summable payloads (shared RandK, none); "
                          f"{config.worker!r} travels by allgather or sharded")

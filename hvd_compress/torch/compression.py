@@ -193,13 +193,15 @@ class Compression(CompressionBase):
             K.clip_norm_(work, self.config.clip_threshold(self.size()))
         if self.config.momentum:
             p.velocity = self._momentum_step(name, work)   # work now holds u
-        e_in = self._worker_error.get(name) if self.config.error_feedback else None
-        e_out = self._spare_buffer("worker", name, work) if self.config.error_feedback else None
         bucket = self._bucket_of.get(name) or self._new_bucket(name, how)
+        e_in = self._worker_error.get(name) if self.config.error_feedback else None
+        e_out = (self._spare_buffer("worker", name, bucket.transport.error_part(self, work))
+                 if self.config.error_feedback else None)
         try:
             bucket.transport.encode(self, p, e_in, e_out)
         except ValueError as err:
-            where = f" (one of its {self.size()} slices, transport 'sharded')" if how == "sharded" else ""
+            slices = {"sharded": self.size(), "hierarchical": self.nodes and self.nodes.local_size}.get(how)
+            where = f" (one of its {slices} slices, transport {how!r})" if slices else ""
             raise ValueError(f"parameter {name!r}{where}: {err}") from None
         if self.config.momentum:   # factor masking: the coordinates sent (where e changed from x) leave u
             x = work if e_in is None else work + e_in
@@ -411,7 +413,7 @@ class Compression(CompressionBase):
         step binds to the optimizer's process set again, forms buckets for the new size, checks the
         configuration on every rank and allocates its buffers (see ``hvd_compress.torch.elastic``)."""
         self._drop_step()
-        self._buckets, self._bucket_of = [], None
+        self._buckets, self._bucket_of, self.nodes = [], None, None
         self._spare.clear()
         self._payloads.clear()
         self._optimizer = None

@@ -1,6 +1,8 @@
 """What the shared transports (``hvd_compress/bucket.py``) need from PyTorch: the kernels and Horovod's
 asynchronous collectives. ``out=`` arguments are written in place and returned; new errors go into the
 preallocated buffer given as ``e_out`` (the spare half of a double buffer)."""
+import os
+
 import torch
 import horovod.torch as hvd
 
@@ -42,6 +44,12 @@ def exact_length(data, offset, size, itemsize):
     return 4 + (size * itemsize if count < 0 else count * (4 + itemsize))
 
 
+def finite_stats(t):
+    """Stats that say only whether all of ``t`` is finite (to combine with a slice's)."""
+    return torch.stack([torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64),
+                        t.isfinite().all().to(torch.float64)])
+
+
 def combine_stats(stats):
     """The stats of a tensor from those of its slices."""
     stats = torch.stack(stats)
@@ -74,6 +82,11 @@ def cat(tensors, keep=None):
 def join(whole, pieces):
     """``whole`` after its pieces (views into it) were written in place."""
     return whole
+
+
+def assemble(pieces, out):
+    """The pieces back to back, written into ``out``."""
+    return torch.cat(pieces, out=out)
 
 
 def rows(t, n):
@@ -153,6 +166,33 @@ def slowest(values, name, process_set):
 
 def global_process_set():
     return hvd.global_process_set
+
+
+def node_place():
+    """(this rank's node, its local rank), as Horovod numbers them."""
+    return hvd.cross_rank(), hvd.local_rank()
+
+
+def process_sets(rank_lists):
+    """Horovod's process sets of these ranks: the global one, one registered already (``hvd.init(process_sets=
+    [...])``), or a new one, added on every rank in this order (Horovod started with dynamic process sets)."""
+    from horovod.common.process_sets import ProcessSet, _basics
+    known = {tuple(sorted(ranks)): id for id, ranks in _basics._get_process_set_ids_and_ranks().items()}
+    missing = [ranks for ranks in rank_lists if tuple(sorted(ranks)) not in known]
+    if missing and os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS") != "1":
+        raise ValueError(f"transport 'hierarchical' needs process sets of ranks {missing}: start Horovod with "
+                         f"hvd.init(process_sets='dynamic') (or HOROVOD_DYNAMIC_PROCESS_SETS=1), or register them "
+                         f"at hvd.init(process_sets=[...])")
+    made = {}
+    for ranks in rank_lists:
+        key = tuple(sorted(ranks))
+        if key not in made:
+            if key in known:
+                made[key] = hvd.global_process_set if known[key] == 0 else ProcessSet(list(key))
+                made[key].process_set_id = known[key]
+            else:
+                made[key] = hvd.add_process_set(list(key))
+    return [made[tuple(sorted(ranks))] for ranks in rank_lists]
 
 
 def allgather_now(array, name, process_set):

@@ -60,7 +60,7 @@ def train_reference(case, n, steps):
     sim = Simulation(case["compressor"], case.get("error_feedback", False), case.get("server"), n=n,
                      transport=case.get("transport"), link=link, dense_below=case.get("dense_below", 0),
                      momentum=case.get("momentum", 0.0), warmup=case.get("warmup", 0),
-                     clip=case.get("clip", 0.0))
+                     clip=case.get("clip", 0.0), local_size=case.get("local_size", 1))
     passes = case.get("backward_passes_per_step", 1)
     for step in range(steps):
         grads = [{k: g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
