@@ -11,16 +11,18 @@ BIN = Path(sys.executable).parent
 DISTRIBUTED = ROOT / "tests" / "distributed"
 
 
-def launch(np, script, *args, launcher="horovodrun", timeout=300):
-    """Run ``python script args`` on np ranks; returns the CompletedProcess (stdout and stderr merged)."""
+def launch(np, script, *args, launcher="horovodrun", timeout=300, hosts=None, env=None):
+    """Run ``python script args`` on np ranks; returns the CompletedProcess (stdout and stderr merged).
+    ``hosts`` (horovodrun -H): e.g. "localhost:2,127.0.0.1:2", two "nodes" on this machine (both addresses
+    are local, so no ssh; Horovod gives each its own local ranks)."""
     python = [sys.executable, str(script), *map(str, args)]
     if launcher == "horovodrun":
-        cmd = [str(BIN / "horovodrun"), "-np", str(np), "--gloo", *python]
+        cmd = [str(BIN / "horovodrun"), "-np", str(np), *(["-H", hosts] if hosts else []), "--gloo", *python]
     elif launcher == "mpirun":
         cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(np), *python]
     else:
         raise ValueError(f"unknown launcher {launcher!r}")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout)
 

@@ -91,7 +91,10 @@ def distributed_run(request, tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_matches_simulation_and_replicas_identical(distributed_run, case):
-    n, ranks = distributed_run
+    check_against_simulation(*distributed_run, case)
+
+
+def check_against_simulation(n, ranks, case):
     reference = train_reference(case, n, case["steps"])
     tol = TOLERANCE[case.get("dtype", "float64")]
     for name, expected in reference.items():
@@ -116,6 +119,41 @@ def test_matches_simulation_and_replicas_identical(distributed_run, case):
         assert compressed == ["extra.weight", "fc1.weight"] and stats["dense_small_bytes"] > 0
     if case.get("warmup"):   # the warm-up (8 steps) is over: the ratio in force is the compressor's own
         assert stats["worker_ratio"] == (None if case["compressor"] == "natural" else 0.3)
+
+
+def _node_cases():
+    """transport="hierarchical" on 2 nodes x 2 ranks: every compressor x mode, and the options around it."""
+    node = {"transport": "hierarchical", "local_size": 2}
+    cases = [{**c, **node, "id": c["id"] + "/hierarchical"}
+             for c in cases_of_every_compressor_and_mode(STEPS) if "k=" not in c["compressor"]]
+    ds = {"compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5", "steps": STEPS, **node}
+    return cases + [
+        {**ds, "id": "hierarchical/dense_below=16", "dense_below": 16},
+        {**ds, "id": "hierarchical/bucket_mb=1e-4", "bucket_mb": 1e-4},
+        {**ds, "id": "hierarchical/float32", "dtype": "float32"},
+        {**ds, "id": "hierarchical/warmup=8/randk", "warmup": [8, 0.9], "compressor": "randk:0.3"},
+        {**ds, "id": "hierarchical/clip=5", "clip": 5.0},
+    ]
+
+
+NODE_CASES = _node_cases()
+TWO_NODES = "localhost:2,127.0.0.1:2"   # two "nodes" of 2 ranks on this machine (Horovod's local ranks)
+
+
+@pytest.fixture(scope="module")
+def two_nodes_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nodes")
+    (out / "cases.json").write_text(json.dumps(NODE_CASES))
+    proc = launch(4, DISTRIBUTED / "worker.py", out / "cases.json", out, hosts=TWO_NODES, timeout=900,
+                  env={"HOROVOD_DYNAMIC_PROCESS_SETS": "1"})
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    return 4, [torch.load(out / f"rank{r}.pt") for r in range(4)]
+
+
+@pytest.mark.parametrize("case", NODE_CASES, ids=[c["id"] for c in NODE_CASES])
+def test_hierarchical_on_two_nodes_matches_simulation(two_nodes_run, case):
+    check_against_simulation(*two_nodes_run, case)
+    assert set(two_nodes_run[1][0][case["id"]]["_stats"]["transports"].values()) <= {"hierarchical", "dense"}
 
 
 def test_counterexample_top1_diverges_and_error_feedback_converges():
