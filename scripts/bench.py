@@ -8,7 +8,9 @@ Exit code 0 when the benchmark ran and its checks passed, 1 otherwise.
   kernels  compress+decompress throughput of every compressor (torch, TF) against memcpy and dense allreduce
   steps    training-step time with ranks in network namespaces over veth links limited by tc (needs root)
   model    the cost model fitted to the measurements, projected to 8 ... 1024 ranks (a plot)
-  all      the four, in this order (steps needs root; about 20 minutes on 2 cores)
+  nodes    2 emulated nodes x 2 ranks (scripts/cluster.py), tc-limited links between them: step time and bytes
+           leaving each node for dense, flat and hierarchical transports (needs root)
+  all      the five, in this order (steps and nodes need root; about 30 minutes on 2 cores)
 """
 import argparse
 import sys
@@ -21,6 +23,7 @@ BENCHMARKS = {
     "kernels": "scripts.benchmarks.kernels",
     "steps": "scripts.benchmarks.steps",
     "model": "scripts.benchmarks.costmodel",
+    "nodes": "scripts.benchmarks.nodes",
 }
 
 
