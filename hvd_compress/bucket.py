@@ -255,6 +255,7 @@ class Nodes:
     across: Any         # the process set of the ranks of this rank's local rank, one per node
     local_rank: int
     local_size: int
+    servers: list       # by local rank j: the rank that runs slice j's server pass (the first of its set)
 
 
 def nodes_of(comp):
@@ -272,7 +273,9 @@ def nodes_of(comp):
     node, local_rank = where[comp.rank()]
     sets = comp.ops.process_sets([[r for r, (k, _) in enumerate(where) if k == other] for other in sorted(per_node)] +
                                  [[r for r, (_, j) in enumerate(where) if j == other] for other in range(size)])
-    return Nodes(sets[sorted(per_node).index(node)], sets[len(per_node) + local_rank], local_rank, size)
+    across = sets[len(per_node):]
+    return Nodes(sets[sorted(per_node).index(node)], across[local_rank], local_rank, size,
+                 [min(r for r, (_, j) in enumerate(where) if j == other) for other in range(size)])
 
 
 class _Across:

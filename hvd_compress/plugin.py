@@ -67,19 +67,27 @@ class CompressionBase:
 
     def _gather_state(self, mine):
         """``mine`` = (worker buffers, server buffers, ...) of this rank, each {name: array}: every rank's, and
-        the whole server buffers (the root's; sharded: every rank's slice, joined)."""
+        the whole server buffers (the root's; sharded: every rank's slice, joined; hierarchical: the slices of
+        the ranks that run its server passes)."""
         everyone = self._allgather_object(mine, f"hc.state_dict.{self.tag}") if self.size() > 1 else [mine]
         server = dict(everyone[self.root_rank][1])
-        for name in server:
-            if self._transports.get(name) == "sharded":
-                server[name] = self.ops.concat_state([theirs[1][name] for theirs in everyone])
+        for name, how in self._transports.items():
+            holders = {"sharded": range(self.size()), "hierarchical": self.nodes and self.nodes.servers}.get(how)
+            pieces = [everyone[r][1][name] for r in holders or () if name in everyone[r][1]]
+            if pieces:
+                server[name] = self.ops.concat_state(pieces)
         return everyone, server
 
     def _server_part(self, name, whole):
-        """This rank's part of a saved server buffer: the root's whole one, a slice of it (sharded), or None."""
-        if self._transports.get(name) == "sharded":
+        """This rank's part of a saved server buffer: the root's whole one, a slice of it (sharded, and
+        hierarchical on the ranks that run its server passes), or None."""
+        how = self._transports.get(name)
+        if how == "sharded":
             b = T.bounds(len(whole), self.size())
             return whole[b[self.rank()]:b[self.rank() + 1]]
+        if how == "hierarchical":
+            b, j = T.bounds(len(whole), self.nodes.local_size), self.nodes.local_rank
+            return whole[b[j]:b[j + 1]] if self.rank() in self.nodes.servers else None
         return whole if self.rank() == self.root_rank else None
 
     def _saved_link(self):
@@ -89,6 +97,9 @@ class CompressionBase:
         """The transports and link of a saved state ("auto" continues with the saved choices)."""
         self._transports = dict(state.get("transports", {}))
         self._link = T.Link(*state["link"]) if state.get("link") else self._link
+        if "hierarchical" in self._transports.values() and self.nodes is None:
+            from .bucket import nodes_of   # a collective: load_state_dict() runs on every rank
+            self.nodes = nodes_of(self)
 
     def __repr__(self):
         return f"Compression({self.config.fingerprint()})"

@@ -133,6 +133,9 @@ def _node_cases():
         {**ds, "id": "hierarchical/float32", "dtype": "float32"},
         {**ds, "id": "hierarchical/warmup=8/randk", "warmup": [8, 0.9], "compressor": "randk:0.3"},
         {**ds, "id": "hierarchical/clip=5", "clip": 5.0},
+        {**ds, "id": "hierarchical/state_dict at 7, resumed", "resume_at": 7},
+        {**ds, "id": "hierarchical/state_dict at 7, resumed, randk no server", "resume_at": 7,
+         "compressor": "randk:0.3", "server": None},
     ]
 
 
@@ -234,21 +237,46 @@ BAD_SETUPS = [
     ("nan_sharded", "FloatingPointError", "not finite (NaN or Inf) for parameter(s) ['fc2.weight']"),
     ("k_too_big_sharded", "ValueError",
      "parameter 'fc2.bias' (one of its 2 slices, transport 'sharded'): TopK(ratio=None, k=2): k=2 is larger"),
+    ("nodynamic_hierarchical", "ValueError", "start Horovod with hvd.init(process_sets='dynamic')"),
+]
+# transport="hierarchical" on one node of the 2 ranks, with Horovod's dynamic process sets (a launch of its own)
+BAD_HIERARCHICAL = [
+    ("nan_hierarchical", "FloatingPointError", "not finite (NaN or Inf) for parameter(s) ['fc2.weight']"),
+    ("k_too_big_hierarchical", "ValueError",
+     "parameter 'fc2.bias' (one of its 2 slices, transport 'hierarchical'): TopK(ratio=None, k=2): k=2 is larger"),
 ]
 
 
-@pytest.fixture(scope="module")
-def bad_setups_run():
+def _bad_run(scenarios, **options):
     """Every scenario, one after the other in the same 2 processes (each also checks that the error before
-    it left Horovod and hvd_compress usable)."""
-    proc = launch(2, DISTRIBUTED / "bad_input.py", ",".join(s for s, _, _ in BAD_SETUPS), timeout=600)
+    it left Horovod and hvd_compress usable): the output lines."""
+    proc = launch(2, DISTRIBUTED / "bad_input.py", ",".join(s for s, _, _ in scenarios), timeout=600, **options)
     assert proc.returncode == 0, proc.stdout[-5000:]
     return proc.stdout.splitlines()
 
 
+@pytest.fixture(scope="module")
+def bad_setups_run():
+    return _bad_run(BAD_SETUPS)
+
+
+@pytest.fixture(scope="module")
+def bad_hierarchical_run():
+    return _bad_run(BAD_HIERARCHICAL, env={"HOROVOD_DYNAMIC_PROCESS_SETS": "1"})
+
+
 @pytest.mark.parametrize("scenario, error, words", BAD_SETUPS)
 def test_bad_setup_fails_clearly_on_every_rank(bad_setups_run, scenario, error, words):
-    lines = [line.split(f"{scenario} ", 1)[1] for line in bad_setups_run if f">:{scenario} " in line]
+    check_bad_setup(bad_setups_run, scenario, error, words)
+
+
+@pytest.mark.parametrize("scenario, error, words", BAD_HIERARCHICAL)
+def test_bad_hierarchical_setup_fails_clearly_on_every_rank(bad_hierarchical_run, scenario, error, words):
+    check_bad_setup(bad_hierarchical_run, scenario, error, words)
+
+
+def check_bad_setup(output, scenario, error, words):
+    lines = [line.split(f"{scenario} ", 1)[1] for line in output if f">:{scenario} " in line]
     caught = [line for line in lines if line.startswith("CAUGHT")]
     assert len(caught) == 2, lines
     for line in caught:

@@ -57,3 +57,32 @@ def test_resolve_and_check():
         T.resolve("auto", TOPK_EF, 100, 2)
     with pytest.raises(ValueError, match="unknown transport 'tree'"):
         T.check("tree", TOPK_EF)
+
+
+@pytest.mark.parametrize("spec, server", [("topk:0.3", "topk:0.5"), ("natural:det", None), ("sign", "sign")])
+def test_hierarchical_simulation_with_one_rank_per_node_is_the_flat_pipeline(spec, server):
+    """Nodes of one rank: each node's average is its rank's gradient and there is one slice, so
+    "hierarchical" is the flat pipeline (allgather) step for step (for deterministic compressors: random ones
+    draw by slice name); with two ranks per node it is not."""
+    import torch
+    from hvd_compress.simulate import Simulation
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [[{"w": torch.randn(40, generator=gen, dtype=torch.float64)} for _ in range(4)] for _ in range(5)]
+    runs = {how: Simulation(spec, True, server, n=4, transport=how, local_size=size)
+            for how, size in (("allgather", 1), ("hierarchical", 1))}
+    paired = Simulation(spec, True, server, n=4, transport="hierarchical", local_size=2)
+    differs = False
+    for step in grads:
+        flat, one = runs["allgather"].step(step), runs["hierarchical"].step(step)
+        assert torch.equal(flat["w"], one["w"])
+        differs |= not torch.equal(paired.step(step)["w"], flat["w"])
+    assert differs
+
+
+def test_hierarchical_is_refused_where_it_cannot_work():
+    from hvd_compress.simulate import Simulation
+    with pytest.raises(ValueError, match="local_size=3 does not divide the 4 ranks"):
+        Simulation("topk:0.3", n=4, transport="hierarchical", local_size=3)
+    with pytest.raises(ValueError, match="momentum correction is not available with transport 'hierarchical'"):
+        Simulation("topk:0.3", True, n=4, transport="hierarchical", local_size=2, momentum=0.9)

@@ -67,7 +67,7 @@ class Compression(CompressionBase, tf.Module):
         root_rank: the rank whose server payload every rank applies.
         seed: base of the seeds of random compressors.
         transport, link_gbps, dense_below: as in the PyTorch plug-in: how payloads travel ("allgather",
-            "allreduce", "sharded", "dense", "auto"; None: allreduce for summable payloads, else allgather),
+            "allreduce", "sharded", "dense", "auto"; not yet "hierarchical"; None: allreduce for summable payloads, else allgather),
             the link "auto" prices them with (None: measured at the first step), and the size under which a
             variable's gradient travels uncompressed in Horovod's allreduce (0: compress every variable).
         process_set: the Horovod process set whose ranks average the gradients, the one given to
@@ -96,6 +96,9 @@ class Compression(CompressionBase, tf.Module):
                              f"create the Compression on the set's ranks only")
         self.process_set = process_set   # None until the first step takes the tape's or optimizer's
         self._bound = False
+        if transport == "hierarchical":
+            raise ValueError("transport 'hierarchical' is in the PyTorch plug-in only so far; in TensorFlow use "
+                             "'allgather', 'allreduce', 'sharded', 'dense' or 'auto'")
         self.config, self._link = options.config_of(compressor, error_feedback, server, transport, link_gbps)
         self.dense_below, self.nonfinite = options.check(dense_below, nonfinite)
         if variables is None:

@@ -11,6 +11,8 @@ usage: bad_input.py SCENARIO[,SCENARIO...]   (run one after the other in the sam
   k_too_big  TopK(k=10) on a 3-element bias                     -> ValueError on both ranks
   momentum_twice  Compression(momentum=0.9) and SGD(momentum=0.9) -> ValueError on both ranks
   SCENARIO_sharded   the same with transport="sharded" (k_too_big: TopK(k=2) > a slice of the 3-element bias)
+  SCENARIO_hierarchical  the same with transport="hierarchical" (one node of 2 ranks; needs Horovod's dynamic
+             process sets); nodynamic_hierarchical: without them  -> ValueError on both ranks
 Every line a scenario prints starts with "<SCENARIO> ". Each rank prints "CAUGHT <type>: <message>" and, for
 nan, "BUFFERS_UNCHANGED <bool>". Then, as a user who caught the error would, it trains on with the same
 optimizer for 3 steps: it prints "TRAINED_ON <steps done>
@@ -38,11 +40,13 @@ def main(scenarios):
 
 def run(full_name, say):
     model = TinyNet()
-    scenario, sharded, _ = full_name.partition("_sharded")
+    scenario, _, transport = full_name.rpartition("_")
+    if transport not in ("sharded", "hierarchical"):
+        scenario, transport = full_name, None
     spec = {"mismatch": "topk:0.3" if hvd.rank() == 0 else "randk:0.3",
-            "k_too_big": "topk:k=2" if sharded else "topk:k=10"}.get(scenario, "topk:0.3")
+            "k_too_big": "topk:k=2" if transport else "topk:k=10"}.get(scenario, "topk:0.3")
     compression = hc.Compression(spec, error_feedback=True, server="topk:0.5",
-                                 named_parameters=model.named_parameters(), transport="sharded" if sharded else None,
+                                 named_parameters=model.named_parameters(), transport=transport,
                                  dense_below=16 if scenario == "nan_dense" else 0, nonfinite="raise",
                                  momentum=0.9 if scenario == "momentum_twice" else 0)
     momentum = 0.9 if scenario == "momentum_twice" else 0
