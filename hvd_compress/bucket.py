@@ -319,7 +319,8 @@ class Hierarchical(_Transport):
     """Several nodes of L ranks: each node averages its gradients exactly, local rank j compresses slice j
     of the node's average (its error buffer is that slice's), the ranks of one local rank exchange these
     payloads as allgather or allreduce does between ranks (the server pass on the first node's rank), and
-    each node allgathers its L slices of the update. Only one node's payloads (+ the server's) leave it."""
+    each node allgathers its L slices of the update (exact, sparse where that is smaller). Only one node's
+    payloads (+ the server's) leave it."""
 
     def error_part(self, comp, work):
         """The part of a tensor this rank keeps an error buffer for: its slice."""
@@ -376,15 +377,21 @@ class Hierarchical(_Transport):
         for p, q in zip(members, slices):
             p.bytes_sent += q.bytes_sent
             p.server_stats, p.server_error = q.server_stats, q.server_error
-        gathered = ops.wait(ops.allgather(ops.cat([q.update for q in slices]), f"hc.u.{bucket.id}", nodes.local))
-        bounds = [T.bounds(size, nodes.local_size) for size in bucket.sizes]
+        # the update of a slice is the average of a few sparse payloads (or one server payload): sent exact,
+        # as its nonzeros where that is smaller, as the sharded transport does
+        gathered = ops.wait(ops.allgather(ops.cat([ops.pack_exact(q.update) for q in slices]), f"hc.u.{bucket.id}",
+                                          nodes.local))
         pieces, offset = {p.name: [] for p in members}, 0
-        for j in range(nodes.local_size):
-            for p, b in zip(members, bounds):
-                pieces[p.name].append(gathered[offset:offset + b[j + 1] - b[j]])
-                offset += b[j + 1] - b[j]
+        for j in range(nodes.local_size):   # local rank j's slices, back to back
+            for p in members:
+                b = T.bounds(ops.numel(p.work), nodes.local_size)
+                size = b[j + 1] - b[j]
+                length = ops.exact_length(gathered, offset, size, ops.itemsize(p.work))
+                pieces[p.name].append(ops.unpack_exact(gathered[offset:offset + length], size,
+                                                       out=p.work[b[j]:b[j + 1]]))
+                offset += length
         for p in members:
-            p.update = p.work = ops.assemble(pieces[p.name], out=p.work)
+            p.update = p.work = ops.join(p.work, pieces[p.name])
 
 
 TRANSPORTS = {"allgather": Allgather(), "allreduce": Allreduce(), "sharded": Sharded(),

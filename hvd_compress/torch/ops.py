@@ -84,11 +84,6 @@ def join(whole, pieces):
     return whole
 
 
-def assemble(pieces, out):
-    """The pieces back to back, written into ``out``."""
-    return torch.cat(pieces, out=out)
-
-
 def rows(t, n):
     return t.view(n, -1)
 
