@@ -273,6 +273,7 @@ def nodes_of(comp):
     node, local_rank = where[comp.rank()]
     sets = comp.ops.process_sets([[r for r, (k, _) in enumerate(where) if k == other] for other in sorted(per_node)] +
                                  [[r for r, (_, j) in enumerate(where) if j == other] for other in range(size)])
+    comp.ops.barrier_at_exit()
     across = sets[len(per_node):]
     return Nodes(sets[sorted(per_node).index(node)], across[local_rank], local_rank, size,
                  [min(r for r, (_, j) in enumerate(where) if j == other) for other in range(size)])
@@ -338,12 +339,13 @@ class Hierarchical(_Transport):
 
     def start(self, comp, bucket, members):
         bucket.sizes = [comp.ops.numel(p.work) for p in members]
-        bucket.handle = comp.ops.allreduce_mean(comp.ops.cat([p.work for p in members]), f"hc.n.{bucket.id}",
-                                                comp.nodes.local)
+        bucket.handle = comp.ops.allreduce_mean(comp.ops.cat([p.work for p in members], keep=bucket),
+                                                f"hc.n.{bucket.id}", comp.nodes.local)
 
     def receive(self, comp, bucket):
         """The node's average; this rank's slice of it compressed and exchanged between nodes; per tensor,
-        on how many nodes the average was not finite (anywhere: every rank of the node knows alike)."""
+        on how many nodes the average was not finite (in any slice: the node's ranks tell each other first,
+        so that all of them know alike)."""
         members, ops, nodes = bucket.launched, comp.ops, comp.nodes
         inner, names = T.default(comp.config), [T.shard_name(p.name, nodes.local_rank) for p in members]
         if bucket.inner is None or bucket.inner.names != tuple(names):
@@ -356,9 +358,11 @@ class Hierarchical(_Transport):
             e_in, e_out = p.payload
             q = Pending(key, inner, None, p.grad_dtype, 0, work=self.error_part(comp, whole))
             bucket.inner.transport.encode(across, q, e_in, e_out)
-            q.stats = ops.combine_stats([q.stats, ops.finite_stats(whole)])
-            p.stats, p.worker_error = q.stats, q.worker_error
             slices.append(q)
+        flags = ops.wait(ops.allgather(ops.flags([q.stats for q in slices]), f"hc.f.{bucket.id}", nodes.local))
+        for p, q, bad in zip(members, slices, ops.count_flags(ops.rows(flags, nodes.local_size), len(slices))):
+            q.stats = ops.mark_not_finite(q.stats, bad)
+            p.stats, p.worker_error = q.stats, q.worker_error
         bucket.inner.reset()
         bucket.inner.launched = slices
         bucket.inner.transport.start(across, bucket.inner, slices)

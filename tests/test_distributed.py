@@ -2,6 +2,7 @@
 simulation: every compressor x mode, replicas bit-identical, the seed's counterexample, checkpoint/resume,
 and bad set-ups that must fail clearly on every rank."""
 import json
+import os
 
 import pytest
 import torch
@@ -117,24 +118,28 @@ def check_against_simulation(n, ranks, case):
         assert len(stats["buckets"]) == 1
     if case.get("dense_below"):
         assert compressed == ["extra.weight", "fc1.weight"] and stats["dense_small_bytes"] > 0
-    if case.get("warmup"):   # the warm-up (8 steps) is over: the ratio in force is the compressor's own
+    if case.get("warmup"):   # the warm-up is over: the ratio in force is the compressor's own
         assert stats["worker_ratio"] == (None if case["compressor"] == "natural" else 0.3)
 
 
 def _node_cases():
-    """transport="hierarchical" on 2 nodes x 2 ranks: every compressor x mode, and the options around it."""
-    node = {"transport": "hierarchical", "local_size": 2}
-    cases = [{**c, **node, "id": c["id"] + "/hierarchical"}
-             for c in cases_of_every_compressor_and_mode(STEPS) if "k=" not in c["compressor"]]
-    ds = {"compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5", "steps": STEPS, **node}
+    """transport="hierarchical" on 2 nodes x 2 ranks: every compressor with DoubleSqueeze, plain and error
+    feedback for four of them (every compressor x mode with HVD_COMPRESS_NODE_MATRIX=all), and the options
+    around it. 10 steps: 4 ranks share this machine's 2 cores."""
+    node, steps = {"transport": "hierarchical", "local_size": 2}, 10
+    every = os.environ.get("HVD_COMPRESS_NODE_MATRIX") == "all"
+    few = ("topk:0.3", "randk:0.3,shared", "sign", "natural")
+    cases = [{**c, **node, "id": c["id"] + "/hierarchical"} for c in cases_of_every_compressor_and_mode(steps)
+             if "k=" not in c["compressor"] and (every or "server" in c or c["compressor"] in few)]
+    ds = {"compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5", "steps": steps, **node}
     return cases + [
         {**ds, "id": "hierarchical/dense_below=16", "dense_below": 16},
         {**ds, "id": "hierarchical/bucket_mb=1e-4", "bucket_mb": 1e-4},
         {**ds, "id": "hierarchical/float32", "dtype": "float32"},
-        {**ds, "id": "hierarchical/warmup=8/randk", "warmup": [8, 0.9], "compressor": "randk:0.3"},
+        {**ds, "id": "hierarchical/warmup=4/randk", "warmup": [4, 0.9], "compressor": "randk:0.3"},
         {**ds, "id": "hierarchical/clip=5", "clip": 5.0},
-        {**ds, "id": "hierarchical/state_dict at 7, resumed", "resume_at": 7},
-        {**ds, "id": "hierarchical/state_dict at 7, resumed, randk no server", "resume_at": 7,
+        {**ds, "id": "hierarchical/state_dict at 5, resumed", "resume_at": 5},
+        {**ds, "id": "hierarchical/state_dict at 5, resumed, randk no server", "resume_at": 5,
          "compressor": "randk:0.3", "server": None},
     ]
 

@@ -1,7 +1,9 @@
 """What the shared transports (``hvd_compress/bucket.py``) need from PyTorch: the kernels and Horovod's
 asynchronous collectives. ``out=`` arguments are written in place and returned; new errors go into the
 preallocated buffer given as ``e_out`` (the spare half of a double buffer)."""
+import atexit
 import os
+import sys
 
 import torch
 import horovod.torch as hvd
@@ -44,10 +46,9 @@ def exact_length(data, offset, size, itemsize):
     return 4 + (size * itemsize if count < 0 else count * (4 + itemsize))
 
 
-def finite_stats(t):
-    """Stats that say only whether all of ``t`` is finite (to combine with a slice's)."""
-    return torch.stack([torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64),
-                        t.isfinite().all().to(torch.float64)])
+def mark_not_finite(stats, count):
+    """A piece's stats, marked not finite where ``count`` (of ranks whose piece was not) is nonzero."""
+    return torch.stack([stats[0], stats[1], torch.minimum(stats[2], (count == 0).to(stats.dtype))])
 
 
 def combine_stats(stats):
@@ -161,6 +162,28 @@ def slowest(values, name, process_set):
 
 def global_process_set():
     return hvd.global_process_set
+
+
+def barrier_at_exit():
+    """At the interpreter's exit (before Horovod's own shutdown, registered earlier), wait for every rank,
+    unless an uncaught exception ends this one. Needed once some collectives run on a node's ranks only: the
+    ranks of a node that finishes its last step first would otherwise shut Horovod down under the others,
+    still in that step's last node-local collective."""
+    if getattr(barrier_at_exit, "registered", False):
+        return
+    barrier_at_exit.registered = True
+    failed, previous = [], sys.excepthook
+
+    def hook(*args):
+        failed.append(True)
+        previous(*args)
+
+    def barrier():
+        if not failed and hvd.is_initialized():
+            hvd.barrier()
+
+    sys.excepthook = hook
+    atexit.register(barrier)
 
 
 def node_place():
