@@ -20,8 +20,10 @@ def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
     p.add_argument("--error-feedback", action="store_true", help="keep and re-add the compression error")
     p.add_argument("--server", default="", help='compressor spec for the server pass ("" = none)')
     if transport:
-        p.add_argument("--transport", default=None, choices=["allgather", "allreduce", "sharded", "dense", "auto"],
-                       help="how payloads travel (default: allreduce if summable, else allgather)")
+        choices = ["allgather", "allreduce", "sharded", "dense", "auto"] + (["hierarchical"] if transport is True else [])
+        p.add_argument("--transport", default=None, choices=choices,
+                       help="how payloads travel (default: allreduce if summable, else allgather; hierarchical: "
+                            "exact inside a node, compressed between nodes)")
         p.add_argument("--link-gbps", type=float, default=None,
                        help="link bandwidth for --transport auto (default: measured at the first step)")
         p.add_argument("--dense-below", type=int, default=1024,

@@ -77,7 +77,8 @@ def replicas_identical(model):
 
 def main():
     args = parse_args(__doc__, transport=True)
-    hvd.init()
+    # the hierarchical transport adds a process set per node and per local rank at its first step
+    hvd.init(process_sets="dynamic" if args.transport == "hierarchical" else None)
     torch.manual_seed(args.seed)
     if torch.cuda.is_available():
         torch.cuda.set_device(hvd.local_rank())   # one GPU per rank

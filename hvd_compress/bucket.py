@@ -264,7 +264,10 @@ def nodes_of(comp):
     if comp._ranks().process_set_id != 0:
         raise ValueError("transport 'hierarchical' forms its process sets from all ranks of the job: use it "
                          "without a process set")
-    where = comp._allgather_object(comp.ops.node_place(), f"hc.nodes.{comp.tag}")   # (node, local rank) by rank
+    # (node, local rank, dynamic process sets) by rank
+    where = comp._allgather_object(comp.ops.node_place(), f"hc.nodes.{comp.tag}")
+    dynamic = all(d for _, _, d in where)
+    where = [(node, local) for node, local, _ in where]
     per_node = Counter(node for node, _ in where)
     if len(set(per_node.values())) != 1:
         raise ValueError(f"transport 'hierarchical' needs as many ranks on every node; ranks per node (by "
@@ -272,7 +275,8 @@ def nodes_of(comp):
     size = next(iter(per_node.values()))
     node, local_rank = where[comp.rank()]
     sets = comp.ops.process_sets([[r for r, (k, _) in enumerate(where) if k == other] for other in sorted(per_node)] +
-                                 [[r for r, (_, j) in enumerate(where) if j == other] for other in range(size)])
+                                 [[r for r, (_, j) in enumerate(where) if j == other] for other in range(size)],
+                                 dynamic)
     comp.ops.barrier_at_exit()
     across = sets[len(per_node):]
     return Nodes(sets[sorted(per_node).index(node)], across[local_rank], local_rank, size,

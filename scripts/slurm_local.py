@@ -7,8 +7,15 @@ logs; nothing under /etc is read or changed), waits for the node to be idle, sub
 examples/slurm/*.sbatch with a short 2-rank run, waits for each job, checks its output, and tears the cluster
 down again, also on failure or Ctrl-C.
 
-    python3 scripts/slurm_local.py                 # all jobs
-    python3 scripts/slurm_local.py --jobs pytorch,keras --keep   # some jobs; keep the temp dir for a look
+    python3 -m scripts.slurm_local                 # all jobs
+    python3 -m scripts.slurm_local --jobs pytorch,keras --keep   # some jobs; keep the temp dir for a look
+    python3 -m scripts.slurm_local --nodes 2       # two nodes of the emulated cluster (scripts/cluster.py)
+
+With ``--nodes 2`` the cluster is two nodes of ``scripts/cluster.py`` (network namespaces with their own
+hostnames, ssh between them, a 1 Gbit/s tc-limited link each): slurmctld and the first slurmd run on hcnode0,
+the second slurmd on hcnode1 (Slurm's own node names), Slurm's clients on hcnode0, and every job is 2 nodes x
+2 ranks (PyTorch's with ``--transport hierarchical``): horovodrun and mpirun reach hcnode1 over ssh, srun
+through slurmd.
 
 One line per job:  JOB <id> <name> <state> <PASS|FAIL> [why] | <matched output lines>
 Exit status: 0 = every job passed, 1 = a job failed a check, 3 = the cluster could not be set up or started
@@ -26,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from scripts import cluster as emulated
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH_DIR = ROOT / "examples" / "slurm"
@@ -108,20 +117,46 @@ def node_hardware():
     return {"NodeName": socket.gethostname().split(".")[0], "CPUs": str(os.cpu_count() or 1)}
 
 
+def cgroup_mounts():
+    """Shell commands that mount this machine's cgroup file systems again where they are now (inside a node
+    of the emulated cluster, whose /sys is the network namespace's own)."""
+    commands = []
+    for line in Path("/proc/mounts").read_text().splitlines():
+        source, where, kind, options = line.split()[:4]
+        if where == "/sys/fs/cgroup" or where.startswith("/sys/fs/cgroup/"):
+            if kind not in ("tmpfs", "cgroup", "cgroup2"):
+                continue
+            options = ",".join(o for o in options.split(",") if o not in ("rw", "ro", "relatime", "nosuid", "nodev",
+                                                                           "noexec", "mode=755"))
+            commands.append(f"mkdir -p {where} && mount -t {kind} {'-o ' + options if options else ''} {source} "
+                            f"{where}")
+    return " && ".join(commands) or "true"
+
+
 class Cluster:
-    def __init__(self, keep=False):
+    def __init__(self, keep=False, nodes=1):
         self.keep = keep
         self.dir = Path(tempfile.mkdtemp(prefix="hvd-slurm-"))   # mode 0700, owned by root
         self.procs = {}
-        self.host = socket.gethostname().split(".")[0]
+        # one node: this machine; several: the emulated cluster's nodes, Slurm's clients on the first
+        self.nodes = emulated.Cluster(nodes, rate_gbit=1.0) if nodes > 1 else None
+        self.hosts = self.nodes.names if self.nodes else [socket.gethostname().split(".")[0]]
+        self.host = self.hosts[0]
         # Without the variables of an MPI process we may run in (an MPI singleton, e.g. a test process that
         # called hvd.init(), sets two dozen): passed on to a job, they make its mpirun fail silently.
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(MPI_ENV_PREFIXES)}
 
     # -- daemons ------------------------------------------------------------------------------------
-    def _spawn(self, name, cmd):
+    def _on(self, k, cmd):
+        """cmd, run on node k (itself with one node)."""
+        return self.nodes.on(k, cmd) if self.nodes else cmd
+
+    def _slurmds(self):
+        return [f"slurmd{k}" for k in range(len(self.hosts))]
+
+    def _spawn(self, name, cmd, node=0):
         logf = open(self.dir / "log" / f"{name}.console", "w")
-        self.procs[name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=self.env,
+        self.procs[name] = (subprocess.Popen(self._on(node, cmd), stdout=logf, stderr=subprocess.STDOUT, env=self.env,
                                              start_new_session=True), logf)
 
     def _alive(self, name):
@@ -134,7 +169,12 @@ class Cluster:
 
     def start(self):
         d = self.dir
-        for sub in ("munge", "munge/run", "log", "state", "spool", "out"):
+        if self.nodes:
+            try:
+                self.nodes.up()
+            except RuntimeError as e:
+                raise SetupError(f"the emulated cluster: {e}") from None
+        for sub in ("munge", "munge/run", "log", "state", "spool", "out", *(f"spool/{h}" for h in self.hosts)):
             (d / sub).mkdir(mode=0o755)
         os.chmod(d, 0o755)   # munged checks that no one else can write to the directories above its socket
         key = d / "munge" / "munge.key"
@@ -156,9 +196,9 @@ class Cluster:
         plugstack = d / "plugstack.conf"
         plugstack.write_text("")   # no SPANK plug-ins from /etc/slurm/plugstack.conf.d
         conf.write_text(f"""\
-# Throw-away single-node cluster written by scripts/slurm_local.py
+# Throw-away cluster written by scripts/slurm_local.py
 ClusterName=hvdlocal
-SlurmctldHost={self.host}(127.0.0.1)
+SlurmctldHost={self.host}({self._address(0)})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -167,11 +207,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={sock}
 StateSaveLocation={d / 'state'}
-SlurmdSpoolDir={d / 'spool'}
+SlurmdSpoolDir={d / 'spool' / '%n'}
 SlurmctldPidFile={d / 'slurmctld.pid'}
-SlurmdPidFile={d / 'slurmd.pid'}
+SlurmdPidFile={d / 'slurmd.%n.pid'}
 SlurmctldLogFile={d / 'log' / 'slurmctld.log'}
-SlurmdLogFile={d / 'log' / 'slurmd.log'}
+SlurmdLogFile={d / 'log' / 'slurmd.%n.log'}
 SlurmctldDebug=info
 SlurmdDebug=info
 PlugStackConfig={plugstack}
@@ -190,9 +230,10 @@ MinJobAge=3600
 KillWait=10
 MailProg=/bin/true
 InactiveLimit=0
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} {topo} RealMemory=1000 State=UNKNOWN
+{{nodes}}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-""")
+""".replace("{nodes}", "\n".join(f"NodeName={h} NodeAddr={self._address(k)} CPUs={cpus} {topo} RealMemory=1000 "
+                                  f"State=UNKNOWN" for k, h in enumerate(self.hosts))))
         self.env["SLURM_CONF"] = str(conf)
         for var in [v for v in self.env if v.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
             if var != "SLURM_CONF":
@@ -200,10 +241,14 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(conf)])
         self._wait(lambda: self._run(["scontrol", "ping"]).stdout.find("UP") >= 0, 60, "slurmctld to answer",
                    "slurmctld")
-        self._spawn("slurmd", ["slurmd", "-D", "-f", str(conf), "-N", self.host])
-        self._wait(lambda: self.node_state() == "idle", 90, f"node {self.host} to be idle", "slurmd",
-                   also=("slurmctld",))
-        log(f"cluster up in {d}: node {self.host} idle ({cpus} CPUs)")
+        for k, host in enumerate(self.hosts):
+            slurmd = ["slurmd", "-D", "-f", str(conf), "-N", host]
+            if self.nodes:   # `ip netns exec` mounts the namespace's own /sys, without cgroups: slurmd needs them
+                slurmd = ["sh", "-c", f'{cgroup_mounts()} && exec "$@"', "sh", *slurmd]
+            self._spawn(f"slurmd{k}", slurmd, node=k)
+        self._wait(lambda: self.node_state() == "idle", 90, f"node(s) {', '.join(self.hosts)} to be idle",
+                   "slurmd0", also=("slurmctld", *self._slurmds()[1:]))
+        log(f"cluster up in {d}: node(s) {', '.join(self.hosts)} idle ({cpus} CPUs each)")
         mpi = " ".join(self._run(["srun", "--mpi=list"]).stdout.split())
         log(f"srun --mpi=list: {mpi}")
 
@@ -218,20 +263,25 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             except (subprocess.SubprocessError, OSError):
                 pass
             time.sleep(0.5)
-        extra = f" (node state {self.node_state()!r})" if name == "slurmd" else ""
+        extra = f" (node state {self.node_state()!r})" if name.startswith("slurmd") else ""
         tail = ""
-        logf = self.dir / "log" / f"{name}.log"
+        logf = self.dir / "log" / (f"slurmd.{self.hosts[int(name[6:])]}.log" if name.startswith("slurmd")
+                                   else f"{name}.log")
         if logf.exists():
             tail = " ".join(logf.read_text(errors="replace").splitlines()[-8:])
         raise SetupError(f"timed out after {timeout} s waiting for {what}{extra}: {tail}")
 
+    def _address(self, k):
+        return emulated.ip(k) if self.nodes else "127.0.0.1"
+
     def _run(self, cmd, timeout=30, **kw):
-        return subprocess.run(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        return subprocess.run(self._on(0, cmd), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               timeout=timeout, **kw)
 
     def node_state(self):
         try:
-            return self._run(["sinfo", "-h", "-N", "-o", "%T"]).stdout.strip()
+            states = set(self._run(["sinfo", "-h", "-N", "-o", "%T"]).stdout.split())
+            return states.pop() if len(states) == 1 else " ".join(sorted(states))
         except subprocess.SubprocessError:
             return ""
 
@@ -247,7 +297,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                         time.sleep(1)
             except (subprocess.SubprocessError, OSError):
                 pass
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in (*self._slurmds(), "slurmctld", "munged"):
             if name not in self.procs:
                 continue
             proc, logf = self.procs[name]
@@ -265,6 +315,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if self.nodes:
+            emulated.down()
         if self.keep:
             log(f"kept {self.dir}")
         else:
@@ -286,8 +338,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     # -- jobs ----------------------------------------------------------------------------------------
     def submit(self, name, script, extra_env, args):
         env_spec = ",".join(["ALL", *(f"{k}={v}" for k, v in extra_env.items())])
+        alloc = [f"--nodes={len(self.hosts)}", *ALLOC_ARGS[1:]]
         cmd = ["sbatch", "--parsable", f"--job-name=hvd-{name}", f"--output={self.dir / 'out' / name}-%j.out",
-               f"--export={env_spec}", *ALLOC_ARGS, str(SBATCH_DIR / script), *args]
+               f"--export={env_spec}", *alloc, str(SBATCH_DIR / script), *args]
         log(f"submit {name}: {' '.join(shlex.quote(c) for c in cmd)}")
         proc = self._run(cmd, cwd=ROOT)   # cwd = SLURM_SUBMIT_DIR: the scripts find .venv and examples/ there
         if proc.returncode != 0:
@@ -302,8 +355,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         end = time.monotonic() + timeout
         info = {}
         while time.monotonic() < end:
-            self._alive("slurmctld")
-            self._alive("slurmd")
+            for daemon in ("slurmctld", *self._slurmds()):
+                self._alive(daemon)
             info = self.job_info(jobid)
             if info.get("JobState") in TERMINAL:
                 return info
@@ -351,6 +404,9 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (conf, logs, job outputs)")
     ap.add_argument("--no-install", action="store_true", help="fail instead of apt-get installing Slurm/MUNGE")
     ap.add_argument("--show-output", action="store_true", help="print each failed job's output file")
+    ap.add_argument("--nodes", type=int, default=1, choices=[1, 2],
+                    help="2: two nodes of the emulated cluster (scripts/cluster.py), PyTorch jobs with "
+                         "--transport hierarchical")
     a = ap.parse_args()
     names = [n for n in a.jobs.split(",") if n]
     unknown = [n for n in names if n not in JOBS]
@@ -370,7 +426,7 @@ def main():
     try:
         try:
             ensure_installed(not a.no_install)
-            cluster = Cluster(keep=a.keep)
+            cluster = Cluster(keep=a.keep, nodes=a.nodes)
             cluster.start()
         except SetupError as e:
             print(f"SETUP-FAILED: {e}", file=sys.stderr)
@@ -379,7 +435,10 @@ def main():
         for name in names:
             script, extra_env = JOBS[name]
             t0 = time.monotonic()
-            jobid, err = cluster.submit(name, script, extra_env, EXAMPLE_ARGS)
+            # PyTorch jobs on several nodes compress between nodes only (TensorFlow has no such transport yet)
+            hierarchical = a.nodes > 1 and script.startswith("pytorch")
+            args = EXAMPLE_ARGS + (["--transport", "hierarchical"] if hierarchical else [])
+            jobid, err = cluster.submit(name, script, extra_env, args)
             if jobid is None:
                 print(f"JOB - {name} SUBMIT-FAILED FAIL sbatch: {err}", flush=True)
                 failed += 1
@@ -393,7 +452,7 @@ def main():
             state = info.get("JobState", "?")
             out = Path(info.get("StdOut", "") or cluster.dir / "out" / f"{name}-{jobid}.out")
             text = out.read_text(errors="replace") if out.exists() else ""
-            problems, matched = check_output(text, a.ratio_max)
+            problems, matched = check_output(text, a.ratio_max, ranks=2 * a.nodes)
             if state != "COMPLETED":
                 problems.insert(0, f"state {state} exit {info.get('ExitCode', '?')}")
             verdict = "FAIL " + "; ".join(problems) if problems else "PASS"

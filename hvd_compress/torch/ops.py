@@ -187,20 +187,22 @@ def barrier_at_exit():
 
 
 def node_place():
-    """(this rank's node, its local rank), as Horovod numbers them."""
-    return hvd.cross_rank(), hvd.local_rank()
+    """(this rank's node, its local rank, whether Horovod runs with dynamic process sets), as Horovod knows
+    them."""
+    return hvd.cross_rank(), hvd.local_rank(), os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS") == "1"
 
 
-def process_sets(rank_lists):
+def process_sets(rank_lists, dynamic):
     """Horovod's process sets of these ranks: the global one, one registered already (``hvd.init(process_sets=
-    [...])``), or a new one, added on every rank in this order (Horovod started with dynamic process sets)."""
+    [...])``), or a new one, added on every rank in this order; ``dynamic``: whether every rank runs with
+    dynamic process sets (known alike on every rank, so that all refuse alike)."""
     from horovod.common.process_sets import ProcessSet, _basics
     known = {tuple(sorted(ranks)): id for id, ranks in _basics._get_process_set_ids_and_ranks().items()}
     missing = [ranks for ranks in rank_lists if tuple(sorted(ranks)) not in known]
-    if missing and os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS") != "1":
+    if missing and not dynamic:
         raise ValueError(f"transport 'hierarchical' needs process sets of ranks {missing}: start Horovod with "
-                         f"hvd.init(process_sets='dynamic') (or HOROVOD_DYNAMIC_PROCESS_SETS=1), or register them "
-                         f"at hvd.init(process_sets=[...])")
+                         f"hvd.init(process_sets='dynamic') on every rank (or HOROVOD_DYNAMIC_PROCESS_SETS=1), or "
+                         f"register them at hvd.init(process_sets=[...])")
     made = {}
     for ranks in rank_lists:
         key = tuple(sorted(ranks))
