@@ -208,6 +208,7 @@ CredType=cred/munge
 AuthInfo=socket={sock}
 StateSaveLocation={d / 'state'}
 SlurmdSpoolDir={d / 'spool' / '%n'}
+TmpFS={d / 'spool' / '%n'}
 SlurmctldPidFile={d / 'slurmctld.pid'}
 SlurmdPidFile={d / 'slurmd.%n.pid'}
 SlurmctldLogFile={d / 'log' / 'slurmctld.log'}
