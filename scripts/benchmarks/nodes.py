@@ -71,7 +71,7 @@ def launch(cluster, plan, tmp):
                                                              "probe_repeats")},
                                      "rate_bps": plan["rate_gbit"] * 1e9, "lr": 0.01, "configs": configs}))
     env = ["env", f"PYTHONPATH={ROOT}", "OMP_NUM_THREADS=1", "MKL_NUM_THREADS=1", "PYTHONUNBUFFERED=1",
-           "HOROVOD_DYNAMIC_PROCESS_SETS=1", f"HOROVOD_GLOO_IFACE={C.NIC}"]
+           "HOROVOD_DYNAMIC_PROCESS_SETS=1", f"HOROVOD_GLOO_IFACE={C.NIC}", "HOROVOD_GLOO_TIMEOUT_SECONDS=300"]
     command = [str(Path(sys.executable).parent / "horovodrun"), "--gloo", "-np", str(NODES * RANKS_PER_NODE),
                "-H", cluster.hosts(RANKS_PER_NODE), "--network-interface", C.NIC,
                sys.executable, "-m", WORKER, str(plan_path), str(out_path)]
