@@ -49,6 +49,7 @@ class Pending:
     velocity: Any = None             # momentum correction: the candidate new u
     update: Any = None               # the aggregated (and server-compressed) gradient
     mine: Any = None                 # sharded: this rank's slice of the average
+    errors: Any = None               # hierarchical: (e_in, e_out) until the node's average is known
 
 
 def _part(t, a, b):
@@ -339,7 +340,7 @@ class Hierarchical(_Transport):
         for c in filter(None, (comp.worker(), comp.config.server)):
             for j in range(comp.nodes.local_size):
                 c.layout(b[j + 1] - b[j])
-        p.payload = (e_in, e_out)
+        p.errors = (e_in, e_out)
 
     def start(self, comp, bucket, members):
         bucket.sizes = [comp.ops.numel(p.work) for p in members]
@@ -359,7 +360,7 @@ class Hierarchical(_Transport):
         for p, key, size in zip(members, names, bucket.sizes):
             whole = average[offset:offset + size]
             offset += size
-            e_in, e_out = p.payload
+            e_in, e_out = p.errors
             q = Pending(key, inner, None, p.grad_dtype, 0, work=self.error_part(comp, whole))
             bucket.inner.transport.encode(across, q, e_in, e_out)
             slices.append(q)

@@ -67,7 +67,8 @@ class Compression(CompressionBase, tf.Module):
         root_rank: the rank whose server payload every rank applies.
         seed: base of the seeds of random compressors.
         transport, link_gbps, dense_below: as in the PyTorch plug-in: how payloads travel ("allgather",
-            "allreduce", "sharded", "dense", "auto"; not yet "hierarchical"; None: allreduce for summable payloads, else allgather),
+            "allreduce", "sharded", "dense", "auto"; not yet "hierarchical"; None: allreduce for summable
+            payloads, else allgather),
             the link "auto" prices them with (None: measured at the first step), and the size under which a
             variable's gradient travels uncompressed in Horovod's allreduce (0: compress every variable).
         process_set: the Horovod process set whose ranks average the gradients, the one given to

@@ -60,8 +60,9 @@ class Compression(CompressionBase):
         seed: base of the seeds of random compressors (each call is keyed by step, rank and parameter).
         transport: how payloads travel (``hvd_compress.transport``): None (allreduce for summable
             payloads, allgather otherwise), "allgather", "allreduce", "sharded" (with a server compressor,
-            bytes per rank flat in the number of ranks), "dense" (no compression), or "auto" (per tensor, by
-            the cost model).
+            bytes per rank flat in the number of ranks), "dense" (no compression), "hierarchical" (several
+            nodes: exact inside a node, compressed between nodes; needs Horovod's dynamic process sets, see
+            ``bucket.Hierarchical``), or "auto" (per tensor, by the cost model; it never picks "hierarchical").
         link_gbps: for "auto", the link bandwidth in Gbit/s; None measures it (and the latency) at the
             first step with bucket-sized allreduces, and every rank takes the slowest rank's figures.
         dense_below: tensors with fewer elements (biases, norms) travel uncompressed in Horovod's fused
