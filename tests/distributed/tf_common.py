@@ -1,7 +1,8 @@
 """TensorFlow twin of common.py: a tiny model, per-rank data, a distributed loop and its simulation.
 
 The head ``extra`` is used on even steps only: on odd steps its gradient is None, Horovod skips it, and the
-simulation leaves it out of that step too.
+simulation leaves it out of that step too. A case with ``"extra_every_step": true`` uses it on every step:
+its step function is traced once instead of twice (tracing is most of the TF tests' time).
 """
 import os
 
@@ -24,6 +25,10 @@ def make_variables(dtype=tf.float64):
 def batch(step, rank, dtype=tf.float64):
     rng = np.random.RandomState(10_000 * step + rank)
     return tf.constant(rng.randn(8, 6), dtype), tf.constant(rng.randn(8, 3), dtype)
+
+
+def uses_extra(case, step):
+    return case.get("extra_every_step", False) or step % 2 == 0
 
 
 def loss_of(variables, x, y, use_extra):
@@ -49,7 +54,7 @@ def train_reference(case, n, steps, start=0, variables=None, sim=None):
         for r in range(n):
             x, y = batch(step, r)
             with tf.GradientTape() as tape:
-                loss = loss_of(variables, x, y, step % 2 == 0)
+                loss = loss_of(variables, x, y, uses_extra(case, step))
             grads.append({name: g for name, g in zip(names, tape.gradient(loss, variables)) if g is not None})
         for name, update in sim.step(grads).items():
             variables[names.index(name)].assign_sub(LR * update)
@@ -85,5 +90,5 @@ def train_distributed(case, steps, start=0, variables=None, compression=None, pr
 
     for step in range(start, start + steps):
         x, y = batch(step, process_set.rank())
-        train_step(x, y, step % 2 == 0)
+        train_step(x, y, uses_extra(case, step))
     return variables, compression
