@@ -276,8 +276,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         return emulated.ip(k) if self.nodes else "127.0.0.1"
 
     def _run(self, cmd, timeout=30, **kw):
-        return subprocess.run(self._on(0, cmd), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=timeout, **kw)
+        return subprocess.run(self._on(0, cmd), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=timeout, **kw)
 
     def node_state(self):
         try:

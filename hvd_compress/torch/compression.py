@@ -12,8 +12,8 @@ memory into buffers allocated once). Payloads travel in buckets (``hvd_compress/
 TensorFlow plug-in): the compressed tensors of a bucket are encoded one by one, as Horovod hands them over,
 and the bucket's payloads leave in one collective as soon as its last tensor is in. How a bucket travels
 (allgather, allreduce of summable payloads, sharded) is its transport object; ``"dense"`` tensors (and, by
-default, tensors under ``dense_below`` elements) go to Horovod's own fused allreduce; ``"auto"`` picks per tensor by the cost model of ``hvd_compress.transport``,
-priced with this job's measured link and kernel times.
+default, tensors under ``dense_below`` elements) go to Horovod's own fused allreduce; ``"auto"`` picks per
+tensor by the cost model of ``hvd_compress.transport``, priced with this job's measured link and kernel times.
 
 Horovod calls compress() from each parameter's backward hook and decompress() from synchronize(), after
 allreducing whatever compress() returned. Here that is a one-element step marker (4 bytes) holding the step

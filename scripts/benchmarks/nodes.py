@@ -43,10 +43,10 @@ CONFIGS = [
 FLAT = ("topk1%+EF allgather", "topk1%+EF sharded")
 LAUNCHERS = ("gloo", "mpi")
 PLANS = {
-    True: {"launchers": ["gloo"], "rate_gbit": 1, "width": 512, "layers": 2, "batch": 4, "warmup": 1, "steps": 3, "probe_repeats": 1,
-           "configs": ["dense", "topk1%+EF allgather", "topk1%+EF hierarchical"], "timeout_s": 300},
-    False: {"launchers": list(LAUNCHERS), "rate_gbit": 1, "width": 2048, "layers": 6, "batch": 4, "warmup": 1, "steps": 5, "probe_repeats": 2,
-            "configs": [c["name"] for c in CONFIGS], "timeout_s": 1200},
+    True: {"launchers": ["gloo"], "rate_gbit": 1, "width": 512, "layers": 2, "batch": 4, "warmup": 1, "steps": 3,
+           "probe_repeats": 1, "configs": ["dense", "topk1%+EF allgather", "topk1%+EF hierarchical"], "timeout_s": 300},
+    False: {"launchers": list(LAUNCHERS), "rate_gbit": 1, "width": 2048, "layers": 6, "batch": 4, "warmup": 1,
+            "steps": 5, "probe_repeats": 2, "configs": [c["name"] for c in CONFIGS], "timeout_s": 1200},
 }
 
 
@@ -162,7 +162,7 @@ def plot(runs, path):
     left.legend()
     right.set_xlabel("MB leaving the busiest node per step")
     right.set_xscale("log")
-    fig.suptitle(f"{NODES} nodes x {RANKS_PER_NODE} ranks, tc-limited links between nodes (Gloo / MPI controller)")
+    fig.suptitle(f"{NODES} nodes x {RANKS_PER_NODE} ranks, tc-limited links between nodes, by Horovod controller")
     return save(fig, path)
 
 
