@@ -391,9 +391,10 @@ class Hierarchical(_Transport):
         gathered = ops.wait(ops.allgather(ops.cat([ops.pack_exact(q.update) for q in slices]), f"hc.u.{bucket.id}",
                                           nodes.local))
         pieces, offset = {p.name: [] for p in members}, 0
+        bounds = {p.name: T.bounds(ops.numel(p.work), nodes.local_size) for p in members}
         for j in range(nodes.local_size):   # local rank j's slices, back to back
             for p in members:
-                b = T.bounds(ops.numel(p.work), nodes.local_size)
+                b = bounds[p.name]
                 size = b[j + 1] - b[j]
                 length = ops.exact_length(gathered, offset, size, ops.itemsize(p.work))
                 pieces[p.name].append(ops.unpack_exact(gathered[offset:offset + length], size,
