@@ -74,7 +74,9 @@ def config_line(size, device, args, n_params, use_hc):
     return (f"size {size}  device {device}  compressor {args.compressor or 'none'}  "
             f"error_feedback {args.error_feedback}  server {args.server or 'none'}  "
             f"params {n_params:,}  hvd_compress {'on' if use_hc else 'off (Horovod default)'}"
-            + (f"  transport {args.transport}" if getattr(args, "transport", None) else ""))
+            + (f"  transport {args.transport}" if getattr(args, "transport", None) else "")
+            + ("  momentum_correction on" if getattr(args, "momentum_correction", False) else "")
+            + (f"  warmup {args.warmup} steps" if getattr(args, "warmup", 0) else ""))
 
 
 def steps_per_epoch(n, size, batch_size):
