@@ -567,6 +567,6 @@ def _horovod_optimizer_calling():
 def _wait_quietly(handle):
     """Wait for a collective whose result is no longer wanted (its error, if any, is the one being raised)."""
     try:
-        hvd.synchronize(handle)
+        ops.wait(handle)
     except Exception:   # noqa: BLE001
         pass

@@ -159,13 +159,13 @@ def wait(handle):
 
 
 def allreduce_now(t, name, process_set):
-    return hvd.allreduce(t, name=name, process_set=process_set)
+    return wait(hvd.allreduce_async(t, name=name, process_set=process_set))
 
 
 def slowest(values, name, process_set):
     """Every rank takes the largest of each value over ranks, so that all ranks choose alike."""
-    return hvd.allreduce(torch.tensor(values, dtype=torch.float64), op=hvd.Max, name=name,
-                         process_set=process_set).tolist()
+    return wait(hvd.allreduce_async(torch.tensor(values, dtype=torch.float64), op=hvd.Max, name=name,
+                                    process_set=process_set)).tolist()
 
 
 def global_process_set():
@@ -225,7 +225,7 @@ def process_sets(rank_lists, dynamic):
 
 def allgather_now(array, name, process_set):
     """Every rank's numpy ``array``, concatenated (eagerly)."""
-    return hvd.allgather(torch.from_numpy(array), name=name, process_set=process_set).numpy()
+    return wait(hvd.allgather_async(torch.from_numpy(array), name=name, process_set=process_set)).numpy()
 
 
 def concat_state(pieces):
