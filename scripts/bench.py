@@ -10,7 +10,9 @@ Exit code 0 when the benchmark ran and its checks passed, 1 otherwise.
   model    the cost model fitted to the measurements, projected to 8 ... 1024 ranks (a plot)
   nodes    2 emulated nodes x 2 ranks (scripts/cluster.py), tc-limited links between them: step time and bytes
            leaving each node for dense, flat and hierarchical transports (needs root)
-  all      the five, in this order (steps and nodes need root; about 30 minutes on 2 cores)
+  gpu      the PyTorch kernels on a CUDA device against a device-to-device copy (needs a GPU; not in "all";
+           scripts/gpu_check.sh runs it with --out results/gpu)
+  all      the first five, in this order (steps and nodes need root; about 30 minutes on 2 cores)
 """
 import argparse
 import sys
@@ -24,7 +26,9 @@ BENCHMARKS = {
     "steps": "scripts.benchmarks.steps",
     "model": "scripts.benchmarks.costmodel",
     "nodes": "scripts.benchmarks.nodes",
+    "gpu": "scripts.benchmarks.gpu",
 }
+ALL = ["bytes", "kernels", "steps", "model", "nodes"]
 
 
 def main(argv=None):
@@ -36,7 +40,7 @@ def main(argv=None):
 
     out = args.out or ROOT / "results" / ("bench-quick" if args.quick else "bench")
     out.mkdir(parents=True, exist_ok=True)
-    names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
+    names = ALL if args.benchmark == "all" else [args.benchmark]
     return 0 if all([run_one(name, out, args.quick) for name in names]) else 1
 
 

@@ -163,6 +163,26 @@ def test_hierarchical_on_two_nodes_matches_simulation(two_nodes_run, case):
     assert set(two_nodes_run[1][0][case["id"]]["_stats"]["transports"].values()) <= {"hierarchical", "dense"}
 
 
+STAGED_IDS = ["topk:0.3/doublesqueeze", "randk:0.3,shared/doublesqueeze", "sign/ef/sharded",
+              "natural/doublesqueeze/sharded", "transport=auto", "dense_below=16", "momentum=0.9/dense_below=16",
+              "bucket_mb=1e-4/sharded"]
+
+
+def test_host_staging_matches_simulation(tmp_path):
+    """``HVD_COMPRESS_HOST_STAGING=1`` (the GPU path where NCCL cannot run: the kernels on the device, every
+    collective, step marker and dense tensor on a host copy) on CPU tensors: the same staged code path, one
+    copy each way; allgather, allreduce, alltoall, broadcast and Horovod's dense average all pass through it."""
+    cases = [c for c in CASES if c["id"] in STAGED_IDS]
+    assert len(cases) == len(STAGED_IDS)
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    proc = launch(2, DISTRIBUTED / "worker.py", tmp_path / "cases.json", tmp_path,
+                  env={"HVD_COMPRESS_HOST_STAGING": "1"})
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for case in cases:
+        check_against_simulation(2, ranks, case)
+
+
 def test_counterexample_top1_diverges_and_error_feedback_converges():
     """The first seed: n = d = 3, Top-1: x_k = (1 + 11 eta / 6)^k x_0; with error feedback x_k -> 0."""
     proc = launch(3, DISTRIBUTED / "counterexample.py", 30, 300, 0.05, 0.1, launcher="mpirun")

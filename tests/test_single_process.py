@@ -253,3 +253,24 @@ def test_stats_keys_are_the_ones_the_tensorflow_plug_in_reports_too():
     """tests/test_tf_distributed.py checks the TensorFlow plug-in's stats() against this same set."""
     from test_tf_distributed import TORCH_STATS_KEYS
     assert hc.Compression("topk:0.5", named_parameters=_model().named_parameters()).stats().keys() == TORCH_STATS_KEYS
+
+
+def test_host_staging_setting(monkeypatch):
+    """HVD_COMPRESS_HOST_STAGING: 1 stages every collective on a host copy (a CPU tensor too), 0 none; unset,
+    device tensors only when Horovod has no GPU operations; anything else is refused by name."""
+    from hvd_compress.torch import ops
+    t = torch.ones(3)
+    try:
+        for value, staged in (("1", True), ("0", False), ("", False)):
+            monkeypatch.setenv("HVD_COMPRESS_HOST_STAGING", value)
+            ops.host_staging.cache_clear()
+            assert ops.staged(t) is staged
+            handed = ops.for_horovod(t)
+            assert torch.equal(handed, t) and (handed is not t) is staged
+        monkeypatch.setenv("HVD_COMPRESS_HOST_STAGING", "yes")
+        ops.host_staging.cache_clear()
+        with pytest.raises(ValueError, match="HVD_COMPRESS_HOST_STAGING='yes'"):
+            ops.staged(t)
+    finally:
+        monkeypatch.delenv("HVD_COMPRESS_HOST_STAGING")
+        ops.host_staging.cache_clear()

@@ -180,7 +180,10 @@ class Compression(CompressionBase):
                     p.velocity = self._momentum_step(name, u)
                 if u is not flat:
                     flat.copy_(u)
-            return tensor, name
+            handed = ops.for_horovod(tensor)
+            if handed is not tensor:   # staged: Horovod's average comes back into the gradient's memory
+                p.work = tensor.detach()
+            return handed, name
         try:
             dtype = K.compute_dtype(tensor.dtype)
         except TypeError as err:
@@ -207,7 +210,7 @@ class Compression(CompressionBase):
         if self.config.momentum:   # factor masking: the coordinates sent (where e changed from x) leave u
             x = work if e_in is None else work + e_in
             p.velocity.masked_fill_(e_out != x, 0)
-        marker = torch.full((1,), float(self._step + 1), dtype=torch.float32, device=work.device)
+        marker = ops.for_horovod(torch.full((1,), float(self._step + 1), dtype=torch.float32, device=work.device))
         p.bytes_sent += marker.element_size()
         self._pending[name] = p
         bucket.add(self, p)
@@ -220,7 +223,7 @@ class Compression(CompressionBase):
         if pending is None:
             raise RuntimeError(f"decompress() for parameter {name!r} that was not compressed in this step")
         if pending.transport == "dense":
-            pending.update = output
+            pending.update = output if pending.work is None else pending.work.copy_(output.view_as(pending.work))
         elif pending.update is None:   # the first decompress() of a compressed tensor in this step
             value = output.item()
             if not math.isclose(value, self._step + 1, rel_tol=1e-3):

@@ -2,6 +2,7 @@
 asynchronous collectives. ``out=`` arguments are written in place and returned; new errors go into the
 preallocated buffer given as ``e_out`` (the spare half of a double buffer)."""
 import atexit
+import functools
 import os
 import sys
 import time
@@ -130,42 +131,91 @@ def sync(t):
     return t
 
 
+# ---- host staging: collectives on host copies of device tensors ------------------------------------------
+
+@functools.cache
+def host_staging():
+    """Whether collectives run on host copies: ``HVD_COMPRESS_HOST_STAGING=1`` stages every collective (a
+    CPU tensor too: one copy, so the path is the same everywhere), ``0`` none; unset, device tensors are
+    staged when this Horovod has no GPU operations (built without them it refuses CUDA tensors). Set it
+    where NCCL cannot run, e.g. several ranks on one GPU (NCCL: "Duplicate GPU detected"): the kernels and
+    buffers stay on the GPU, only the payloads (and the 4-byte step markers) cross to the host."""
+    value = os.environ.get("HVD_COMPRESS_HOST_STAGING", "").strip().lower()
+    if value not in ("", "0", "1", "false", "true"):
+        raise ValueError(f"HVD_COMPRESS_HOST_STAGING={value!r}: use 1 (stage every collective on the host) or 0")
+    if value:
+        return "all" if value in ("1", "true") else None
+    return None if hvd.cuda_built() or hvd.rocm_built() else "device"
+
+
+def staged(t):
+    """Whether a collective of ``t`` runs on a host copy of it."""
+    how = host_staging()
+    return how == "all" or (how == "device" and t.device.type != "cpu")
+
+
+def for_horovod(t):
+    """What to hand to Horovod's own collectives (the step marker, dense tensors): t, or its host copy."""
+    return t.to("cpu", copy=True) if staged(t) else t
+
+
+class _Staged:
+    """A collective started on a host copy; its result goes back to ``device`` (into ``into``: in place)."""
+    __slots__ = ("handle", "device", "into")
+
+    def __init__(self, handle, device, into):
+        self.handle, self.device, self.into = handle, device, into
+
+
+def _start(collective, t, *args, in_place=False, **kwargs):
+    if not staged(t):
+        return collective(t, *args, **kwargs)
+    return _Staged(collective(t.to("cpu", copy=True), *args, **kwargs), t.device, t if in_place else None)
+
+
 # ---- Horovod's collectives (asynchronous: a handle, then wait) --------------------------------------------
 
 def allgather(t, name, process_set):
-    return hvd.allgather_async(t, name=name, process_set=process_set)
+    return _start(hvd.allgather_async, t, name=name, process_set=process_set)
 
 
 def allreduce_mean(t, name, process_set):
-    return hvd.allreduce_async(t, name=name, op=hvd.Average, process_set=process_set)
+    return _start(hvd.allreduce_async, t, name=name, op=hvd.Average, process_set=process_set)
 
 
 def alltoall(t, splits, name, process_set):
-    return hvd.alltoall_async(t, splits=torch.tensor(splits, dtype=torch.int32), name=name, process_set=process_set)
+    return _start(hvd.alltoall_async, t, splits=torch.tensor(splits, dtype=torch.int32), name=name,
+                  process_set=process_set)
 
 
 def broadcast(t, root, name, process_set):
-    return hvd.broadcast_async_(t, root, name=name, process_set=process_set)
+    return _start(hvd.broadcast_async_, t, root, name=name, process_set=process_set, in_place=True)
 
 
 def wait(handle):
     """The collective's result. Polled with short sleeps: ``hvd.synchronize`` alone spins on sched_yield, and
     where ranks share cores (4 Gloo ranks on 2 cores: a tiny allreduce took 21-50 ms, 5.7 ms polled) the
     spinning ranks starve the background threads that move the data."""
+    staging = handle if isinstance(handle, _Staged) else None
+    if staging is not None:
+        handle = staging.handle
     while not hvd.poll(handle):
         time.sleep(POLL_S)
     result = hvd.synchronize(handle)
-    return result[0] if isinstance(result, tuple) else result   # alltoall: (tensor, received splits)
+    result = result[0] if isinstance(result, tuple) else result   # alltoall: (tensor, received splits)
+    if staging is None:
+        return result
+    return result.to(staging.device) if staging.into is None else staging.into.copy_(result)
 
 
 def allreduce_now(t, name, process_set):
-    return wait(hvd.allreduce_async(t, name=name, process_set=process_set))
+    return wait(_start(hvd.allreduce_async, t, name=name, process_set=process_set))
 
 
 def slowest(values, name, process_set):
     """Every rank takes the largest of each value over ranks, so that all ranks choose alike."""
-    return wait(hvd.allreduce_async(torch.tensor(values, dtype=torch.float64), op=hvd.Max, name=name,
-                                    process_set=process_set)).tolist()
+    return wait(_start(hvd.allreduce_async, torch.tensor(values, dtype=torch.float64), op=hvd.Max, name=name,
+                       process_set=process_set)).tolist()
 
 
 def global_process_set():
@@ -225,7 +275,7 @@ def process_sets(rank_lists, dynamic):
 
 def allgather_now(array, name, process_set):
     """Every rank's numpy ``array``, concatenated (eagerly)."""
-    return wait(hvd.allgather_async(torch.from_numpy(array), name=name, process_set=process_set)).numpy()
+    return wait(_start(hvd.allgather_async, torch.from_numpy(array), name=name, process_set=process_set)).numpy()
 
 
 def concat_state(pieces):

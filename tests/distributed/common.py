@@ -3,6 +3,8 @@
 ``train_distributed`` runs under horovodrun (real Horovod collectives, stock DistributedOptimizer);
 ``train_reference`` runs the same steps in one process with ``hvd_compress.simulate.Simulation``.
 """
+import os
+
 import torch
 
 from hvd_compress.simulate import Simulation
@@ -36,7 +38,8 @@ def batch(step, rank, dtype=torch.float64):
 
 
 def loss_of(model, step, rank):
-    x, y = batch(step, rank, model.fc1.weight.dtype)
+    weight = model.fc1.weight
+    x, y = (t.to(weight.device) for t in batch(step, rank, weight.dtype))
     return ((model(x, step) - y) ** 2).mean()
 
 
@@ -52,10 +55,15 @@ def local_grads(model, step, rank, passes=1):
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def new_model(case):
+    """TinyNet in the case's dtype, on its device (``"device": "cuda"``; the CPU by default)."""
+    return TinyNet(DTYPES[case.get("dtype", "float64")]).to(case.get("device", "cpu"))
+
+
 def train_reference(case, n, steps):
     """Parameters after ``steps`` SGD steps of n simulated workers (half-precision gradients are compressed
-    in float32, as the plug-in documents)."""
-    model = TinyNet(DTYPES[case.get("dtype", "float64")])
+    in float32, as the plug-in documents), on the case's device."""
+    model = new_model(case)
     link = Link.gbit(case["link_gbps"]) if case.get("link_gbps") else None
     sim = Simulation(case["compressor"], case.get("error_feedback", False), case.get("server"), n=n,
                      transport=case.get("transport"), link=link, dense_below=case.get("dense_below", 0),
@@ -69,7 +77,7 @@ def train_reference(case, n, steps):
             for name, update in sim.step(grads).items():
                 param = dict(model.named_parameters())[name]
                 param.add_(update.to(param.dtype), alpha=-LR)   # as torch.optim.SGD does
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
 
 
 def train_distributed(case, steps, model=None, compression=None, start=0, process_set=None):
@@ -78,9 +86,11 @@ def train_distributed(case, steps, model=None, compression=None, start=0, proces
     import horovod.torch as hvd
 
     process_set = process_set or hvd.global_process_set
-    model = model or TinyNet(DTYPES[case.get("dtype", "float64")])
+    model = model or new_model(case)
     if compression is None:
         compression = make_compression(case, model)
+    if os.environ.get("HVD_COMPRESS_TEST_DIRECT_CALLS") == "1":
+        return train_direct(case, steps, model, compression, start)
     passes = case.get("backward_passes_per_step", 1)
     optimizer = hvd.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=LR), named_parameters=model.named_parameters(),
@@ -94,10 +104,33 @@ def train_distributed(case, steps, model=None, compression=None, start=0, proces
     return model, compression
 
 
+def train_direct(case, steps, model, compression, start=0):
+    """The training of ``train_distributed`` with compress()/decompress() called as hvd.DistributedOptimizer
+    calls them (it calls neither on one rank): per gradient in backward order, compress(), Horovod's average
+    of what it returns, decompress() into .grad; a parameter without gradient sends zeros, as Horovod's does."""
+    import horovod.torch as hvd
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    named = list(model.named_parameters())
+    for step in range(start, start + steps):
+        optimizer.zero_grad()
+        loss_of(model, step, hvd.rank()).backward()
+        sent = []
+        for name, p in reversed(named):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            tensor, ctx = compression.compress(p.grad)
+            sent.append((p, hvd.allreduce_async_(tensor, op=hvd.Average, name=f"direct.{name}"), ctx))
+        for p, handle, ctx in sent:
+            p.grad.set_(compression.decompress(hvd.synchronize(handle), ctx))
+        optimizer.step()
+    return model, compression
+
+
 def replica_check(parameters, name="replica_check"):
     """{"identical": every rank holds bit-identical parameters, "finite": this rank's are finite}."""
     import horovod.torch as hvd
-    flat = torch.cat([p.detach().reshape(-1) for p in parameters])
+    flat = torch.cat([p.detach().reshape(-1) for p in parameters]).cpu()
     everyone = hvd.allgather(flat.unsqueeze(0), name=name)
     return {"identical": all(torch.equal(everyone[0], r) for r in everyone), "finite": bool(flat.isfinite().all())}
 

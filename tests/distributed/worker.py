@@ -1,6 +1,6 @@
 """Run under horovodrun: train every case of a JSON file and save each rank's parameters.
 
-usage: worker.py CASES_JSON OUT_DIR   (writes OUT_DIR/rank{r}.pt = {case id: {name: tensor}}, and under
+usage: worker.py CASES_JSON OUT_DIR   (writes OUT_DIR/rank{r}.pt = {case id: {name: CPU tensor}}, and under
 "_where" the rank's host name and Horovod's local and cross ranks). A case with "resume_at": k saves the
 state at step k and goes on with a fresh model and Compression that load it.
 """
@@ -13,7 +13,7 @@ import torch
 import horovod.torch as hvd
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import DTYPES, TinyNet, make_compression, train_distributed  # noqa: E402
+from common import make_compression, new_model, train_distributed  # noqa: E402
 
 
 def main(cases_path, out_dir):
@@ -27,7 +27,7 @@ def main(cases_path, out_dir):
         if case.get("resume_at"):   # state_dict() there, then a fresh model and Compression load it and go on
             model, compression = train_distributed(case, case["resume_at"])
             state, weights = compression.state_dict(), model.state_dict()
-            model = TinyNet(DTYPES[case.get("dtype", "float64")])
+            model = new_model(case)
             model.load_state_dict(weights)
             compression = make_compression(case, model)
             compression.load_state_dict(state)
@@ -35,7 +35,7 @@ def main(cases_path, out_dir):
                                                    start=case["resume_at"])
         else:
             model, compression = train_distributed(case, case["steps"])
-        results[case["id"]] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        results[case["id"]] = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
         results[case["id"]]["_stats"] = compression.stats()
     torch.save(results, os.path.join(out_dir, f"rank{hvd.rank()}.pt"))
 
