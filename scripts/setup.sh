@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One idempotent set-up for hvd_compress: system packages, .venv/, pinned Python packages,
 # Horovod built from its sdist with TensorFlow + PyTorch + MPI + Gloo, and hvd_compress (editable).
+# On a GPU machine (nvidia-smi lists a GPU and nvcc is on PATH or in $CUDA_HOME; HVDC_GPU=1 or 0 decides
+# instead) torch is PyPI's CUDA build and Horovod gets NCCL for CUDA tensors (NCCL from torch's own wheel).
 # A second run checks a stamp and returns in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,8 +18,22 @@ APT_PKGS=(openmpi-bin libopenmpi-dev cmake dataset-fashion-mnist openssh-server)
 export TF_CPP_MIN_LOG_LEVEL=3  # keep TensorFlow quiet while horovodrun --check-build imports it
 VENV=$ROOT/.venv
 STAMP=$VENV/.hvd_compress_setup
-WANT="$(printf '%s\n' "${PY_PINS[@]}" "horovod==$HOROVOD_VERSION" "${APT_PKGS[@]}")"
 log() { printf '[setup] %s\n' "$*" >&2; }
+
+GPU=${HVDC_GPU:-auto}
+if [[ $GPU == auto ]]; then
+    GPU=0
+    if nvidia-smi -L 2>/dev/null | grep -q '^GPU' && { command -v nvcc || [[ -x ${CUDA_HOME:-/usr/local/cuda}/bin/nvcc ]]; } >/dev/null
+    then GPU=1; fi
+fi
+FRAMEWORKS=(TensorFlow PyTorch MPI Gloo)
+if [[ $GPU == 1 ]]; then
+    FRAMEWORKS+=(NCCL)
+    NVCC=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+    export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$NVCC")")")}
+    export PATH=$CUDA_HOME/bin:$PATH
+fi
+WANT="$(printf '%s\n' "${PY_PINS[@]}" "horovod==$HOROVOD_VERSION" "${APT_PKGS[@]}" "gpu=$GPU")"
 
 if [[ -f $STAMP && "$(cat "$STAMP")" == "$WANT" ]] && "$VENV/bin/python" -c 'import horovod.torch, hvd_compress' 2>/dev/null; then
     log "already set up (.venv matches the pins)"; exit 0
@@ -37,11 +53,28 @@ fi
 [[ -x $VENV/bin/python ]] || { log "creating .venv"; python3 -m venv "$VENV"; }
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 log "installing Python packages (${#PY_PINS[@]} pins)"
+if [[ $GPU == 1 ]]; then
+    # PyPI's torch for Linux is the CUDA build (its CUDA libraries and NCCL come as nvidia-* wheels); a local
+    # CPU wheel of the same version must not win
+    "${PIP[@]}" install --index-url https://pypi.org/simple --no-cache-dir "$(printf '%s\n' "${PY_PINS[@]}" | grep '^torch==')"
+fi
 "${PIP[@]}" install "${PY_PINS[@]}"
+if [[ $GPU == 1 ]]; then
+    torch_cuda=$("$VENV/bin/python" -c "import torch; print(torch.version.cuda or '')")
+    nvcc_cuda=$("$NVCC" --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')
+    if [[ -z $torch_cuda || ${torch_cuda%%.*} != "${nvcc_cuda%%.*}" ]]; then
+        log "ERROR: torch is built for CUDA '${torch_cuda:-none}' but nvcc ($NVCC) is CUDA $nvcc_cuda: Horovod's CUDA"
+        log "       parts must be built with the same major version. Point CUDA_HOME at a CUDA ${torch_cuda%%.*} toolkit"
+        log "       (module load cuda/...), or run with HVDC_GPU=0 for the CPU build."
+        exit 1
+    fi
+fi
 
-if ! "$VENV/bin/horovodrun" --check-build 2>/dev/null | grep -q "\[X\] TensorFlow" \
+built=$("$VENV/bin/horovodrun" --check-build 2>/dev/null || true)
+if ! grep -q "\[X\] TensorFlow" <<<"$built" || { [[ $GPU == 1 ]] && ! grep -q "\[X\] NCCL" <<<"$built"; } \
+   || { [[ $GPU == 0 ]] && grep -q "\[X\] NCCL" <<<"$built"; } \
    || ! "$VENV/bin/pip" show horovod 2>/dev/null | grep -q "^Version: $HOROVOD_VERSION$"; then
-    log "building Horovod $HOROVOD_VERSION from source with TensorFlow, PyTorch, MPI and Gloo (~5 min on 2 cores)"
+    log "building Horovod $HOROVOD_VERSION from source with ${FRAMEWORKS[*]} (~5 min on 2 cores)"
     BUILD=$(mktemp -d)
     "${PIP[@]}" download --no-deps --no-binary :all: -d "$BUILD" "horovod==$HOROVOD_VERSION"
     tar -xzf "$BUILD"/horovod-*.tar.gz -C "$BUILD"
@@ -50,13 +83,26 @@ if ! "$VENV/bin/horovodrun" --check-build 2>/dev/null | grep -q "\[X\] TensorFlo
     # and horovod/tensorflow/xla_mpi_ops.cc does not compile against TF >= 2.16 (left out of the build):
     sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$SRC/CMakeLists.txt" "$SRC/horovod/torch/CMakeLists.txt"
     sed -i '/xla_mpi_ops.cc/d' "$SRC/horovod/tensorflow/CMakeLists.txt"
-    HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
-        HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j"$(nproc)" \
+    GPU_ENV=()
+    if [[ $GPU == 1 ]]; then
+        # NCCL from torch's nvidia-nccl wheel: it has libnccl.so.2 but not the libnccl.so CMake looks for;
+        # compute capabilities of the GPUs here (HOROVOD_BUILD_CUDA_CC_LIST overrides); CMake >= 4 needs the
+        # policy floor for third_party/gloo; the .cu file gets C++17 as the rest
+        NCCL=$("$VENV/bin/python" -c "import nvidia.nccl as m; print(list(m.__path__)[0])")
+        mkdir -p "$BUILD/nccl-lib" && ln -s "$NCCL/lib/libnccl.so.2" "$BUILD/nccl-lib/libnccl.so"
+        CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | tr -d . | sort -u | paste -sd,)}
+        sed -i 's/set(CMAKE_CUDA_STANDARD 11)/set(CMAKE_CUDA_STANDARD 17)/' "$SRC/horovod/common/ops/cuda/CMakeLists.txt"
+        GPU_ENV=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_NCCL_INCLUDE="$NCCL/include" HOROVOD_NCCL_LIB="$BUILD/nccl-lib"
+                 HOROVOD_NCCL_LINK=SHARED HOROVOD_BUILD_CUDA_CC_LIST="$CC_LIST" HOROVOD_CUDA_HOME="$CUDA_HOME"
+                 CMAKE_POLICY_VERSION_MINIMUM=3.5)
+    fi
+    env HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
+        HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j"$(nproc)" "${GPU_ENV[@]}" \
         "${PIP[@]}" install --no-build-isolation --no-cache-dir "$SRC"
     rm -rf "$BUILD"
 fi
 check=$("$VENV/bin/horovodrun" --check-build)
-for fw in TensorFlow PyTorch MPI Gloo; do
+for fw in "${FRAMEWORKS[@]}"; do
     grep -q "\[X\] $fw" <<<"$check" || { echo "$check" >&2; log "ERROR: Horovod was built without $fw"; exit 1; }
 done
 
@@ -65,4 +111,4 @@ done
 "$VENV/bin/python" -c "from hvd_compress.torch import fused; fused.build()" \
     || log "WARNING: the fused kernels did not build; hvd_compress falls back to its slower torch kernels"
 printf '%s' "$WANT" > "$STAMP"
-log "done: $("$VENV/bin/horovodrun" --version 2>/dev/null | tail -1) with TensorFlow, PyTorch, MPI, Gloo"
+log "done: $("$VENV/bin/horovodrun" --version 2>/dev/null | tail -1) with ${FRAMEWORKS[*]}"

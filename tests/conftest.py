@@ -1,5 +1,6 @@
 """Shared helpers: launching real multi-process jobs with horovodrun (Gloo) or mpirun (MPI)."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# the venv's, else the PATH's (scripts/gpu_check.sh installs Horovod beside a system Python)
+HOROVODRUN = str(BIN / "horovodrun") if (BIN / "horovodrun").exists() else shutil.which("horovodrun") or "horovodrun"
 DISTRIBUTED = ROOT / "tests" / "distributed"
 
 
@@ -17,12 +20,13 @@ def launch(np, script, *args, launcher="horovodrun", timeout=300, hosts=None, en
     are local, so no ssh; Horovod gives each its own local ranks)."""
     python = [sys.executable, str(script), *map(str, args)]
     if launcher == "horovodrun":
-        cmd = [str(BIN / "horovodrun"), "-np", str(np), *(["-H", hosts] if hosts else []), "--gloo", *python]
+        cmd = [HOROVODRUN, "-np", str(np), *(["-H", hosts] if hosts else []), "--gloo", *python]
     elif launcher == "mpirun":
         cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(np), *python]
     else:
         raise ValueError(f"unknown launcher {launcher!r}")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, **(env or {}))
     return subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout)
 
