@@ -40,7 +40,8 @@ class Pending:
     shape: Any
     grad_dtype: Any
     bytes_sent: Any                  # an int (in TensorFlow a tensor where the size depends on the data)
-    work: Any = None                 # flat, compute dtype: x (or g), then gbar, then the update
+    work: Any = None                 # flat, compute dtype: x (or g), then gbar, then the update (dense and
+                                     # host-staged: the gradient, that Horovod's average is copied back into)
     payload: Any = None              # packed bytes (sharded: one per slice; allreduce: values)
     stats: Any = None                # float64 [||x - C(x)||^2, ||x||^2, finite]
     worker_error: Any = None         # the candidate new e

@@ -71,6 +71,8 @@ build_horovod() {   # Horovod with PyTorch, Gloo and NCCL (no TensorFlow, no MPI
     export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$nvcc")")")}
     export PATH=$CUDA_HOME/bin:$PATH
     "$CUDA_HOME/bin/nvcc" --version | tail -1 || return 1
+    "$PY" -c "import sysconfig, os, sys; h = sysconfig.get_paths()['include']; os.path.exists(h + '/Python.h') or sys.exit(
+        f'no Python.h in {h}: the PyTorch extension of Horovod needs Python headers (python3-dev)')" || return 1
     rm -rf "$WORK" && mkdir -p "$WORK/nccl-lib"
     tar -xzf "$SDIST" -C "$WORK" || return 1
     src=$WORK/horovod-$HOROVOD_VERSION

@@ -210,7 +210,8 @@ class Compression(CompressionBase):
         if self.config.momentum:   # factor masking: the coordinates sent (where e changed from x) leave u
             x = work if e_in is None else work + e_in
             p.velocity.masked_fill_(e_out != x, 0)
-        marker = ops.for_horovod(torch.full((1,), float(self._step + 1), dtype=torch.float32, device=work.device))
+        marker = torch.full((1,), float(self._step + 1), dtype=torch.float32,
+                            device="cpu" if ops.staged(work) else work.device)
         p.bytes_sent += marker.element_size()
         self._pending[name] = p
         bucket.add(self, p)
