@@ -29,7 +29,8 @@ fi
 FRAMEWORKS=(TensorFlow PyTorch MPI Gloo)
 if [[ $GPU == 1 ]]; then
     FRAMEWORKS+=(NCCL)
-    NVCC=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+    NVCC=${CUDA_HOME:+$CUDA_HOME/bin/nvcc}   # the toolkit of CUDA_HOME, else the nvcc on PATH
+    NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
     export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$NVCC")")")}
     export PATH=$CUDA_HOME/bin:$PATH
 fi
@@ -55,8 +56,9 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 log "installing Python packages (${#PY_PINS[@]} pins)"
 if [[ $GPU == 1 ]]; then
     # PyPI's torch for Linux is the CUDA build (its CUDA libraries and NCCL come as nvidia-* wheels); a local
-    # CPU wheel of the same version must not win
-    "${PIP[@]}" install --index-url https://pypi.org/simple --no-cache-dir "$(printf '%s\n' "${PY_PINS[@]}" | grep '^torch==')"
+    # CPU wheel of the same version must not win: find-links/extra indexes still apply with --index-url, and
+    # 2.13.0+cpu sorts above 2.13.0, so pin with === (exact string: no local version label)
+    "${PIP[@]}" install --index-url https://pypi.org/simple --no-cache-dir "$(printf '%s\n' "${PY_PINS[@]}" | grep '^torch==' | sed 's/==/===/')"
 fi
 "${PIP[@]}" install "${PY_PINS[@]}"
 if [[ $GPU == 1 ]]; then
@@ -64,7 +66,7 @@ if [[ $GPU == 1 ]]; then
     nvcc_cuda=$("$NVCC" --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')
     if [[ -z $torch_cuda || ${torch_cuda%%.*} != "${nvcc_cuda%%.*}" ]]; then
         log "ERROR: torch is built for CUDA '${torch_cuda:-none}' but nvcc ($NVCC) is CUDA $nvcc_cuda: Horovod's CUDA"
-        log "       parts must be built with the same major version. Point CUDA_HOME at a CUDA ${torch_cuda%%.*} toolkit"
+        log "       parts must be built with the same major version. Point CUDA_HOME at a toolkit of torch's CUDA"
         log "       (module load cuda/...), or run with HVDC_GPU=0 for the CPU build."
         exit 1
     fi
@@ -74,7 +76,7 @@ built=$("$VENV/bin/horovodrun" --check-build 2>/dev/null || true)
 if ! grep -q "\[X\] TensorFlow" <<<"$built" || { [[ $GPU == 1 ]] && ! grep -q "\[X\] NCCL" <<<"$built"; } \
    || { [[ $GPU == 0 ]] && grep -q "\[X\] NCCL" <<<"$built"; } \
    || ! "$VENV/bin/pip" show horovod 2>/dev/null | grep -q "^Version: $HOROVOD_VERSION$"; then
-    log "building Horovod $HOROVOD_VERSION from source with ${FRAMEWORKS[*]} (~5 min on 2 cores)"
+    log "building Horovod $HOROVOD_VERSION from source with ${FRAMEWORKS[*]} (~5 min on 2 cores, ~20 with NCCL)"
     BUILD=$(mktemp -d)
     "${PIP[@]}" download --no-deps --no-binary :all: -d "$BUILD" "horovod==$HOROVOD_VERSION"
     tar -xzf "$BUILD"/horovod-*.tar.gz -C "$BUILD"
@@ -85,15 +87,20 @@ if ! grep -q "\[X\] TensorFlow" <<<"$built" || { [[ $GPU == 1 ]] && ! grep -q "\
     sed -i '/xla_mpi_ops.cc/d' "$SRC/horovod/tensorflow/CMakeLists.txt"
     GPU_ENV=()
     if [[ $GPU == 1 ]]; then
-        # NCCL from torch's nvidia-nccl wheel: it has libnccl.so.2 but not the libnccl.so CMake looks for;
-        # compute capabilities of the GPUs here (HOROVOD_BUILD_CUDA_CC_LIST overrides); CMake >= 4 needs the
-        # policy floor for third_party/gloo; the .cu file gets C++17 as the rest
+        # NCCL from torch's nvidia-nccl wheel, which has libnccl.so.2 but not the libnccl.so CMake looks for:
+        # the link goes beside it (HOROVOD_NCCL_LIB ends up in the RUNPATH, and TF does not load NCCL itself);
+        # compute capabilities of the GPUs here (HOROVOD_BUILD_CUDA_CC_LIST overrides; none known: every one
+        # nvcc knows); CMake >= 4 needs the policy floor for third_party/gloo; the .cu file gets C++17 as the rest
         NCCL=$("$VENV/bin/python" -c "import nvidia.nccl as m; print(list(m.__path__)[0])")
-        mkdir -p "$BUILD/nccl-lib" && ln -s "$NCCL/lib/libnccl.so.2" "$BUILD/nccl-lib/libnccl.so"
-        CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | tr -d . | sort -u | paste -sd,)}
+        ln -sfn libnccl.so.2 "$NCCL/lib/libnccl.so"
+        CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | tr -d . | sort -u | paste -sd, || true)}
         sed -i 's/set(CMAKE_CUDA_STANDARD 11)/set(CMAKE_CUDA_STANDARD 17)/' "$SRC/horovod/common/ops/cuda/CMakeLists.txt"
-        GPU_ENV=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_NCCL_INCLUDE="$NCCL/include" HOROVOD_NCCL_LIB="$BUILD/nccl-lib"
-                 HOROVOD_NCCL_LINK=SHARED HOROVOD_BUILD_CUDA_CC_LIST="$CC_LIST" HOROVOD_CUDA_HOME="$CUDA_HOME"
+        # TF 2.21 no longer exports stream_executor::gpu::AsGpuStreamValue, which mpi_ops.cc only declares:
+        # define it (a template, so Stream may still be incomplete here) from Stream::platform_specific_handle()
+        sed -i 's|^GpuStreamHandle AsGpuStreamValue(Stream\* stream);$|template <class S> GpuStreamHandle AsGpuStreamValue(S* stream) { return static_cast<GpuStreamHandle>(stream->platform_specific_handle().stream); }|' \
+            "$SRC/horovod/tensorflow/mpi_ops.cc"
+        GPU_ENV=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_NCCL_INCLUDE="$NCCL/include" HOROVOD_NCCL_LIB="$NCCL/lib"
+                 HOROVOD_NCCL_LINK=SHARED ${CC_LIST:+HOROVOD_BUILD_CUDA_CC_LIST=$CC_LIST} HOROVOD_CUDA_HOME="$CUDA_HOME"
                  CMAKE_POLICY_VERSION_MINIMUM=3.5)
     fi
     env HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
