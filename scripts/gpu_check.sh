@@ -7,6 +7,8 @@
 #   bash scripts/gpu_check.sh --fetch     with network, beforehand: the Horovod sdist into .gpu/ (git-ignored;
 #                                         carry it to the GPU machine with the working tree)
 #   bash scripts/gpu_check.sh             on the GPU machine: build, test, benchmark
+#   bash scripts/gpu_check.sh --reuse     the same on a machine where it already ran: the Horovod it built in
+#                                         $HVDC_GPU_WORK (/tmp/hvdc-gpu) again, no build (a rerun on a warm machine)
 #   bash scripts/gpu_check.sh --dry-run   on a CPU machine with the set-up's .venv: the same tests and benchmark
 #                                         on the CPU (HVD_COMPRESS_GPU_TEST_DEVICE=cpu), no build; nothing of it
 #                                         is a GPU result (results/gpu-dry-run/, git-ignored)
@@ -29,10 +31,10 @@ case $mode in
     --dry-run)
         PY=$ROOT/.venv/bin/python RESULTS=$ROOT/results/gpu-dry-run
         export HVD_COMPRESS_GPU_TEST_DEVICE=cpu HVD_COMPRESS_BENCH_DEVICE=cpu ;;
-    check)
+    check | --reuse)
         PY=${PYTHON:-python3} RESULTS=$ROOT/results/gpu ;;
     *)
-        echo "usage: bash scripts/gpu_check.sh [--fetch | --dry-run]" >&2
+        echo "usage: bash scripts/gpu_check.sh [--fetch | --dry-run | --reuse]" >&2
         exit 2 ;;
 esac
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} PYTHONUNBUFFERED=1
@@ -96,6 +98,12 @@ build_horovod() {   # Horovod with PyTorch, Gloo and NCCL (no TensorFlow, no MPI
         HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITHOUT_MPI=1 \
         HOROVOD_WITH_GLOO=1 CMAKE_POLICY_VERSION_MINIMUM=3.5 MAKEFLAGS=-j"$(nproc)" PIP_NO_INDEX=1 \
         "$PY" -m pip install --no-deps --no-build-isolation --no-cache-dir --target "$WORK/site" "$src" || return 1
+    use_horovod
+}
+
+use_horovod() {   # the Horovod in $WORK/site, for this script's later steps
+    local nccl
+    nccl=$("$PY" -c "import nvidia.nccl as m; print(list(m.__path__)[0])") || return 1
     export PATH=$WORK/site/bin:$PATH PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
     export LD_LIBRARY_PATH=$nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     horovodrun --check-build || return 1
@@ -104,7 +112,9 @@ build_horovod() {   # Horovod with PyTorch, Gloo and NCCL (no TensorFlow, no MPI
 
 begin=$SECONDS
 step environment environment
-[[ $mode == check ]] && step build build_horovod   # (a function: its exports stay for the steps below)
+# (functions: their exports stay for the steps below)
+[[ $mode == check ]] && step build build_horovod
+[[ $mode == --reuse ]] && step build use_horovod
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 step tests "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider --durations=5 --junitxml="$RESULTS/tests.xml"
 step bench "$PY" -m scripts.bench gpu --out "$RESULTS" $([[ $mode == --dry-run ]] && echo --quick)
