@@ -49,6 +49,7 @@ step() {   # step NAME COMMAND...: run it, its output into $RESULTS/NAME.log; re
     rc=$?
     log "$name: exit $rc in $((SECONDS - start)) s (${RESULTS#"$ROOT"/}/$name.log)"
     tail -n 25 "$RESULTS/$name.log" >&2
+    [[ -n ${OUT:-} ]] && cp "$RESULTS"/*.log "$RESULTS"/*.json "$RESULTS"/*.xml "$OUT"/ 2>/dev/null   # as they come
     ((rc == 0 || status != 0)) || status=$rc
     return $rc
 }
@@ -116,10 +117,9 @@ step environment environment
 [[ $mode == check ]] && step build build_horovod
 [[ $mode == --reuse ]] && step build use_horovod
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-step tests "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider --durations=5 --junitxml="$RESULTS/tests.xml"
-step bench "$PY" -m scripts.bench gpu --out "$RESULTS" $([[ $mode == --dry-run ]] && echo --quick)
+# time limits, so that a hang in one step still leaves the others' results (the whole check: 8 minutes)
+step tests timeout 330 "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider --durations=5 \
+    --junitxml="$RESULTS/tests.xml"
+step bench timeout 150 "$PY" -m scripts.bench gpu --out "$RESULTS" $([[ $mode == --dry-run ]] && echo --quick)
 log "done in $((SECONDS - begin)) s, exit $status; results in ${RESULTS#"$ROOT"/}/"
-if [[ -n ${OUT:-} ]]; then
-    cp "$RESULTS"/*.log "$RESULTS"/*.json "$RESULTS"/*.xml "$OUT"/ 2>/dev/null
-fi
 exit $status
