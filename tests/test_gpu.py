@@ -11,9 +11,7 @@
   detected"), so those run with host staging (``HVD_COMPRESS_HOST_STAGING=1``) over Gloo: kernels and
   buffers on the GPU, payloads through host memory. Replicas stay bit-identical.
 """
-import json
 import os
-import sys
 
 import pytest
 import torch
@@ -23,8 +21,7 @@ from hvd_compress.torch import kernels as K
 
 from conftest import DISTRIBUTED, launch, result_line
 
-sys.path.insert(0, str(DISTRIBUTED))
-from common import train_reference  # noqa: E402
+from test_distributed import check_against_simulation, run_worker
 
 # HVD_COMPRESS_GPU_TEST_DEVICE=cpu runs the same tests on the CPU (a dry run of their logic, as
 # ``scripts/gpu_check.sh --dry-run`` does): nothing of it is a GPU result.
@@ -156,50 +153,29 @@ def gpu_cases():
 
 
 GPU_CASES = gpu_cases()
-TOLERANCE = {"float64": 1e-9, "float32": 1e-5, "bfloat16": 1e-1}
-
-
-def _check(n, ranks, case):
-    reference = train_reference(case, n, case["steps"])
-    tol = TOLERANCE[case.get("dtype", "float64")]
-    for name, expected in reference.items():
-        for r in range(1, n):
-            assert torch.equal(ranks[r][case["id"]][name], ranks[0][case["id"]][name]), f"rank {r} differs: {name}"
-        got = ranks[0][case["id"]][name]
-        err = (got.double() - expected.double()).abs().max().item()
-        assert err <= tol * max(1.0, expected.double().abs().max().item()), f"{name}: off by {err}"
-    assert ranks[0][case["id"]]["_stats"]["steps"] == case["steps"]
 
 
 @pytest.fixture(scope="module")
 def one_rank_run(tmp_path_factory):
     """One rank, Horovod's own GPU collectives, compress()/decompress() called as the optimizer does."""
-    out = tmp_path_factory.mktemp("gpu1")
-    (out / "cases.json").write_text(json.dumps(GPU_CASES))
-    proc = launch(1, DISTRIBUTED / "worker.py", out / "cases.json", out, timeout=900,
-                  env={"HVD_COMPRESS_TEST_DIRECT_CALLS": "1", "HVD_COMPRESS_HOST_STAGING": "0"})
-    assert proc.returncode == 0, proc.stdout[-5000:]
-    return 1, [torch.load(out / "rank0.pt")]
+    return run_worker(1, GPU_CASES, tmp_path_factory.mktemp("gpu1"), timeout=900,
+                      env={"HVD_COMPRESS_TEST_DIRECT_CALLS": "1", "HVD_COMPRESS_HOST_STAGING": "0"})
 
 
 @pytest.fixture(scope="module")
 def two_ranks_one_gpu_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu2")
-    (out / "cases.json").write_text(json.dumps(GPU_CASES))
-    proc = launch(2, DISTRIBUTED / "worker.py", out / "cases.json", out, timeout=900,
-                  env={"HVD_COMPRESS_HOST_STAGING": "1"})
-    assert proc.returncode == 0, proc.stdout[-5000:]
-    return 2, [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return run_worker(2, GPU_CASES, tmp_path_factory.mktemp("gpu2"), timeout=900,
+                      env={"HVD_COMPRESS_HOST_STAGING": "1"})
 
 
 @pytest.mark.parametrize("case", GPU_CASES, ids=[c["id"] for c in GPU_CASES])
 def test_one_rank_on_cuda_with_horovods_gpu_collectives_matches_simulation(one_rank_run, case):
-    _check(*one_rank_run, case)
+    check_against_simulation(*one_rank_run, case)
 
 
 @pytest.mark.parametrize("case", GPU_CASES, ids=[c["id"] for c in GPU_CASES])
 def test_two_ranks_sharing_the_gpu_match_simulation(two_ranks_one_gpu_run, case):
-    _check(*two_ranks_one_gpu_run, case)
+    check_against_simulation(*two_ranks_one_gpu_run, case)
 
 
 @pytest.mark.parametrize("staging", ["0", "1"])
