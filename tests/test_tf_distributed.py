@@ -21,14 +21,14 @@ STEPS = 12
 
 
 # A variable whose gradient is None on odd steps (the head "extra") for three compressors (sparse payloads, the
-# allreduce of shared Rand-k, random codes) and the transport and checkpoint cases; the others use it on every
-# step, so that their step function is traced once (tracing is most of this file's time).
+# allreduce of shared Rand-k, random codes), also sharded; the others use it on every step, so that their step
+# function is traced once (tracing is most of this file's time).
 NONE_GRADIENT_CASES = ("topk:0.3/", "randk:0.3,shared/", "natural/")
 CASES = [c if c["id"].startswith(NONE_GRADIENT_CASES) else {**c, "extra_every_step": True}
          for c in cases_of_every_compressor_and_mode(STEPS)]
 # sharded compresses slice by slice: a fixed k= larger than a slice is refused (tested with bad input)
 SHARDED = [{**c, "id": c["id"] + "/sharded", "transport": "sharded"} for c in CASES if "k=" not in c["compressor"]]
-DS = {"compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5", "steps": STEPS}
+DS = {"compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5", "steps": STEPS, "extra_every_step": True}
 TRANSPORTS = [
     {**DS, "id": "transport=dense", "transport": "dense"},
     {**DS, "id": "transport=allgather/randk:0.3,shared", "compressor": "randk:0.3,shared", "transport": "allgather"},
@@ -37,10 +37,10 @@ TRANSPORTS = [
     {**DS, "id": "dense_below=16", "dense_below": 16},
     {**DS, "id": "dense_below=16/sharded", "dense_below": 16, "transport": "sharded"},
 ]
-CHECKPOINTS = [{"id": "ckpt/topk-ds", "compressor": "topk:0.3", "error_feedback": True, "server": "topk:0.5",
-                "checkpoint": True},
-               {"id": "ckpt/randk-ef-qsgd-server/sharded", "compressor": "randk:0.3", "error_feedback": True,
-                "server": "qsgd:4", "transport": "sharded", "checkpoint": True}]
+# the first with per-variable step counts that differ (the head's gradient is None on odd steps)
+CHECKPOINTS = [{**DS, "id": "ckpt/topk-ds", "checkpoint": True, "extra_every_step": False},
+               {**DS, "id": "ckpt/randk-ef-qsgd-server/sharded", "compressor": "randk:0.3", "server": "qsgd:4",
+                "transport": "sharded", "checkpoint": True}]
 # Tracing a step function per case is most of this file's time (about 2 s a trace). By default: on 2 ranks every
 # compressor x mode on the built-in transport, sharded for four compressors (sparse, summable, bits, codes) in
 # the modes that take its two paths (plain: the exact average travels; DoubleSqueeze: the server pass on each

@@ -19,10 +19,12 @@ what it returns, and calls ``decompress()`` on the result, one gradient at a tim
 A step whose gradient is not finite anywhere leaves every buffer as it was, as in the PyTorch plug-in. But
 Horovod runs compress, allreduce and decompress one variable after the other, each in its own ``tf.cond``, so
 when the third variable turns out not finite the first two have already committed. The step is then written
-into ``skipped`` (a variable every branch can read): the variables after it do not commit, and those before
-it undo their commit (the previous buffers are kept) at their next ``compress()``, or when ``state_dict()``
-or ``stats()`` reads the buffers. Steps here are counted globally: a new one starts when a variable's index
-does not grow. Skipped steps do not advance the per-variable step counts (the same seeds come again).
+into ``last_skipped`` (a variable every branch can read): the variables after it do not commit, and those
+before it are marked (``committed_at`` = UNDONE), so that their next ``compress()`` reads the buffers kept
+from before their commit, and ``state_dict()`` or ``stats()`` restores them. This is done with selects, not
+``tf.cond``s: each branch is a function to trace and instantiate, which is most of the cost of a step
+function's first call. Steps here are counted globally: a new one starts when a variable's index does not
+grow. Skipped steps do not advance the per-variable step counts (the same seeds come again).
 
 Horovod passes compress() a bare gradient. Gradients arrive in the order of the variables given to the
 tape or optimizer (Horovod skips variables without gradient), so ``variables=`` must be that list, in that
@@ -49,6 +51,7 @@ from . import ops
 # Collectives are named after the Compression object (its number in this process: every rank of the set
 # builds the same objects in the same order)
 _instances = itertools.count()
+UNDONE = -2   # committed_at of a variable whose last commit was in a skipped step
 
 
 def _is_keras3_variable(v):
@@ -143,18 +146,20 @@ class Compression(CompressionBase, tf.Module):
         count = len(self.names)
         self.steps = [tf.Variable(0, dtype=tf.int64, trainable=False, name=f"step_{i}") for i in range(count)]
         # global step count; index of the last variable compressed (a new step starts when it does not grow);
-        # the global step of each variable's last commit (-1: none to undo); the skipped global steps
+        # the global step of each variable's last commit (-1: none; UNDONE: in a skipped step); the skipped
+        # steps: how many, the last
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         self.last_index = tf.Variable(count, dtype=tf.int64, trainable=False, name="last_index")
         self.committed_at = tf.Variable(tf.fill([count], tf.constant(-1, tf.int64)), trainable=False,
                                         name="committed_at")
-        self.skipped = tf.Variable(tf.zeros([0], tf.int64), shape=tf.TensorShape([None]), trainable=False,
-                                   name="skipped_steps")
+        self.skipped_count = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
+        self.last_skipped = tf.Variable(-1, dtype=tf.int64, trainable=False, name="last_skipped_step")
         # last step's ||C(x) - x||^2, ||x||^2 and ||d||^2 per variable, for stats(); bytes sent (last, total)
         self.last = tf.Variable(tf.zeros([count, 3], tf.float64), trainable=False, name="last_step_norms")
-        self.sent = tf.Variable(tf.zeros([count, 2], tf.int64), trainable=False, name="bytes_sent")
+        self.sent = tf.Variable(tf.zeros([count], tf.int64), trainable=False, name="bytes_sent")
+        self.sent_total = tf.Variable(tf.zeros([count], tf.int64), trainable=False, name="bytes_sent_total")
         self._cursor_graph, self._cursor = None, 0
-        self._now = None   # (step, server buffer) of the variable being compressed
+        self._now = None   # (step, server buffer, worker buffer) in force for the variable being compressed
 
     # ---- Horovod's Compressor interface ------------------------------------------------------------------
 
@@ -167,13 +172,17 @@ class Compression(CompressionBase, tf.Module):
             self._bind(self._process_set_of_caller())
         name, how = self.names[i], self._transports[self.names[i]]
         global_step = self._global_step(i)
-        with tf.control_dependencies([global_step, self._undo_if_skipped(i)]):   # buffers read after an undo
-            step = self.steps[i].read_value()
+        with tf.control_dependencies([global_step]):
+            # the buffers and step count in force: as before the last commit if that step was skipped
+            undone = tf.equal(self.committed_at[i], UNDONE)
+            step = self.steps[i] - tf.cast(undone, tf.int64)
             g = tf.reshape(tf.cast(tensor, K.compute_dtype(tensor.dtype)), [-1])
-            e_in = self.worker_error[i].read_value() if self.config.error_feedback and how != "dense" else None
-            self._now = (step, self.server_error[i].read_value() if self.server_error else None)
+            e_in = _in_force(undone, self.worker_error_before[i], self.worker_error[i]) \
+                if self.config.error_feedback and how != "dense" else None
+            self._now = (step, _in_force(undone, self.server_error_before[i], self.server_error[i])
+                         if self.server_error else None, e_in)
         p = Pending(name, how, tensor.shape, tensor.dtype, 0, work=g)
-        ctx = (i, step, global_step, p)
+        ctx = (i, global_step, p, self._now)
         if how == "dense":   # Horovod averages the gradient itself
             p.bytes_sent = self.sizes[name] * tensor.dtype.size
             return tensor, ctx
@@ -198,7 +207,7 @@ class Compression(CompressionBase, tf.Module):
 
     @tf.autograph.experimental.do_not_convert
     def decompress(self, reduced, ctx):
-        i, step, global_step, p = ctx
+        i, global_step, p, (step, d_in, e_in) = ctx
         name, dense = self.names[i], p.transport == "dense"
         expected = tf.cast(step + 1, tf.float32)
         if dense:   # the average itself says whether some rank's gradient was not finite
@@ -207,30 +216,33 @@ class Compression(CompressionBase, tf.Module):
         else:
             not_finite = tf.math.is_nan(reduced[0])
             in_step = tf.abs(reduced[0] - expected) <= 1e-3 * expected
-        skip_step = self._skip_if(not_finite, global_step)
-        sent = self.sent[i].assign(tf.stack([0, self.sent[i][1]]) + tf.cast(p.bytes_sent, tf.int64))   # sent, even if skipped
-        with tf.control_dependencies([skip_step, sent]):   # written into skipped before a "raise" stops the graph
-            check = tf.debugging.Assert(
-                tf.logical_or(in_step, tf.logical_and(not_finite, self.nonfinite == "skip")),
-                [f"hvd_compress: variable {name!r}: the gradient is not finite (NaN or Inf) on some rank "
-                 f"(NaN marker), or ranks are out of step, or Horovod does not average (use op=hvd.Average). "
-                 f"No buffer of this step was changed. Marker and expected step:", reduced[0], expected])
+        skip_step, skip_writes = self._skip_if(not_finite, global_step)
+        sent = tf.IndexedSlices(tf.reshape(tf.cast(p.bytes_sent, tf.int64), [1]), tf.constant([i]))
+        sent = [self.sent.scatter_update(sent), self.sent_total.scatter_add(sent)]   # sent, even if skipped
+        with tf.control_dependencies(skip_writes + sent):   # written before a "raise" stops the graph
+            # the Assert op itself: tf.debugging.Assert would add a tf.cond (the graph per variable is most of
+            # the tracing time)
+            check = tf.raw_ops.Assert(
+                condition=tf.logical_or(in_step, tf.logical_and(not_finite, self.nonfinite == "skip")),
+                data=[f"hvd_compress: variable {name!r}: the gradient is not finite (NaN or Inf) on some rank "
+                      f"(NaN marker), or ranks are out of step, or Horovod does not average (use op=hvd.Average). "
+                      f"No buffer of this step was changed. Marker and expected step:", reduced[0], expected])
         update = tf.reshape(tf.cast(reduced, p.work.dtype), [-1]) if dense else p.update
 
         def commit():
-            assigns = [self.steps[i].assign_add(1), self.committed_at[i].assign(global_step)]
+            assigns = [self.steps[i].assign(step + 1), self.committed_at[i].assign(global_step)]
             if dense:
                 with tf.control_dependencies(assigns):
                     return tf.identity(update)
             norms = [p.stats[0], p.stats[1], tf.constant(0.0, tf.float64)]
             if self.config.error_feedback:
-                assigns.append(_keep_and_assign(self.worker_error_before[i], self.worker_error[i], p.worker_error))
+                assigns += [self.worker_error_before[i].assign(e_in), self.worker_error[i].assign(p.worker_error)]
             if p.server_error is not None:
                 new = p.server_error
                 if p.transport == "sharded":   # this rank's slice of d
-                    part, old = self._server_slice(name), self.server_error[i]
-                    new = tf.concat([old[:part.start], new, old[part.stop:]], 0)
-                assigns.append(_keep_and_assign(self.server_error_before[i], self.server_error[i], new))
+                    part = self._server_slice(name)
+                    new = tf.concat([d_in[:part.start], new, d_in[part.stop:]], 0)
+                assigns += [self.server_error_before[i].assign(d_in), self.server_error[i].assign(new)]
                 norms[2] = p.server_stats[0]
             assigns.append(self.last[i].assign(tf.stack(norms)))
             with tf.control_dependencies(assigns):
@@ -271,38 +283,26 @@ class Compression(CompressionBase, tf.Module):
             return self.step.assign_add(new_step).read_value()
 
     def _skip_if(self, not_finite, global_step):
-        """Writes the step into ``skipped`` if this gradient is not finite; whether the step is skipped."""
-        def record():
-            return self.skipped.assign(tf.concat([self.skipped, [global_step]], 0)).read_value()
-        already = tf.reduce_any(tf.equal(self.skipped, global_step))
-        skipped = tf.cond(tf.logical_and(not_finite, tf.logical_not(already)), record, self.skipped.read_value)
-        return tf.reduce_any(tf.equal(skipped, global_step))
-
-    def _undo(self, i):
-        """Variable i's buffers and step count as before its last commit."""
-        ops = [self.steps[i].assign_sub(1), self.committed_at[i].assign(-1)]
-        if self.config.error_feedback:
-            ops.append(self.worker_error[i].assign(self.worker_error_before[i]))
-        if self.config.server is not None:
-            ops.append(self.server_error[i].assign(self.server_error_before[i]))
-        return ops
-
-    def _committed_in_skipped_step(self, i):
-        return tf.reduce_any(tf.equal(self.skipped, self.committed_at[i]))
-
-    def _undo_if_skipped(self, i):
-        def undo():
-            with tf.control_dependencies(self._undo(i)):
-                return tf.constant(True)
-        return tf.cond(self._committed_in_skipped_step(i), undo, lambda: tf.constant(False))
+        """Whether this step is skipped (this gradient is not finite, or an earlier one was), and the writes
+        that record it: the step into last_skipped (counted once), and UNDONE for the variables that
+        committed in it."""
+        last, committed = self.last_skipped.read_value(), self.committed_at.read_value()
+        already = tf.equal(last, global_step)
+        writes = [self.skipped_count.assign_add(tf.cast(tf.logical_and(not_finite, tf.logical_not(already)), tf.int64)),
+                  self.last_skipped.assign(tf.where(not_finite, global_step, last)),
+                  self.committed_at.assign(tf.where(tf.logical_and(not_finite, tf.equal(committed, global_step)),
+                                                    tf.constant(UNDONE, tf.int64), committed))]
+        return tf.logical_or(not_finite, already), writes
 
     def _settle(self):
-        """Eagerly undoes the commits made in skipped steps, before the buffers are read."""
-        if not int(tf.size(self.skipped)):   # no step was ever skipped (stats() may be read every step)
-            return
-        for i in range(len(self.names)):
-            if bool(self._committed_in_skipped_step(i)):
-                self._undo(i)
+        """Eagerly restores the buffers of the commits made in skipped steps, before they are read."""
+        for i in np.flatnonzero(self.committed_at.numpy() == UNDONE):   # none unless a step was skipped
+            self.steps[i].assign_sub(1)
+            self.committed_at[i].assign(-1)
+            if self.config.error_feedback:
+                self.worker_error[i].assign(self.worker_error_before[i])
+            if self.config.server is not None:
+                self.server_error[i].assign(self.server_error_before[i])
 
     # ---- matching gradients to variables, and agreeing on the configuration ------------------------------
 
@@ -400,30 +400,29 @@ class Compression(CompressionBase, tf.Module):
         """About the last completed step, with the PyTorch plug-in's keys (see its ``stats()``); one "bucket"
         per compressed variable (Horovod reduces one variable at a time)."""
         self._settle()
-        skipped = self.skipped.numpy()
+        skipped = int(self.skipped_count.numpy())
         steps = [int(s.numpy()) for s in self.steps]
-        last, sent = self.last.numpy(), self.sent.numpy()
+        last, sent, sent_total = self.last.numpy(), self.sent.numpy(), self.sent_total.numpy()
         dense = [4 * d for d in self.sizes.values()]
         done = max(steps, default=0)
         now = [s == done and done > 0 for s in steps]
-        sent_now = int(sum(b for b, x in zip(sent[:, 0], now) if x))
+        sent_now = int(sum(b for b, x in zip(sent, now) if x))
         dense_now = sum(b for b, x in zip(dense, now) if x)
         small = [self._transports.get(n) == "dense" and d < self.dense_below for n, d in self.sizes.items()]
-        return {"steps": done, "skipped_steps": len(skipped),
-                "last_step_skipped": bool(len(skipped)) and int(skipped[-1]) == int(self.step.numpy()),
+        return {"steps": done, "skipped_steps": skipped,
+                "last_step_skipped": int(self.last_skipped.numpy()) == int(self.step.numpy()),
                 "bytes_sent": sent_now, "dense_bytes": dense_now,
                 "ratio": sent_now / dense_now if dense_now else 0.0,
                 "variance": float(last[:, 0].sum() / last[:, 1].sum()) if last[:, 1].sum() else 0.0,
                 "worker_error_norm": float(np.sqrt(last[:, 0].sum())) if self.config.error_feedback else 0.0,
                 "server_error_norm": float(np.sqrt(last[:, 2].sum())),
-                "dense_small_bytes": int(sum(b for b, x, y in zip(sent[:, 0], now, small) if x and y)),
-                "total_bytes_sent": int(sent[:, 1].sum()), "total_dense_bytes": sum(b * s for b, s in zip(dense, steps)),
+                "dense_small_bytes": int(sum(b for b, x, y in zip(sent, now, small) if x and y)),
+                "total_bytes_sent": int(sent_total.sum()), "total_dense_bytes": sum(b * s for b, s in zip(dense, steps)),
                 "transports": dict(self._transports), "buckets": [[n] for n in self._buckets],
                 "link_gbps": self._link and self._link.bandwidth * 8 / 1e9,
                 "worker_ratio": C.ratio_of(self.config.worker)}
 
 
-def _keep_and_assign(before, buffer, value):
-    """buffer's value into before, then value into buffer (in this order, whatever the graph's scheduling)."""
-    with tf.control_dependencies([before.assign(buffer)]):
-        return buffer.assign(value)
+def _in_force(undone, before, now):
+    """A buffer as it is in force: the value kept from before its last commit if that was undone."""
+    return tf.where(undone, before.read_value(), now.read_value())

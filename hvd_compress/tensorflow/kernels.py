@@ -300,17 +300,17 @@ def unpack(c, data, d, value_dtype):
     total = sum(n * dt.size for n, dt in zip(lengths, dtypes))
     if data.shape[0] is not None and data.shape[0] != total:
         raise ValueError(f"payload of {data.shape[0]} bytes, expected {total} for {c!r} on {d} elements")
-    parts, offset = [None] * len(dtypes), 0
-    for i in _packing_order(dtypes):
+    order, parts = _packing_order(dtypes), [None] * len(dtypes)
+    # one split with static sizes: static shapes even where data's length is not, and few ops to trace
+    chunks = tf.split(data, [lengths[i] * dtypes[i].size for i in order]) if len(order) > 1 else [data]
+    for i, chunk in zip(order, chunks):
         n, dtype = lengths[i], dtypes[i]
-        chunk = data[offset:offset + n * dtype.size]   # static shapes even where data's length is not
         if dtype == tf.uint8:
             parts[i] = tf.reshape(chunk, [n])
         elif dtype.size == 1:
             parts[i] = tf.bitcast(tf.reshape(chunk, [n]), dtype)
         else:
             parts[i] = tf.bitcast(tf.reshape(chunk, [n, dtype.size]), dtype)
-        offset += n * dtype.size
     return parts
 
 

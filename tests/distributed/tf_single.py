@@ -61,7 +61,8 @@ def tf_checkpoint_round_trip(tmp):
     for e in compression.worker_error + compression.server_error:
         e.assign(tf.random.stateless_normal(e.shape, [1, 2], dtype=e.dtype))
     compression.steps[0].assign(7)
-    compression.skipped.assign([3, 5])   # of dynamic length
+    compression.skipped_count.assign(2)
+    compression.committed_at.assign([3, -2, -1, 0, 3])
     saved = [v.numpy() for v in compression.trainable_variables + compression.variables]
     path = tf.train.Checkpoint(compression=compression).save(os.path.join(tmp, "ckpt"))
     for v in compression.variables:
@@ -70,7 +71,7 @@ def tf_checkpoint_round_trip(tmp):
     restored = [v.numpy() for v in compression.trainable_variables + compression.variables]
     # worker and server buffers and their previous values, steps, last norms, bytes sent, and the skipping
     # book-keeping
-    return len(saved) == 4 * 5 + 5 + 1 + 1 + 4 and all(np.array_equal(a, b) for a, b in zip(saved, restored))
+    return len(saved) == 4 * 5 + 5 + 1 + 1 + 6 and all(np.array_equal(a, b) for a, b in zip(saved, restored))
 
 
 def refuses(make, error, words):
