@@ -417,7 +417,8 @@ class Compression(CompressionBase, tf.Module):
                 "worker_error_norm": float(np.sqrt(last[:, 0].sum())) if self.config.error_feedback else 0.0,
                 "server_error_norm": float(np.sqrt(last[:, 2].sum())),
                 "dense_small_bytes": int(sum(b for b, x, y in zip(sent, now, small) if x and y)),
-                "total_bytes_sent": int(sent_total.sum()), "total_dense_bytes": sum(b * s for b, s in zip(dense, steps)),
+                "total_bytes_sent": int(sent_total.sum()),
+                "total_dense_bytes": sum(b * s for b, s in zip(dense, steps)),
                 "transports": dict(self._transports), "buckets": [[n] for n in self._buckets],
                 "link_gbps": self._link and self._link.bandwidth * 8 / 1e9,
                 "worker_ratio": C.ratio_of(self.config.worker)}
