@@ -22,9 +22,10 @@ when the third variable turns out not finite the first two have already committe
 into ``last_skipped`` (a variable every branch can read): the variables after it do not commit, and those
 before it are marked (``committed_at`` = UNDONE), so that their next ``compress()`` reads the buffers kept
 from before their commit, and ``state_dict()`` or ``stats()`` restores them. This is done with selects, not
-``tf.cond``s: each branch is a function to trace and instantiate, which is most of the cost of a step
-function's first call. Steps here are counted globally: a new one starts when a variable's index does not
-grow. Skipped steps do not advance the per-variable step counts (the same seeds come again).
+``tf.cond``s: each branch is a function to trace, and to instantiate at the step function's first call (the
+selects read both buffers, one more pass over each). Steps here are counted globally: a new one starts when
+a variable's index does not grow. Skipped steps do not advance the per-variable step counts (the same seeds
+come again).
 
 Horovod passes compress() a bare gradient. Gradients arrive in the order of the variables given to the
 tape or optimizer (Horovod skips variables without gradient), so ``variables=`` must be that list, in that
