@@ -54,6 +54,9 @@ else:
     CASES_2 = CASES + [c for c in SHARDED if "/ef/" not in c["id"] and c["id"].startswith(FEW)] + TRANSPORTS
     CASES_3 = [c for c in CASES if "/doublesqueeze" in c["id"]] + \
         [c for c in SHARDED if "/doublesqueeze" in c["id"] and c["id"].startswith(FEW)]
+# Grappler, TensorFlow's graph optimizer, is much of a step function's first call: on 3 ranks it is off (the
+# launch took 117-121 s instead of 141-158). The 2-rank launch checks every case with its rewrites, as users run.
+CASES_3 = [{**c, "grappler": False} for c in CASES_3]
 LAUNCHERS = {2: "horovodrun", 3: "mpirun"}
 TORCH_STATS_KEYS = {"steps", "skipped_steps", "last_step_skipped", "bytes_sent", "dense_bytes", "ratio",
                     "dense_small_bytes", "variance", "worker_error_norm", "server_error_norm", "total_bytes_sent",
@@ -147,11 +150,20 @@ def test_counterexample_top1_diverges_and_error_feedback_converges():
         assert r["ef_norms"][-1] < 1e-6 * r["ef_norms"][0]
 
 
-@pytest.mark.parametrize("server, wrapper", [("", "keras"), ("topk:0.5", "keras"), ("topk:0.5", "tensorflow")])
-def test_keras_fit_averages_with_identical_weights(server, wrapper):
-    proc = launch(2, DISTRIBUTED / "keras_worker.py", "topk:0.3", server, wrapper)
+KERAS_FITS = [("", "keras"), ("topk:0.5", "keras"), ("topk:0.5", "tensorflow")]
+
+
+@pytest.fixture(scope="module")
+def keras_fits():
+    """One launch (one TensorFlow start-up) for every configuration of Keras fit."""
+    proc = launch(2, DISTRIBUTED / "keras_worker.py", *(f"topk:0.3,{s},{w}" for s, w in KERAS_FITS))
     assert proc.returncode == 0, proc.stdout[-5000:]
-    r = result_line(proc)
+    return result_line(proc)
+
+
+@pytest.mark.parametrize("server, wrapper", KERAS_FITS)
+def test_keras_fit_averages_with_identical_weights(keras_fits, server, wrapper):
+    r = keras_fits[f"topk:0.3,{server},{wrapper}"]
     # TopK 30% uplink costs 0.6 of dense (8 bytes per kept float32); the root adds the server's TopK 50% (1.0)
     assert r["identical"] and r["steps"] == 2 * 256 // 32
     assert r["ratio"] == pytest.approx(0.6 + (1.0 if server else 0.0), abs=0.05)

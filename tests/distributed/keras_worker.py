@@ -1,7 +1,8 @@
 """Run under horovodrun with tf-keras: model.fit with Horovod's Keras DistributedOptimizer and
-hvd_compress; rank 0 prints "RESULT <json>" telling whether weights are identical across ranks, how many
-steps were compressed and how many bytes went out.
-usage: keras_worker.py SPEC SERVER_SPEC|"" keras|tensorflow   (whose DistributedOptimizer wraps SGD)"""
+hvd_compress, for each configuration (one TensorFlow start-up for all); rank 0 prints "RESULT <json>":
+{configuration: whether weights are identical across ranks, how many steps were compressed and
+how many bytes went out}.
+usage: keras_worker.py SPEC,SERVER_SPEC|"",keras|tensorflow ...   (whose DistributedOptimizer wraps SGD)"""
 import json
 import os
 import sys
@@ -15,8 +16,7 @@ import horovod.tensorflow.keras as hvd  # noqa: E402
 import hvd_compress.tensorflow as htc  # noqa: E402
 
 
-def main(spec, server, wrapper):
-    hvd.init()
+def fit(spec, server, wrapper):
     tf.keras.utils.set_random_seed(1)
     model = tf.keras.Sequential([tf.keras.layers.Dense(8, activation="relu", input_shape=(6,)),
                                  tf.keras.layers.Dense(3)])
@@ -35,10 +35,15 @@ def main(spec, server, wrapper):
     flat = tf.concat([tf.reshape(w, [-1]) for w in model.get_weights()], 0)
     everyone = hvd.allgather(tf.bitcast(flat, tf.int32)[None], name="weights").numpy()
     stats = compression.stats()
+    return {"identical": bool((everyone == everyone[0]).all()), "steps": stats["steps"], "ratio": stats["ratio"]}
+
+
+def main(configurations):
+    hvd.init()
+    report = {c: fit(*c.rsplit(",", 2)) for c in configurations}   # SPEC may hold commas
     if hvd.rank() == 0:
-        print("RESULT " + json.dumps({"identical": bool((everyone == everyone[0]).all()),
-                                      "steps": stats["steps"], "ratio": stats["ratio"]}), flush=True)
+        print("RESULT " + json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(sys.argv[1:])

@@ -48,6 +48,9 @@ def main(cases_path, out_dir):
     tf.config.threading.set_intra_op_parallelism_threads(1)
     results, report = {}, {}
     for case in json.load(open(cases_path)):
+        # "grappler": false turns TensorFlow's graph optimizer off (the step function's first call then takes
+        # about a third of the time); functions already built keep theirs
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": not case.get("grappler", True)})
         if case.get("checkpoint"):
             report[case["id"]] = checkpoint_matches(case, os.path.join(out_dir, "ckpt.pkl"))
             continue
