@@ -44,8 +44,8 @@ def _uniform(d, dtype, seed):
     Made from Philox's raw integers: those are the same with and without XLA, while XLA turns them into
     floats differently from the TensorFlow kernels (with a seed that is not a constant)."""
     itype, bits = (tf.int64, 53) if dtype == tf.float64 else (tf.int32, 24)
-    # the raw ops of tf.random.stateless_uniform(alg="philox"), the same numbers: its Python scrambling of the
-    # seed is some 40 ops (most of this function's graph, 2.5 ms eagerly), the same as this one op's
+    # the raw ops of tf.random.stateless_uniform(alg="philox"), the same numbers: it scrambles the seed with
+    # some 40 small ops (most of this function's graph; 2.5 ms eagerly), StatelessRandomGetKeyCounter in one
     key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=_seed(seed))
     raw = tf.raw_ops.StatelessRandomUniformFullIntV2(shape=[d], key=key, counter=counter, alg=_PHILOX, dtype=itype)
     return tf.cast(tf.bitwise.bitwise_and(raw, tf.constant(2 ** bits - 1, itype)), dtype) * \

@@ -14,7 +14,8 @@ from hvd_compress.simulate import Simulation  # noqa: E402
 from hvd_compress.transport import Link  # noqa: E402
 
 LR = 0.03
-# four variables: each costs some 800 ops in every traced step (tracing is most of these tests' time)
+# four variables, as each costs some 800 ops in every traced step (tracing is most of these tests' time); the
+# 4-element bias is small enough that transport="auto" on a slow link leaves it dense
 SHAPES = {"w1": (6, 4), "b1": (4,), "w2": (4, 3), "extra": (6, 3)}
 
 
