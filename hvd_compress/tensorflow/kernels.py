@@ -22,7 +22,7 @@ from ..seeds import as_pair, second_stage
 
 _DTYPES = {C.INT32: tf.int32, C.UINT8: tf.uint8, C.INT8: tf.int8, C.INT16: tf.int16}
 _MASK64 = 2 ** 64 - 1
-_PHILOX = 1   # tf.random.Algorithm.PHILOX: "auto_select" may pick a different generator on another device type
+_PHILOX = tf.random.Algorithm.PHILOX.value   # "auto_select" may pick a different generator on another device type
 
 
 def _int64(value):
