@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 # ---- every pinned version lives here -------------------------------------------------------------
-PY_PINS=(torch==2.13.0 tensorflow-cpu==2.21.0 tf-keras==2.21.0 numpy==2.4.6 mpi4py==4.1.2
+# tensorflow, not tensorflow-cpu: tf-keras requires the tensorflow wheel, and the two would share one folder
+PY_PINS=(torch==2.13.0 tensorflow==2.21.0 tf-keras==2.21.0 numpy==2.4.6 mpi4py==4.1.2
          tqdm==4.70.1 pytest==9.2.0 hypothesis==6.170.15 matplotlib==3.11.2 scikit-learn==1.9.1)
 HOROVOD_VERSION=0.28.1
 APT_PKGS=(openmpi-bin libopenmpi-dev cmake dataset-fashion-mnist openssh-server)
@@ -23,7 +24,9 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 GPU=${HVDC_GPU:-auto}
 if [[ $GPU == auto ]]; then
     GPU=0
-    if nvidia-smi -L 2>/dev/null | grep -q '^GPU' && { command -v nvcc || [[ -x ${CUDA_HOME:-/usr/local/cuda}/bin/nvcc ]]; } >/dev/null
+    # (never `| grep -q` in this script: grep stops reading at the first match, the writer then fails on the
+    # closed pipe, and under pipefail the whole test reads as false)
+    if nvidia-smi -L 2>/dev/null | grep '^GPU' >/dev/null && { command -v nvcc || [[ -x ${CUDA_HOME:-/usr/local/cuda}/bin/nvcc ]]; } >/dev/null
     then GPU=1; fi
 fi
 FRAMEWORKS=(TensorFlow PyTorch MPI Gloo)
@@ -42,7 +45,7 @@ fi
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep 'install ok installed' >/dev/null || missing+=("$p")
 done
 if ((${#missing[@]})); then
     SUDO=; [[ $(id -u) == 0 ]] || SUDO=sudo
@@ -92,7 +95,7 @@ EOF
 built=$(horovod_built)
 if ! grep -qw TensorFlow <<<"$built" || { [[ $GPU == 1 ]] && ! grep -qw NCCL <<<"$built"; } \
    || { [[ $GPU == 0 ]] && grep -qw NCCL <<<"$built"; } \
-   || ! "$VENV/bin/pip" show horovod 2>/dev/null | grep -q "^Version: $HOROVOD_VERSION$"; then
+   || ! "$VENV/bin/pip" show horovod 2>/dev/null | grep "^Version: $HOROVOD_VERSION$" >/dev/null; then
     log "building Horovod $HOROVOD_VERSION from source with ${FRAMEWORKS[*]} (~4 min on 2 cores, ~20 with NCCL)"
     BUILD=$(mktemp -d)
     "${PIP[@]}" download --no-deps --no-binary :all: -d "$BUILD" "horovod==$HOROVOD_VERSION"
