@@ -13,7 +13,8 @@ ROOT=$PWD
 PY_PINS=(torch==2.13.0 tensorflow==2.21.0 tf-keras==2.21.0 numpy==2.4.6 mpi4py==4.1.2
          tqdm==4.70.1 pytest==9.2.0 hypothesis==6.170.15 matplotlib==3.11.2 scikit-learn==1.9.1)
 HOROVOD_VERSION=0.28.1
-APT_PKGS=(openmpi-bin libopenmpi-dev cmake dataset-fashion-mnist openssh-server)
+# build-essential: the C/C++ compilers and make, for Horovod's build and the fused kernels
+APT_PKGS=(build-essential openmpi-bin libopenmpi-dev cmake dataset-fashion-mnist openssh-server)
 # --------------------------------------------------------------------------------------------------
 
 export TF_CPP_MIN_LOG_LEVEL=3  # keep TensorFlow quiet while the build check below imports it
