@@ -385,6 +385,7 @@ class Config:
     server: Optional[Compressor]
     transport: Optional[str] = None
     momentum: float = 0.0   # momentum correction (Deep Gradient Compression): see check_momentum
+    momentum_masking: bool = True   # its factor masking: see check_momentum
     warmup: tuple = (0, 0.25)   # (steps, first ratio) of the worker sparsifier's warm-up: see check_warmup
     clip: float = 0.0   # local gradient clipping: see check_clip
 
@@ -392,6 +393,7 @@ class Config:
         text = f"worker={self.worker!r} error_feedback={self.error_feedback} server={self.server!r}"
         return (text + (f" transport={self.transport}" if self.transport else "")
                 + (f" momentum={self.momentum}" if self.momentum else "")
+                + ("" if self.momentum_masking else " momentum_masking=False")
                 + (f" warmup={self.warmup}" if self.warmup[0] else "")
                 + (f" clip={self.clip}" if self.clip else ""))
 
@@ -454,9 +456,10 @@ def check_warmup(warmup, worker):
 
 def check_momentum(momentum, worker, error_feedback):
     """Momentum correction (Lin et al., Deep Gradient Compression): each worker keeps a velocity
-    u <- m u + g and compresses x = u + e with error feedback; the coordinates sent leave u (factor masking),
-    and the optimizer runs without momentum of its own. Only for sparsifiers with error feedback: a
-    compressor that sends every coordinate would reset the whole velocity every step."""
+    u <- m u + g and compresses x = u + e with error feedback; the coordinates sent leave u (factor masking,
+    unless momentum_masking=False), and the optimizer runs without momentum of its own. Only for
+    sparsifiers with error feedback: a compressor that sends every coordinate would reset the whole
+    velocity every step."""
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
         raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
     if momentum and not error_feedback:
@@ -465,6 +468,17 @@ def check_momentum(momentum, worker, error_feedback):
         raise ValueError(f"momentum={momentum!r} (momentum correction with factor masking) needs a sparsifying "
                          f"compressor (TopK, RandK, or a composition starting with one), got {worker!r}")
     return float(momentum)
+
+
+def check_momentum_masking(momentum_masking, momentum):
+    """Factor masking on (Deep Gradient Compression) or off: off, a sent coordinate keeps its velocity, so
+    every gradient moves its weight by lr / (1 - m) in all, as dense SGD with momentum does; masked, the
+    coordinates sent most often move less."""
+    if not isinstance(momentum_masking, bool):
+        raise ValueError(f"momentum_masking must be True or False, got {momentum_masking!r}")
+    if not momentum_masking and not momentum:
+        raise ValueError("momentum_masking=False needs momentum correction (momentum > 0)")
+    return momentum_masking
 
 
 def check_clip(clip):

@@ -47,11 +47,12 @@ def _clip(g, max_norm):
 
 class Simulation:
     def __init__(self, compressor, error_feedback=False, server=None, n=2, seed=0, transport=None, link=None,
-                 dense_below=0, momentum=0.0, warmup=0, clip=0.0, local_size=1):
+                 dense_below=0, momentum=0.0, warmup=0, clip=0.0, local_size=1, momentum_masking=True):
         self.worker, self.server = C.parse(compressor) or C.Identity(), C.parse(server)
         self.error_feedback, self.n, self.seed = bool(error_feedback), int(n), int(seed)
         self.momentum = C.check_momentum(momentum, self.worker, self.error_feedback)
         self.config = C.Config(self.worker, self.error_feedback, self.server, momentum=self.momentum,
+                               momentum_masking=C.check_momentum_masking(momentum_masking, self.momentum),
                                warmup=C.check_warmup(warmup, self.worker), clip=C.check_clip(clip))
         self.velocity = [{} for _ in range(self.n)]       # u_i (momentum correction), per rank and name
         self.transport, self.link = T.check(transport, self.config), link
@@ -101,7 +102,7 @@ class Simulation:
                 if self.error_feedback:
                     for i in range(self.n):
                         self.worker_error[i][name] = xs[i] - ps[i]
-                        if self.momentum:   # factor masking: the coordinates sent leave the velocity
+                        if self.momentum and self.config.momentum_masking:   # the sent coordinates leave u
                             sent = self.worker_error[i][name] != xs[i]
                             self.velocity[i][name] = self.velocity[i][name].masked_fill(sent, 0)
             updates[name] = _reshape(update, list(first.shape))

@@ -59,6 +59,10 @@ def _cases():
         {**ds, "id": "momentum=0.9/dense_below=16", "momentum": 0.9, "dense_below": 16},
         {**ds, "id": "momentum=0.5/randk:0.3/no server", "momentum": 0.5, "compressor": "randk:0.3", "server": None},
         {**ds, "id": "momentum=0.9/topk:0.3+natural", "momentum": 0.9, "compressor": "topk:0.3+natural"},
+        # without factor masking: a sent coordinate keeps its velocity
+        {**ds, "id": "momentum=0.9/no masking", "momentum": 0.9, "momentum_masking": False},
+        {**ds, "id": "momentum=0.9/no masking/sharded/randk", "momentum": 0.9, "momentum_masking": False,
+         "compressor": "randk:0.3", "transport": "sharded"},
         # warm-up of the ratio: 0.9 -> 0.3 over 8 of the 20 steps (payload sizes change every step)
         {**ds, "id": "warmup=8", "warmup": [8, 0.9], "momentum": 0.9},
         {**ds, "id": "warmup=8/sharded/randk", "warmup": [8, 0.9], "compressor": "randk:0.3", "transport": "sharded"},

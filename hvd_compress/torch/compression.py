@@ -78,6 +78,8 @@ class Compression(CompressionBase):
             sent leave u. Give the optimizer no momentum of its own (refused at the first step). Needs
             error_feedback=True and a sparsifier (TopK, RandK, compositions starting with one). Tensors that
             travel dense send u.
+        momentum_masking: False keeps u where coordinates were sent (no factor masking): each gradient then
+            moves its weight by lr / (1 - momentum) in all, as dense SGD with momentum does.
         warmup: the warm-up of the worker sparsifier's ratio (Deep Gradient Compression): a number of steps
             over which it falls geometrically from 25% to its own ratio, or (steps, first ratio); 0: none.
             ``stats()["worker_ratio"]`` is the ratio in force. Needs a sparsifier given by ratio=.
@@ -102,9 +104,9 @@ class Compression(CompressionBase):
 
     def __init__(self, compressor, error_feedback=False, server=None, named_parameters=None, root_rank=0, seed=0,
                  transport=None, link_gbps=None, dense_below=1024, bucket_mb=64, nonfinite="skip", process_set=None,
-                 momentum=0.0, warmup=0, clip=0.0):
+                 momentum=0.0, warmup=0, clip=0.0, momentum_masking=True):
         self.config, self._link = options.config_of(compressor, error_feedback, server, transport, link_gbps,
-                                                    momentum, warmup, clip)
+                                                    momentum, warmup, clip, momentum_masking)
         self.dense_below, self.nonfinite = options.check(dense_below, nonfinite)
         if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be a number > 0, got {bucket_mb!r}")
@@ -207,7 +209,7 @@ class Compression(CompressionBase):
             slices = {"sharded": self.size(), "hierarchical": self.nodes and self.nodes.local_size}.get(how)
             where = f" (one of its {slices} slices, transport {how!r})" if slices else ""
             raise ValueError(f"parameter {name!r}{where}: {err}") from None
-        if self.config.momentum:   # factor masking: the coordinates sent (where e changed from x) leave u
+        if self.config.momentum_masking and self.config.momentum:   # the coordinates sent (e changed) leave u
             x = work if e_in is None else work + e_in
             p.velocity.masked_fill_(e_out != x, 0)
         marker = torch.full((1,), float(self._step + 1), dtype=torch.float32,

@@ -17,7 +17,8 @@ usage: python -m scripts.experiments.training_worker CONFIG_JSON OUT_JSON
 CONFIG_JSON: {"configs": {label: spec}, "epochs", "batch_size", "seed", "train_limit", "test_limit", "width",
 "vit_dim"}; a spec names compressor, error_feedback, server, optimizer ("sgd", "adamw" or "adamw-frozen-v":
 hvd_compress's FrozenVarianceAdamW, frozen when the warm-up ends), lr, momentum,
-weight_decay, model ("cnn" or "vit"), and the Compression's momentum (correction), warmup, clip and dense_below.
+weight_decay, model ("cnn" or "vit"), and the Compression's momentum (correction), warmup, clip and dense_below
+(and momentum_masking, True when absent).
 """
 import json
 import math
@@ -117,7 +118,8 @@ def build(j, spec, cfg, total_steps):
         compression = hc.Compression(spec["compressor"], error_feedback=spec["error_feedback"],
                                      server=spec["server"], named_parameters=named, seed=cfg["seed"],
                                      dense_below=spec["dense_below"], warmup=warmup, clip=spec["clip"],
-                                     momentum=spec["momentum"] if correction else 0.0)
+                                     momentum=spec["momentum"] if correction else 0.0,
+                                     momentum_masking=spec.get("momentum_masking", True))
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=named, compression=compression)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     return {"model": model, "optimizer": optimizer, "compression": compression, "records": [], "failed": None,

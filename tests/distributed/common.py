@@ -68,7 +68,8 @@ def train_reference(case, n, steps):
     sim = Simulation(case["compressor"], case.get("error_feedback", False), case.get("server"), n=n,
                      transport=case.get("transport"), link=link, dense_below=case.get("dense_below", 0),
                      momentum=case.get("momentum", 0.0), warmup=case.get("warmup", 0),
-                     clip=case.get("clip", 0.0), local_size=case.get("local_size", 1))
+                     clip=case.get("clip", 0.0), local_size=case.get("local_size", 1),
+                     momentum_masking=case.get("momentum_masking", True))
     passes = case.get("backward_passes_per_step", 1)
     for step in range(steps):
         grads = [{k: g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
@@ -142,4 +143,5 @@ def make_compression(case, model, **options):
                           transport=case.get("transport"), link_gbps=case.get("link_gbps"),
                           dense_below=case.get("dense_below", 0), bucket_mb=case.get("bucket_mb", 64),
                           momentum=case.get("momentum", 0.0), warmup=case.get("warmup", 0),
-                          clip=case.get("clip", 0.0), **options)
+                          clip=case.get("clip", 0.0), momentum_masking=case.get("momentum_masking", True),
+                          **options)
