@@ -102,7 +102,7 @@ class Simulation:
                 if self.error_feedback:
                     for i in range(self.n):
                         self.worker_error[i][name] = xs[i] - ps[i]
-                        if self.momentum and self.config.momentum_masking:   # the sent coordinates leave u
+                        if self.momentum and self.config.momentum_masking:   # factor masking: sent ones leave u
                             sent = self.worker_error[i][name] != xs[i]
                             self.velocity[i][name] = self.velocity[i][name].masked_fill(sent, 0)
             updates[name] = _reshape(update, list(first.shape))

@@ -77,7 +77,7 @@ if [[ $GPU == 1 ]]; then
 fi
 
 # what the installed Horovod was built with, as words ("TensorFlow PyTorch MPI Gloo"): `horovodrun --check-build`
-# tells the same in 30 s on 2 cores, because it imports each framework several times; this imports each once (10 s)
+# tells the same in 30 s on 2 cores, because it imports each framework several times; this imports each once (8 s)
 horovod_built() {
     "$VENV/bin/python" - 2>/dev/null <<'EOF' || true
 import importlib

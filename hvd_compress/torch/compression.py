@@ -209,7 +209,7 @@ class Compression(CompressionBase):
             slices = {"sharded": self.size(), "hierarchical": self.nodes and self.nodes.local_size}.get(how)
             where = f" (one of its {slices} slices, transport {how!r})" if slices else ""
             raise ValueError(f"parameter {name!r}{where}: {err}") from None
-        if self.config.momentum_masking and self.config.momentum:   # the coordinates sent (e changed) leave u
+        if self.config.momentum and self.config.momentum_masking:   # factor masking: the sent coordinates leave u
             x = work if e_in is None else work + e_in
             p.velocity.masked_fill_(e_out != x, 0)
         marker = torch.full((1,), float(self._step + 1), dtype=torch.float32,
