@@ -13,7 +13,7 @@ changes the math only where it says so: "dense" averages the exact gradients (as
 each of ``local_size`` slices. Buckets do not change the math: tensors are compressed one by one inside them.
 Gradients may be PyTorch or TensorFlow tensors; C(x) runs with the kernels of their framework.
 """
-from . import compressors as C
+from . import options
 from . import transport as T
 from .seeds import server_seed, worker_seed
 
@@ -48,14 +48,13 @@ def _clip(g, max_norm):
 class Simulation:
     def __init__(self, compressor, error_feedback=False, server=None, n=2, seed=0, transport=None, link=None,
                  dense_below=0, momentum=0.0, warmup=0, clip=0.0, local_size=1, momentum_masking=True):
-        self.worker, self.server = C.parse(compressor) or C.Identity(), C.parse(server)
-        self.error_feedback, self.n, self.seed = bool(error_feedback), int(n), int(seed)
-        self.momentum = C.check_momentum(momentum, self.worker, self.error_feedback)
-        self.config = C.Config(self.worker, self.error_feedback, self.server, momentum=self.momentum,
-                               momentum_masking=C.check_momentum_masking(momentum_masking, self.momentum),
-                               warmup=C.check_warmup(warmup, self.worker), clip=C.check_clip(clip))
+        self.config, _ = options.config_of(compressor, error_feedback, server, transport, None, momentum, warmup,
+                                           clip, momentum_masking)
+        self.worker, self.server = self.config.worker, self.config.server
+        self.error_feedback, self.momentum = self.config.error_feedback, self.config.momentum
+        self.transport, self.link = self.config.transport, link
+        self.n, self.seed = int(n), int(seed)
         self.velocity = [{} for _ in range(self.n)]       # u_i (momentum correction), per rank and name
-        self.transport, self.link = T.check(transport, self.config), link
         self.dense_below = int(dense_below)   # tensors with fewer elements are averaged exactly (dense)
         self.local_size = int(local_size)     # ranks per node ("hierarchical": node k is ranks kL..kL+L-1)
         if self.local_size < 1 or self.n % self.local_size:
