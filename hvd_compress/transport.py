@@ -46,9 +46,10 @@ def check(transport, config):
         return None
     if transport != AUTO and transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; known: {', '.join(TRANSPORTS + (AUTO,))}")
-    if transport == "hierarchical" and config.momentum:
-        raise ValueError("momentum correction is not available with transport 'hierarchical' (its factor "
-                         "masking needs the coordinates a node sent on every rank of the node)")
+    if transport == "hierarchical" and config.momentum and config.momentum_masking:
+        raise ValueError("momentum correction with factor masking is not available with transport "
+                         "'hierarchical' (the masking needs the coordinates a node sent on every rank of the "
+                         "node); momentum_masking=False is")
     if transport == "allreduce" and not config.worker.summable:
         raise ValueError(f"transport 'allreduce' needs summable payloads (shared RandK, none); "
                          f"{config.worker!r} travels by allgather or sharded")

@@ -147,6 +147,7 @@ def _node_cases():
         {**ds, "id": "hierarchical/float32", "dtype": "float32"},
         {**ds, "id": "hierarchical/warmup=3/randk", "warmup": [3, 0.9], "compressor": "randk:0.3"},
         {**ds, "id": "hierarchical/clip=5", "clip": 5.0},
+        {**ds, "id": "hierarchical/momentum=0.9/no masking", "momentum": 0.9, "momentum_masking": False},
         {**ds, "id": "hierarchical/state_dict at 3, resumed", "resume_at": 3},
         {**ds, "id": "hierarchical/state_dict at 3, resumed, randk no server", "resume_at": 3,
          "compressor": "randk:0.3", "server": None},
@@ -260,6 +261,9 @@ BAD_SETUPS = [
     ("op_sum", "RuntimeError", "use op=hvd.Average"),
     ("k_too_big", "ValueError", "parameter 'fc2.bias': TopK(ratio=None, k=10): k=10 is larger"),
     ("momentum_twice", "ValueError", "give the optimizer momentum=0"),
+    ("momentum_adam", "ValueError", "an Adam-like optimizer keeps a first moment too: use hc.MomentumCorrectedAdamW"),
+    ("corrected_adam_alone", "ValueError", "hc.MomentumCorrectedAdamW needs Compression(momentum=0.9, "
+     "momentum_masking=False, warmup=(3, 'dense')) (its beta1 and freeze_after); got momentum=0.0"),
     ("nan_sharded", "FloatingPointError", "not finite (NaN or Inf) for parameter(s) ['fc2.weight']"),
     ("k_too_big_sharded", "ValueError",
      "parameter 'fc2.bias' (one of its 2 slices, transport 'sharded'): TopK(ratio=None, k=2): k=2 is larger"),

@@ -240,6 +240,51 @@ def test_frozen_variance_adamw_is_adamw_then_freezes_v(horovod):
         hc.FrozenVarianceAdamW(mine, freeze_after=0)
 
 
+def test_momentum_corrected_adamw_where_nothing_is_compressed(horovod):
+    """MomentumCorrectedAdamW where nothing is compressed (the Compression's velocity u <- 0.9 u + g, done by
+    hand on what backward hands over): AdamW to rounding for freeze_after steps; then its hook divides g by
+    the frozen denominator d and restarts u once, and the step is w (1 - lr wd) - lr / (1 - 0.9^t) 0.1 r
+    with r <- 0.9 r + d g from r = 0. hvd.DistributedOptimizer, which rebuilds the optimizer from its groups,
+    keeps it; a checkpoint taken after the freeze hooks the parameters of the optimizer it is loaded into."""
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
+    pulls = [[torch.randn_like(w) for w in weights] for _ in range(8)]
+    mine = [w.clone().requires_grad_() for w in weights]
+    ref = [w.clone().requires_grad_() for w in weights]
+    opt = horovod.DistributedOptimizer(hc.MomentumCorrectedAdamW(mine, lr=0.1, weight_decay=0.05, freeze_after=3),
+                                       named_parameters=[(f"w{i}", w) for i, w in enumerate(mine)])
+    adamw = torch.optim.AdamW(ref, lr=0.1, weight_decay=0.05)
+    velocity = [torch.zeros_like(w) for w in weights]
+    restarted = [torch.zeros_like(w) for w in weights]
+    for step, gs in enumerate(pulls, 1):
+        opt.zero_grad()
+        sum((w * g).sum() for w, g in zip(mine, gs)).backward()   # the gradient of w is g (hooked)
+        for i, (w, p, g) in enumerate(zip(mine, ref, gs)):
+            velocity[i] = 0.9 * velocity[i] + w.grad
+            w.grad, p.grad = velocity[i].clone(), g
+        if step <= 3:
+            opt.step()
+            adamw.step()
+            assert all(torch.allclose(w, p, rtol=0, atol=1e-12) for w, p in zip(mine, ref)), step
+            continue
+        before = [w.detach().clone() for w in mine]
+        opt.step()
+        for i, (w, g, w0) in enumerate(zip(mine, gs, before)):
+            d = 1 / ((adamw.state[ref[i]]["exp_avg_sq"] / (1 - 0.999 ** 3)).sqrt() + 1e-8)
+            restarted[i] = 0.9 * restarted[i] + d * g
+            expected = w0 * (1 - 0.1 * 0.05) - 0.1 / (1 - 0.9 ** step) * 0.1 * restarted[i]
+            assert torch.allclose(w.detach(), expected, rtol=0, atol=1e-12), (step, i)
+        assert "velocity" not in opt.state[mine[0]] and "preconditioner" in opt.state[mine[0]]
+        if step == 5:
+            saved = opt.state_dict()
+    again = [w.detach().clone().requires_grad_() for w in mine]
+    other = hc.MomentumCorrectedAdamW(again, lr=0.1, weight_decay=0.05, freeze_after=3)
+    other.load_state_dict(saved)
+    sum((w * g).sum() for w, g in zip(again, pulls[0])).backward()
+    for w, g, s in zip(again, pulls[0], other.state.values()):
+        assert torch.equal(w.grad, g * s["preconditioner"])
+
+
 def test_dense_warmup_sends_the_first_steps_uncompressed():
     """warmup=(steps, "dense") (1-bit Adam's warm-up): exact averages first, then the compressor."""
     sim = Simulation("topk:0.25", error_feedback=True, n=2, warmup=(2, "dense"))

@@ -84,5 +84,8 @@ def test_hierarchical_is_refused_where_it_cannot_work():
     from hvd_compress.simulate import Simulation
     with pytest.raises(ValueError, match="local_size=3 does not divide the 4 ranks"):
         Simulation("topk:0.3", n=4, transport="hierarchical", local_size=3)
-    with pytest.raises(ValueError, match="momentum correction is not available with transport 'hierarchical'"):
+    with pytest.raises(ValueError, match="momentum correction with factor masking is not available with "
+                                         "transport 'hierarchical'"):
         Simulation("topk:0.3", True, n=4, transport="hierarchical", local_size=2, momentum=0.9)
+    # without the masking a node's velocity is its ranks' average velocity: each rank keeps its own
+    Simulation("topk:0.3", True, n=4, transport="hierarchical", local_size=2, momentum=0.9, momentum_masking=False)

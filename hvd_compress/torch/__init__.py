@@ -2,8 +2,9 @@
 from ..compressors import (Compose, Compressor, Identity, Natural, OneBit, QSGD, RandK, Scaled, ScaledSign, TopK,
                            parse)
 from .compression import Compression
-from .optim import FrozenVarianceAdamW
+from .optim import FrozenVarianceAdamW, MomentumCorrectedAdamW
 from . import elastic   # hc.elastic.TorchState; registers Compression with Horovod's TorchState handlers
 
 __all__ = ["Compression", "Compressor", "TopK", "RandK", "Natural", "ScaledSign", "OneBit", "QSGD", "Compose",
-           "Scaled", "Identity", "parse", "FrozenVarianceAdamW"]
+           "Scaled", "Identity", "parse", "FrozenVarianceAdamW",
+           "MomentumCorrectedAdamW"]

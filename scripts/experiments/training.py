@@ -20,9 +20,11 @@ The seeds' configurations (all plain SGD, no momentum, same seed, same initial w
 
 The optimizers people use (issue 13): SGD with momentum 0.9 on the same CNN, dense, Top-k 1% + EF with the
 momentum left in the optimizer (what a user tries first), and with Deep Gradient Compression's recipe (momentum
-correction and factor masking, a warm-up of the ratio, small tensors dense), also under DoubleSqueeze; AdamW on a
-small vision transformer, dense and Top-k 1% + EF, with and without the warm-up, and with 1-bit Adam's recipe
-(uncompressed first steps, then AdamW's second moment frozen: ``hvd_compress.torch.FrozenVarianceAdamW``).
+correction and factor masking, a warm-up of the ratio, small tensors dense), also under DoubleSqueeze, and without
+the factor masking; AdamW on a small vision transformer, dense and Top-k 1% + EF, with and without the warm-up,
+with 1-bit Adam's recipe (uncompressed first steps, then AdamW's second moment frozen:
+``hvd_compress.torch.FrozenVarianceAdamW``), and with Adam's first moment compressed in the gradient's place
+(momentum correction without masking: ``hvd_compress.torch.MomentumCorrectedAdamW``).
 
 All configurations run in ONE 4-rank mpirun launch (training_worker.py), taking turns step by step on the same
 batches, so that load from other jobs falls on every configuration's per-epoch time alike. Checks: every
@@ -53,11 +55,11 @@ RANKS = 4
 
 
 def spec(compressor, error_feedback=False, server=None, optimizer="sgd", lr=None, momentum=0.0, model="cnn",
-         momentum_correction=False, warmup=0, dense_below=0):
+         momentum_correction=False, warmup=0, dense_below=0, momentum_masking=True):
     """A configuration: the Compression's arguments and the optimizer it trains with (lr None: the setup's)."""
     return dict(compressor=compressor, error_feedback=error_feedback, server=server, optimizer=optimizer, lr=lr,
                 momentum=momentum, weight_decay=0.01, model=model, momentum_correction=momentum_correction,
-                warmup=warmup, clip=0.0, dense_below=dense_below)
+                momentum_masking=momentum_masking, warmup=warmup, clip=0.0, dense_below=dense_below)
 
 
 SGDM = dict(lr=0.01, momentum=0.9)   # the same effective step, lr / (1 - momentum), as plain SGD's 0.1
@@ -66,6 +68,10 @@ SGDM = dict(lr=0.01, momentum=0.9)   # the same effective step, lr / (1 - moment
 DGC = dict(momentum_correction=True, warmup=50, dense_below=256)
 ADAMW = dict(optimizer="adamw", lr=1e-3, model="vit")   # its tensors under 256 elements are 2.3% of it
 FROZEN_V = {**ADAMW, "optimizer": "adamw-frozen-v"}
+# the same with Adam's first moment compressed in the gradient's place (momentum correction without factor
+# masking, beta1 = 0.9): hvd_compress.torch.MomentumCorrectedAdamW
+MOMENTUM_ADAMW = {**ADAMW, "optimizer": "adamw-momentum", "momentum": 0.9, "momentum_correction": True,
+                  "momentum_masking": False}
 CONFIGS = {
     "none (dense fp32)": spec("none"),
     "Top-k 1% (no EF)": spec("topk:0.01"),
@@ -81,6 +87,8 @@ CONFIGS = {
     "SGD-m: Top-k 1% + EF": spec("topk:0.01", True, **SGDM),
     "SGD-m: Top-k 1% + EF + DGC recipe": spec("topk:0.01", True, **SGDM, **DGC),
     "SGD-m: DoubleSqueeze Top-k 1% + DGC recipe": spec("topk:0.01", True, "topk:0.01", **SGDM, **DGC),
+    "SGD-m: Top-k 1% + EF + DGC recipe without factor masking": spec("topk:0.01", True, **SGDM, **DGC,
+                                                                     momentum_masking=False),
     "AdamW ViT: none (dense fp32)": spec("none", **ADAMW),
     "AdamW ViT: Top-k 1% + EF": spec("topk:0.01", True, **ADAMW),
     "AdamW ViT: Top-k 1% + EF + warm-up": spec("topk:0.01", True, **ADAMW, warmup=50),
@@ -88,16 +96,18 @@ CONFIGS = {
     # Top-k 1% + EF with AdamW's second moment frozen; and with 10% of the steps uncompressed
     "AdamW ViT: Top-k 1% + EF, 1% dense then v frozen": spec("topk:0.01", True, **FROZEN_V, warmup=[0.01, "dense"]),
     "AdamW ViT: Top-k 1% + EF, 10% dense then v frozen": spec("topk:0.01", True, **FROZEN_V, warmup=[0.1, "dense"]),
+    "AdamW ViT: Top-k 1% of the first moment + EF, 1% dense then v frozen":
+        spec("topk:0.01", True, **MOMENTUM_ADAMW, warmup=[0.01, "dense"]),
 }
 (NONE, TOPK, EF, DS_TOPK, DS_ONEBIT, QSGD, TOPK5, RANDK5, NATURAL, TOPK5_NAT,
- M_NONE, M_EF, M_DGC, M_DS_DGC, A_NONE, A_EF, A_WARM, A_FROZEN1, A_FROZEN10) = CONFIGS
+ M_NONE, M_EF, M_DGC, M_DS_DGC, M_UNMASKED, A_NONE, A_EF, A_WARM, A_FROZEN1, A_FROZEN10, A_MOMENTUM) = CONFIGS
 SEEDS = list(CONFIGS)[:10]
 GROUPS = {  # the plots: the seeds' configurations, then each seed's set, then the optimizers'
     "all": SEEDS,
     "doublesqueeze": [NONE, TOPK, EF, DS_TOPK, DS_ONEBIT, QSGD],
     "fig3": [NONE, TOPK5, RANDK5, NATURAL, TOPK5_NAT],
-    "momentum": [M_NONE, M_EF, M_DGC, M_DS_DGC],
-    "adamw": [A_NONE, A_EF, A_WARM, A_FROZEN1, A_FROZEN10],
+    "momentum": [M_NONE, M_EF, M_DGC, M_DS_DGC, M_UNMASKED],
+    "adamw": [A_NONE, A_EF, A_WARM, A_FROZEN1, A_FROZEN10, A_MOMENTUM],
 }
 SETUP = {  # quick: tiny models, 2048 examples, few steps (each step is several collectives); full: wider, 20000
     True: {"epochs": 6, "batch_size": 32, "lr": 0.15, "seed": 42, "train_limit": 2048, "test_limit": 1000,
@@ -243,8 +253,8 @@ def findings_of(table, runs):
         + ", ".join(f"{k} {'no epoch' if a is None else f'{a:.4f}'}" for k, a in at_budget.items())
         + ("; Top-k + natural highest" if all(a is None or a < acc[TOPK5_NAT] for a in at_budget.values())
            else "; Top-k + natural not highest"))
-    for name, dense, runs_of in (("sgd_momentum", M_NONE, (M_EF, M_DGC, M_DS_DGC)),
-                                 ("adamw", A_NONE, (A_EF, A_WARM, A_FROZEN1, A_FROZEN10))):
+    for name, dense, runs_of in (("sgd_momentum", M_NONE, (M_EF, M_DGC, M_DS_DGC, M_UNMASKED)),
+                                 ("adamw", A_NONE, (A_EF, A_WARM, A_FROZEN1, A_FROZEN10, A_MOMENTUM))):
         out[name] = (f"dense {acc[dense]:.4f}; " + "; ".join(
             f"{k} {acc[k]:.4f} ({100 * (acc[dense] - acc[k]):+.2f} points below dense) at {ratio[k]:.4f} of "
             f"the dense bytes" for k in runs_of))

@@ -15,8 +15,9 @@ whether the 4 replicas are bit-identical.
 
 usage: python -m scripts.experiments.training_worker CONFIG_JSON OUT_JSON
 CONFIG_JSON: {"configs": {label: spec}, "epochs", "batch_size", "seed", "train_limit", "test_limit", "width",
-"vit_dim"}; a spec names compressor, error_feedback, server, optimizer ("sgd", "adamw" or "adamw-frozen-v":
-hvd_compress's FrozenVarianceAdamW, frozen when the warm-up ends), lr, momentum,
+"vit_dim"}; a spec names compressor, error_feedback, server, optimizer ("sgd", "adamw", or "adamw-frozen-v" /
+"adamw-momentum": hvd_compress's FrozenVarianceAdamW / MomentumCorrectedAdamW, frozen when the warm-up ends), lr,
+momentum (with momentum correction and "adamw-momentum": Adam's beta1),
 weight_decay, model ("cnn" or "vit"), and the Compression's momentum (correction), warmup, clip and dense_below
 (and momentum_masking, True when absent).
 """
@@ -109,8 +110,9 @@ def build(j, spec, cfg, total_steps):
     elif spec["optimizer"] == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"])
     else:   # 1-bit Adam's recipe: the second moment frozen when the dense warm-up ends
-        optimizer = hc.FrozenVarianceAdamW(model.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"],
-                                           freeze_after=warmup[0])
+        frozen = {"adamw-frozen-v": hc.FrozenVarianceAdamW, "adamw-momentum": hc.MomentumCorrectedAdamW}
+        optimizer = frozen[spec["optimizer"]](model.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"],
+                                              freeze_after=warmup[0])
     compression = None
     if spec["compressor"] == "none" and not spec["error_feedback"] and not spec["server"]:
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=named)

@@ -10,6 +10,8 @@ usage: bad_input.py SCENARIO[,SCENARIO...]   (run one after the other in the sam
   op_sum     DistributedOptimizer(op=hvd.Sum)                  -> RuntimeError on both ranks
   k_too_big  TopK(k=10) on a 3-element bias                     -> ValueError on both ranks
   momentum_twice  Compression(momentum=0.9) and SGD(momentum=0.9) -> ValueError on both ranks
+  momentum_adam   Compression(momentum=0.9) and AdamW (its first moment would come on top) -> ValueError
+  corrected_adam_alone  hc.MomentumCorrectedAdamW without the Compression's momentum -> ValueError
   SCENARIO_sharded   the same with transport="sharded" (k_too_big: TopK(k=2) > a slice of the 3-element bias)
   SCENARIO_hierarchical  the same with transport="hierarchical" (one node of 2 ranks; needs Horovod's dynamic
              process sets); nodynamic_hierarchical: without them  -> ValueError on both ranks
@@ -48,10 +50,14 @@ def run(full_name, say):
     compression = hc.Compression(spec, error_feedback=True, server="topk:0.5",
                                  named_parameters=model.named_parameters(), transport=transport,
                                  dense_below=16 if scenario == "nan_dense" else 0, nonfinite="raise",
-                                 momentum=0.9 if scenario == "momentum_twice" else 0)
-    momentum = 0.9 if scenario == "momentum_twice" else 0
-    optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum),
-                                         named_parameters=model.named_parameters(), compression=compression,
+                                 momentum=0.9 if scenario in ("momentum_twice", "momentum_adam") else 0)
+    if scenario == "momentum_adam":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    elif scenario == "corrected_adam_alone":
+        optimizer = hc.MomentumCorrectedAdamW(model.parameters(), lr=LR, freeze_after=3)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9 if scenario == "momentum_twice" else 0)
+    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), compression=compression,
                                          op=hvd.Sum if scenario == "op_sum" else hvd.Average)
     before = None
     try:
