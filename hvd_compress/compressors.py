@@ -454,19 +454,20 @@ def check_warmup(warmup, worker):
     return steps, float(first)
 
 
-def check_momentum(momentum, worker, error_feedback):
+def check_momentum(momentum, worker, error_feedback, masking=True):
     """Momentum correction (Lin et al., Deep Gradient Compression): each worker keeps a velocity
     u <- m u + g and compresses x = u + e with error feedback; the coordinates sent leave u (factor masking,
-    unless momentum_masking=False), and the optimizer runs without momentum of its own. Only for
-    sparsifiers with error feedback: a compressor that sends every coordinate would reset the whole
-    velocity every step."""
+    unless momentum_masking=False), and the optimizer runs without momentum of its own. With error feedback
+    only; with the masking only for sparsifiers (a compressor that sends every coordinate would reset the
+    whole velocity every step), without it for any compressor (1-bit Adam compresses its momentum by sign)."""
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
         raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
     if momentum and not error_feedback:
         raise ValueError(f"momentum={momentum!r} (momentum correction) needs error_feedback=True")
-    if momentum and not worker.sparsifies:
+    if momentum and masking and not worker.sparsifies:
         raise ValueError(f"momentum={momentum!r} (momentum correction with factor masking) needs a sparsifying "
-                         f"compressor (TopK, RandK, or a composition starting with one), got {worker!r}")
+                         f"compressor (TopK, RandK, or a composition starting with one), got {worker!r}; "
+                         f"momentum_masking=False works with any")
     return float(momentum)
 
 

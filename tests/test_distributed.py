@@ -63,6 +63,8 @@ def _cases():
         {**ds, "id": "momentum=0.9/no masking", "momentum": 0.9, "momentum_masking": False},
         {**ds, "id": "momentum=0.9/no masking/sharded/randk", "momentum": 0.9, "momentum_masking": False,
          "compressor": "randk:0.3", "transport": "sharded"},
+        {**ds, "id": "momentum=0.9/no masking/onebit", "momentum": 0.9, "momentum_masking": False,
+         "compressor": "onebit", "server": "onebit"},   # not a sparsifier: allowed without the masking
         # warm-up of the ratio: 0.9 -> 0.3 over 8 of the 20 steps (payload sizes change every step)
         {**ds, "id": "warmup=8", "warmup": [8, 0.9], "momentum": 0.9},
         {**ds, "id": "warmup=8/sharded/randk", "warmup": [8, 0.9], "compressor": "randk:0.3", "transport": "sharded"},

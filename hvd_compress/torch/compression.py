@@ -39,6 +39,7 @@ from ..plugin import CompressionBase
 from . import checkpoint
 from . import kernels as K
 from . import ops
+from .optim import check_momentum_of
 
 # Collectives are named after the Compression object (its number in this process: every rank builds the same
 # objects in the same order), so that two models trained alternately (a GAN) never share a collective's name.
@@ -254,31 +255,12 @@ class Compression(CompressionBase):
             raise ValueError(f"Compression(process_set=) has ranks {sorted(ranks.ranks)} but the optimizer's "
                              f"process set has ranks {sorted(theirs.ranks)}: give both the same")
         if optimizer is not None:
-            self._check_momentum_of(optimizer.param_groups)
+            check_momentum_of(self.config, optimizer.param_groups)
         if not 0 <= self.root_rank < ranks.size():
             raise ValueError(f"root_rank={self.root_rank} is not a rank of the process set "
                              f"(ranks 0..{ranks.size() - 1}, counted within it)")
         self.process_set = ranks
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else (lambda: None)
-
-    def _check_momentum_of(self, groups):
-        """The momentum is applied once: here (momentum correction) or in the optimizer."""
-        momentum, masking, warmup = self.config.momentum, self.config.momentum_masking, self.config.warmup
-        doubled = sorted({group.get("momentum", 0) for group in groups} - {0})
-        if momentum and doubled:
-            raise ValueError(f"Compression(momentum={momentum}) applies the momentum before compressing, but the "
-                             f"optimizer has momentum {doubled[0]} too: give the optimizer momentum=0")
-        for group in groups:
-            if group.get("first_moment_compressed"):   # hc.MomentumCorrectedAdamW
-                wanted = (group["betas"][0], False, (group["freeze_after"], "dense"))
-                if (momentum, masking, warmup) != wanted:
-                    raise ValueError(
-                        f"hc.MomentumCorrectedAdamW needs Compression(momentum={wanted[0]}, momentum_masking=False, "
-                        f"warmup=({wanted[2][0]}, 'dense')) (its beta1 and freeze_after); got momentum={momentum}, "
-                        f"momentum_masking={masking}, warmup={warmup}")
-            elif momentum and "betas" in group:
-                raise ValueError(f"Compression(momentum={momentum}) applies the momentum before compressing, but "
-                                 f"an Adam-like optimizer keeps a first moment too: use hc.MomentumCorrectedAdamW")
 
     # ---- the step -------------------------------------------------------------------------------------------
 

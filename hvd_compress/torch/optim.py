@@ -15,6 +15,27 @@ correction in Adam's form: ``MomentumCorrectedAdamW``.
 import torch
 
 
+def check_momentum_of(config, groups):
+    """The momentum is applied once: in the Compression (momentum correction) or in the optimizer, whose
+    param groups (``groups``) the Compression checks at its first step."""
+    momentum, masking, warmup = config.momentum, config.momentum_masking, config.warmup
+    doubled = sorted({group.get("momentum", 0) for group in groups} - {0})
+    if momentum and doubled:
+        raise ValueError(f"Compression(momentum={momentum}) applies the momentum before compressing, but the "
+                         f"optimizer has momentum {doubled[0]} too: give the optimizer momentum=0")
+    for group in groups:
+        if group.get("first_moment_compressed"):   # MomentumCorrectedAdamW
+            wanted = (group["betas"][0], False, (group["freeze_after"], "dense"))
+            if (momentum, masking, warmup) != wanted:
+                raise ValueError(
+                    f"hc.MomentumCorrectedAdamW needs Compression(momentum={wanted[0]}, momentum_masking=False, "
+                    f"warmup=({wanted[2][0]}, 'dense')) (its beta1 and freeze_after); got momentum={momentum}, "
+                    f"momentum_masking={masking}, warmup={warmup}")
+        elif momentum and "betas" in group:
+            raise ValueError(f"Compression(momentum={momentum}) applies the momentum before compressing, but an "
+                             f"Adam-like optimizer keeps a first moment too: use hc.MomentumCorrectedAdamW")
+
+
 class FrozenVarianceAdamW(torch.optim.AdamW):
     """AdamW whose second moment (``exp_avg_sq``) stops changing after ``freeze_after`` steps. From then on a
     step is m <- beta1 m + (1 - beta1) g, w <- w (1 - lr wd) - lr / (1 - beta1^t) m / (sqrt(v / (1 - beta2^f)) + eps),
