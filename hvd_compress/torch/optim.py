@@ -15,6 +15,19 @@ correction in Adam's form: ``MomentumCorrectedAdamW``.
 import torch
 
 
+def _loss_of(closure):
+    """What torch's optimizers do with a closure: run it with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _stepped(groups):
+    """(group, parameter) for each parameter with a gradient in this step."""
+    return ((group, p) for group in groups for p in group["params"] if p.grad is not None)
+
+
 def check_momentum_of(config, groups):
     """The momentum is applied once: in the Compression (momentum correction) or in the optimizer, whose
     param groups (``groups``) the Compression checks at its first step."""
@@ -59,26 +72,20 @@ class FrozenVarianceAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         if not any(self._frozen(group) for group in self.param_groups):
             return super().step(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
+        loss = _loss_of(closure)
+        for group, p in _stepped(self.param_groups):
             beta1, beta2 = group["betas"]
             lr, eps, frozen_at = group["lr"], group["eps"], group["freeze_after"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "exp_avg_sq" not in state:
-                    raise ValueError(f"a parameter of shape {tuple(p.shape)} got its first gradient after the "
-                                     f"second moment was frozen: it has none")
-                state["step"] += 1
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(p.grad, 1 - beta1)
-                p.mul_(1 - lr * group["weight_decay"])
-                denom = (v / (1 - beta2 ** frozen_at)).sqrt_().add_(eps)
-                p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** float(state["step"])))
+            state = self.state[p]
+            if "exp_avg_sq" not in state:
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} got its first gradient after the "
+                                 f"second moment was frozen: it has none")
+            state["step"] += 1
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            m.lerp_(p.grad, 1 - beta1)
+            p.mul_(1 - lr * group["weight_decay"])
+            denom = (v / (1 - beta2 ** frozen_at)).sqrt_().add_(eps)
+            p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** float(state["step"])))
         return loss
 
 
@@ -106,44 +113,38 @@ class MomentumCorrectedAdamW(FrozenVarianceAdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
+        loss = _loss_of(closure)
+        for group, p in _stepped(self.param_groups):
             beta1, beta2 = group["betas"]
             lr, eps, frozen_at = group["lr"], group["eps"], group["freeze_after"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                                 exp_avg_sq=torch.zeros_like(p), velocity=torch.zeros_like(p))
-                elif "velocity" not in state and "preconditioner" not in state:
-                    raise ValueError("MomentumCorrectedAdamW cannot continue from another optimizer's state (it "
-                                     "has neither the previous velocity nor the frozen preconditioner)")
-                state["step"] += 1
-                step = float(state["step"])
-                m, v, u = state["exp_avg"], state["exp_avg_sq"], p.grad
-                m.copy_(u).mul_(1 - beta1)
-                p.mul_(1 - lr * group["weight_decay"])
-                if "preconditioner" in state:   # u arrived divided by the frozen denominator
-                    p.add_(m, alpha=-lr / (1 - beta1 ** step))
-                    continue
-                g = u - beta1 * state["velocity"]   # the warm-up: AdamW
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v / (1 - beta2 ** step)).sqrt_().add_(eps)
-                p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
-                if step < frozen_at:
-                    state["velocity"].copy_(u)
-                    continue
-                del state["velocity"]   # the freeze
-                state["preconditioner"] = denom.reciprocal_()
-                # the restart: the ranks' velocities sum to n u, so -beta1 u added once on each rank makes
-                # their next sum n d g
-                state["pending"] = u.mul(-beta1)
-                self._hook(p)
+            state = self.state[p]
+            if not state:
+                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                             exp_avg_sq=torch.zeros_like(p), velocity=torch.zeros_like(p))
+            elif "velocity" not in state and "preconditioner" not in state:
+                raise ValueError("MomentumCorrectedAdamW cannot continue from another optimizer's state (it "
+                                 "has neither the previous velocity nor the frozen preconditioner)")
+            state["step"] += 1
+            step = float(state["step"])
+            m, v, u = state["exp_avg"], state["exp_avg_sq"], p.grad
+            m.copy_(u).mul_(1 - beta1)
+            p.mul_(1 - lr * group["weight_decay"])
+            if "preconditioner" in state:   # u arrived divided by the frozen denominator
+                p.add_(m, alpha=-lr / (1 - beta1 ** step))
+                continue
+            g = u - beta1 * state["velocity"]   # the warm-up: AdamW
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v / (1 - beta2 ** step)).sqrt_().add_(eps)
+            p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
+            if step < frozen_at:
+                state["velocity"].copy_(u)
+                continue
+            del state["velocity"]   # the freeze
+            state["preconditioner"] = denom.reciprocal_()
+            # the restart: the ranks' velocities sum to n u, so -beta1 u added once on each rank makes their
+            # next sum n d g
+            state["pending"] = u.mul(-beta1)
+            self._hook(p)
         return loss
 
     def _hook(self, p):
@@ -158,7 +159,7 @@ class MomentumCorrectedAdamW(FrozenVarianceAdamW):
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
+        for group in self.param_groups:   # a checkpoint taken after the freeze: its parameters are hooked
             for p in group["params"]:
                 if "preconditioner" in self.state.get(p, {}):
                     self._hook(p)
