@@ -13,7 +13,7 @@ import time
 def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
     """The examples' flags; ``progress_bar`` only names the bar in ``--no-progress``'s help; ``transport``
     adds --transport, --link-gbps and --dense-below ("tensorflow"), and with True also the PyTorch plug-in's
-    --bucket-mb, --momentum-correction, --warmup and --clip."""
+    --bucket-mb, --momentum-correction, --no-momentum-masking, --warmup and --clip."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compressor", default="topk:0.01", help='worker compressor spec, e.g. "topk:0.01", '
                    '"none", "natural", "sign", "topk:0.01+natural"')
@@ -35,6 +35,8 @@ def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
                        help="apply --momentum before compressing (Deep Gradient Compression's momentum correction "
                             "and factor masking; needs --error-feedback and a sparsifier); the optimizer then "
                             "runs without momentum")
+        p.add_argument("--no-momentum-masking", dest="momentum_masking", action="store_false",
+                       help="with --momentum-correction: a sent coordinate keeps its velocity (no factor masking)")
         p.add_argument("--warmup", type=int, default=0,
                        help="steps over which the sparsifier's ratio falls from 25%% to its own (Deep Gradient "
                             "Compression's warm-up; 0: none)")
@@ -76,6 +78,7 @@ def config_line(size, device, args, n_params, use_hc):
             f"params {n_params:,}  hvd_compress {'on' if use_hc else 'off (Horovod default)'}"
             + (f"  transport {args.transport}" if getattr(args, "transport", None) else "")
             + ("  momentum_correction on" if getattr(args, "momentum_correction", False) else "")
+            + ("" if getattr(args, "momentum_masking", True) else " (no factor masking)")
             + (f"  warmup {args.warmup} steps" if getattr(args, "warmup", 0) else ""))
 
 

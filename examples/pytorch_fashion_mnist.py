@@ -111,7 +111,7 @@ def main():
                                      transport=args.transport, link_gbps=args.link_gbps,
                                      dense_below=args.dense_below, bucket_mb=args.bucket_mb,
                                      momentum=args.momentum if correction else 0.0, warmup=args.warmup,
-                                     clip=args.clip)
+                                     clip=args.clip, momentum_masking=args.momentum_masking)
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                              compression=compression)
     else:
