@@ -9,7 +9,8 @@ summary's "checks" say which).
   cgd         compressed gradient descent on quadratics and linear regression, Top-5 vs Rand-5 (Fig. 2)
   variance    ||C(x)-x||^2/||x||^2 of real gradients of three CNNs: det vs unbiased natural, Top-k vs Rand-k (Fig. 1)
   training    a CNN on Fashion-MNIST on 4 ranks: no compression, Top-k, EF, DoubleSqueeze, QSGD, Fig. 3,
-              SGD-momentum with the DGC recipe, AdamW on a small ViT with 1-bit Adam's recipe
+              SGD-momentum with the DGC recipe (with and without factor masking), AdamW on a small ViT with
+              1-bit Adam's recipe and with its first moment compressed (MomentumCorrectedAdamW)
 """
 import argparse
 import sys
