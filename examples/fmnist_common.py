@@ -13,7 +13,7 @@ import time
 def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
     """The examples' flags; ``progress_bar`` only names the bar in ``--no-progress``'s help; ``transport``
     adds --transport, --link-gbps and --dense-below ("tensorflow"), and with True also the PyTorch plug-in's
-    --bucket-mb, --momentum-correction, --no-momentum-masking, --warmup and --clip."""
+    --bucket-mb, --momentum-correction, --no-momentum-masking, --nesterov, --warmup and --clip."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compressor", default="topk:0.01", help='worker compressor spec, e.g. "topk:0.01", '
                    '"none", "natural", "sign", "topk:0.01+natural"')
@@ -37,6 +37,8 @@ def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
                             "runs without momentum")
         p.add_argument("--no-momentum-masking", dest="momentum_masking", action="store_false",
                        help="with --momentum-correction: a sent coordinate keeps its velocity (no factor masking)")
+        p.add_argument("--nesterov", action="store_true",
+                       help="Nesterov's momentum: in the optimizer, or with --momentum-correction in the Compression")
         p.add_argument("--warmup", type=int, default=0,
                        help="steps over which the sparsifier's ratio falls from 25%% to its own (Deep Gradient "
                             "Compression's warm-up; 0: none)")

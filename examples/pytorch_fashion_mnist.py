@@ -97,7 +97,8 @@ def main():
 
     use_hc = uses_hvd_compress(args)
     correction = use_hc and args.momentum_correction   # the momentum moves into the Compression
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0 if correction else args.momentum)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0 if correction else args.momentum,
+                                nesterov=args.nesterov and not correction)
     compression = None
     if use_hc:
         import hvd_compress.torch as hc
@@ -111,7 +112,8 @@ def main():
                                      transport=args.transport, link_gbps=args.link_gbps,
                                      dense_below=args.dense_below, bucket_mb=args.bucket_mb,
                                      momentum=args.momentum if correction else 0.0, warmup=args.warmup,
-                                     clip=args.clip, momentum_masking=args.momentum_masking)
+                                     clip=args.clip, momentum_masking=args.momentum_masking,
+                                     nesterov=args.nesterov and correction)
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                              compression=compression)
     else:

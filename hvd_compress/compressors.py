@@ -386,6 +386,7 @@ class Config:
     transport: Optional[str] = None
     momentum: float = 0.0   # momentum correction (Deep Gradient Compression): see check_momentum
     momentum_masking: bool = True   # its factor masking: see check_momentum
+    nesterov: bool = False   # Nesterov's form of it: see check_nesterov
     warmup: tuple = (0, 0.25)   # (steps, first ratio) of the worker sparsifier's warm-up: see check_warmup
     clip: float = 0.0   # local gradient clipping: see check_clip
 
@@ -394,6 +395,7 @@ class Config:
         return (text + (f" transport={self.transport}" if self.transport else "")
                 + (f" momentum={self.momentum}" if self.momentum else "")
                 + ("" if self.momentum_masking else " momentum_masking=False")
+                + (" nesterov=True" if self.nesterov else "")
                 + (f" warmup={self.warmup}" if self.warmup[0] else "")
                 + (f" clip={self.clip}" if self.clip else ""))
 
@@ -469,6 +471,16 @@ def check_momentum(momentum, worker, error_feedback, masking=True):
                          f"compressor (TopK, RandK, or a composition starting with one), got {worker!r}; "
                          f"momentum_masking=False works with any")
     return float(momentum)
+
+
+def check_nesterov(nesterov, momentum):
+    """Nesterov's momentum (as ``torch.optim.SGD(nesterov=True)``): the velocity is u <- m u + g as before,
+    and g + m u is compressed (or averaged) in g's place instead of u."""
+    if not isinstance(nesterov, bool):
+        raise ValueError(f"nesterov must be True or False, got {nesterov!r}")
+    if nesterov and not momentum:
+        raise ValueError("nesterov=True needs momentum correction (momentum > 0)")
+    return nesterov
 
 
 def check_momentum_masking(momentum_masking, momentum):

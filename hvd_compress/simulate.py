@@ -4,7 +4,8 @@ It follows the pipeline of the README's Design section literally, with the compr
 per-call seeds as the Horovod plug-ins, and shares no pipeline code with them: a distributed run must match it
 step for step.
 With ``momentum`` (momentum correction, ``compressors.check_momentum``) each worker's velocity u <- m u + g takes
-g's place, and the coordinates sent (where the new error differs from x) are cleared from u; with ``clip``
+g's place (with ``nesterov``, g + m u does), and the coordinates sent (where the new error differs from x) are
+cleared from u; with ``clip``
 each worker's gradient is first clipped to norm ``config.clip_threshold(n)``. With ``warmup``
 each step's worker compressor is ``config.worker_at(step)``. A transport (see ``hvd_compress.transport``)
 changes the math only where it says so: "dense" averages the exact gradients (as do tensors under
@@ -47,9 +48,10 @@ def _clip(g, max_norm):
 
 class Simulation:
     def __init__(self, compressor, error_feedback=False, server=None, n=2, seed=0, transport=None, link=None,
-                 dense_below=0, momentum=0.0, warmup=0, clip=0.0, local_size=1, momentum_masking=True):
+                 dense_below=0, momentum=0.0, warmup=0, clip=0.0, local_size=1, momentum_masking=True,
+                 nesterov=False):
         self.config, _ = options.config_of(compressor, error_feedback, server, transport, None, momentum, warmup,
-                                           clip, momentum_masking)
+                                           clip, momentum_masking, nesterov)
         self.worker, self.server = self.config.worker, self.config.server
         self.error_feedback, self.momentum = self.config.error_feedback, self.config.momentum
         self.transport, self.link = self.config.transport, link
@@ -76,10 +78,12 @@ class Simulation:
             if self.config.clip:
                 gs = [_clip(g, self.config.clip_threshold(self.n)) for g in gs]
             if self.momentum:   # u <- m u + g, and u is what is compressed (or averaged) in g's place
-                gs = [g.add(self.velocity[i][name], alpha=self.momentum) if name in self.velocity[i] else g
+                us = [g.add(self.velocity[i][name], alpha=self.momentum) if name in self.velocity[i] else g
                       for i, g in enumerate(gs)]
-                for i, u in enumerate(gs):
+                for i, u in enumerate(us):
                     self.velocity[i][name] = u
+                # Nesterov: g + m u in g's place
+                gs = [g.add(u, alpha=self.momentum) for g, u in zip(gs, us)] if self.config.nesterov else us
             d = int(gs[0].shape[0])
             how = self.transports[name] = ("dense" if d < self.dense_below else
                                            T.resolve(self.transport, self.config, d, self.n, self.link))

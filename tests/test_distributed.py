@@ -65,6 +65,10 @@ def _cases():
          "compressor": "randk:0.3", "transport": "sharded"},
         {**ds, "id": "momentum=0.9/no masking/onebit", "momentum": 0.9, "momentum_masking": False,
          "compressor": "onebit", "server": "onebit"},   # not a sparsifier: allowed without the masking
+        # Nesterov: g + m u compressed in g's place (masked; unmasked with small tensors dense)
+        {**ds, "id": "momentum=0.9/nesterov", "momentum": 0.9, "nesterov": True},
+        {**ds, "id": "momentum=0.9/nesterov/no masking/dense_below=16", "momentum": 0.9, "nesterov": True,
+         "momentum_masking": False, "dense_below": 16},
         # warm-up of the ratio: 0.9 -> 0.3 over 8 of the 20 steps (payload sizes change every step)
         {**ds, "id": "warmup=8", "warmup": [8, 0.9], "momentum": 0.9},
         {**ds, "id": "warmup=8/sharded/randk", "warmup": [8, 0.9], "compressor": "randk:0.3", "transport": "sharded"},

@@ -35,7 +35,7 @@ def test_checks_pass(summary):
 
 def test_every_configuration_trains_on_4_identical_replicas(summary):
     table, setup = summary["table"], summary["setup"]
-    assert setup["ranks"] == 4 and len(table) == 21   # the seeds' 10, SGD with momentum 5, AdamW on a ViT 6
+    assert setup["ranks"] == 4 and len(table) == 23   # the seeds' 10, SGD with momentum 7, AdamW on a ViT 6
     for label, row in table.items():
         assert row["epochs_done"] == setup["epochs"] and row["failed"] is None, label
         assert row["replicas_identical"] is True, label
@@ -72,6 +72,7 @@ def test_bytes_on_the_wire(summary):
     assert ratio["SGD-m: Top-k 1% + EF"] == ratio["Top-k 1% (no EF)"]   # momentum in the optimizer: same bytes
     # what is compressed changes, not how much: the same schedule of ratios, the same bytes
     assert (ratio["SGD-m: Top-k 1% + EF + DGC recipe without factor masking"]
+            == ratio["SGD-m: Top-k 1% + EF + DGC recipe without factor masking, Nesterov"]
             == ratio["SGD-m: Top-k 1% + EF + DGC recipe"])
     assert (ratio["AdamW ViT: Top-k 1% of the first moment + EF, 1% dense then v frozen"]
             == ratio["AdamW ViT: Top-k 1% + EF, 1% dense then v frozen"])
@@ -79,5 +80,6 @@ def test_bytes_on_the_wire(summary):
 
 def test_findings_are_recorded(summary):
     assert set(summary["findings"]) >= {"doublesqueeze_vs_compressed_sgd", "topk_vs_randk", "fig3_same_bytes",
-                                        "topk_natural_efficiency", "per_epoch_time", "sgd_momentum", "adamw"}
+                                        "topk_natural_efficiency", "per_epoch_time", "sgd_momentum", "sgd_nesterov",
+                                        "adamw"}
     assert summary["finding"]

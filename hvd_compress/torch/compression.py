@@ -81,6 +81,8 @@ class Compression(CompressionBase):
             travel dense send u.
         momentum_masking: False keeps u where coordinates were sent (no factor masking): each gradient then
             moves its weight by lr / (1 - momentum) in all, as dense SGD with momentum does.
+        nesterov: Nesterov's momentum (as ``torch.optim.SGD(nesterov=True)``): g + momentum * u is compressed
+            (or averaged) in g's place instead of u.
         warmup: the warm-up of the worker sparsifier's ratio (Deep Gradient Compression): a number of steps
             over which it falls geometrically from 25% to its own ratio, or (steps, first ratio); 0: none.
             ``stats()["worker_ratio"]`` is the ratio in force. Needs a sparsifier given by ratio=.
@@ -105,9 +107,9 @@ class Compression(CompressionBase):
 
     def __init__(self, compressor, error_feedback=False, server=None, named_parameters=None, root_rank=0, seed=0,
                  transport=None, link_gbps=None, dense_below=1024, bucket_mb=64, nonfinite="skip", process_set=None,
-                 momentum=0.0, warmup=0, clip=0.0, momentum_masking=True):
+                 momentum=0.0, warmup=0, clip=0.0, momentum_masking=True, nesterov=False):
         self.config, self._link = options.config_of(compressor, error_feedback, server, transport, link_gbps,
-                                                    momentum, warmup, clip, momentum_masking)
+                                                    momentum, warmup, clip, momentum_masking, nesterov)
         self.dense_below, self.nonfinite = options.check(dense_below, nonfinite)
         if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be a number > 0, got {bucket_mb!r}")
@@ -199,7 +201,7 @@ class Compression(CompressionBase):
         if self.config.clip:
             K.clip_norm_(work, self.config.clip_threshold(self.size()))
         if self.config.momentum:
-            p.velocity = self._momentum_step(name, work)   # work now holds u
+            p.velocity = self._momentum_step(name, work)   # work now holds u (Nesterov: g + m u)
         bucket = self._bucket_of.get(name) or self._new_bucket(name, how)
         e_in = self._worker_error.get(name) if self.config.error_feedback else None
         e_out = (self._spare_buffer("worker", name, bucket.transport.error_part(self, work))
@@ -274,11 +276,18 @@ class Compression(CompressionBase):
         return self._step
 
     def _momentum_step(self, name, work):
-        """u <- momentum * u + g, in g's memory (``work``), and a copy in the velocity's spare half."""
-        old = self._velocity.get(name)
+        """u <- momentum * u + g, kept in the velocity's spare half; g's memory (``work``) then holds what is
+        compressed in g's place: u, or with Nesterov g + momentum * u. The simulation's formulas: the same bits."""
+        old, m = self._velocity.get(name), self.config.momentum
+        if not self.config.nesterov:
+            if old is not None:
+                work.add_(old, alpha=m)
+            return self._spare_buffer("velocity", name, work).copy_(work)
+        velocity = self._spare_buffer("velocity", name, work).copy_(work)
         if old is not None:
-            work.add_(old, alpha=self.config.momentum)   # the simulation's formula: the same bits
-        return self._spare_buffer("velocity", name, work).copy_(work)
+            velocity.add_(old, alpha=m)
+        work.add_(velocity, alpha=m)
+        return velocity
 
     def _payload_buffer(self, key, size, device):
         """The buffer a piece's payload bytes are written into, kept from step to step (they are copied into

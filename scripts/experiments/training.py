@@ -21,10 +21,10 @@ The seeds' configurations (all plain SGD, no momentum, same seed, same initial w
 The optimizers people use (issue 13): SGD with momentum 0.9 on the same CNN, dense, Top-k 1% + EF with the
 momentum left in the optimizer (what a user tries first), and with Deep Gradient Compression's recipe (momentum
 correction and factor masking, a warm-up of the ratio, small tensors dense), also under DoubleSqueeze, and without
-the factor masking; AdamW on a small vision transformer, dense and Top-k 1% + EF, with and without the warm-up,
-with 1-bit Adam's recipe (uncompressed first steps, then AdamW's second moment frozen:
-``hvd_compress.torch.FrozenVarianceAdamW``), and with Adam's first moment compressed in the gradient's place
-(momentum correction without masking: ``hvd_compress.torch.MomentumCorrectedAdamW``).
+the factor masking, also with Nesterov's momentum (and dense with it); AdamW on a small vision transformer, dense
+and Top-k 1% + EF, with and without the warm-up, with 1-bit Adam's recipe (uncompressed first steps, then AdamW's
+second moment frozen: ``hvd_compress.torch.FrozenVarianceAdamW``), and with Adam's first moment compressed in the
+gradient's place (momentum correction without masking: ``hvd_compress.torch.MomentumCorrectedAdamW``).
 
 All configurations run in ONE 4-rank mpirun launch (training_worker.py), taking turns step by step on the same
 batches, so that load from other jobs falls on every configuration's per-epoch time alike. Checks: every
@@ -55,11 +55,12 @@ RANKS = 4
 
 
 def spec(compressor, error_feedback=False, server=None, optimizer="sgd", lr=None, momentum=0.0, model="cnn",
-         momentum_correction=False, warmup=0, dense_below=0, momentum_masking=True):
+         momentum_correction=False, warmup=0, dense_below=0, momentum_masking=True, nesterov=False):
     """A configuration: the Compression's arguments and the optimizer it trains with (lr None: the setup's)."""
     return dict(compressor=compressor, error_feedback=error_feedback, server=server, optimizer=optimizer, lr=lr,
                 momentum=momentum, weight_decay=0.01, model=model, momentum_correction=momentum_correction,
-                momentum_masking=momentum_masking, warmup=warmup, clip=0.0, dense_below=dense_below)
+                momentum_masking=momentum_masking, nesterov=nesterov, warmup=warmup, clip=0.0,
+                dense_below=dense_below)
 
 
 SGDM = dict(lr=0.01, momentum=0.9)   # the same effective step, lr / (1 - momentum), as plain SGD's 0.1
@@ -89,6 +90,9 @@ CONFIGS = {
     "SGD-m: DoubleSqueeze Top-k 1% + DGC recipe": spec("topk:0.01", True, "topk:0.01", **SGDM, **DGC),
     "SGD-m: Top-k 1% + EF + DGC recipe without factor masking": spec("topk:0.01", True, **SGDM, **DGC,
                                                                      momentum_masking=False),
+    "SGD-m: none (dense fp32), Nesterov": spec("none", **SGDM, nesterov=True),
+    "SGD-m: Top-k 1% + EF + DGC recipe without factor masking, Nesterov":
+        spec("topk:0.01", True, **SGDM, **DGC, momentum_masking=False, nesterov=True),
     "AdamW ViT: none (dense fp32)": spec("none", **ADAMW),
     "AdamW ViT: Top-k 1% + EF": spec("topk:0.01", True, **ADAMW),
     "AdamW ViT: Top-k 1% + EF + warm-up": spec("topk:0.01", True, **ADAMW, warmup=50),
@@ -100,13 +104,14 @@ CONFIGS = {
         spec("topk:0.01", True, **MOMENTUM_ADAMW, warmup=[0.01, "dense"]),
 }
 (NONE, TOPK, EF, DS_TOPK, DS_ONEBIT, QSGD, TOPK5, RANDK5, NATURAL, TOPK5_NAT,
- M_NONE, M_EF, M_DGC, M_DS_DGC, M_UNMASKED, A_NONE, A_EF, A_WARM, A_FROZEN1, A_FROZEN10, A_MOMENTUM) = CONFIGS
+ M_NONE, M_EF, M_DGC, M_DS_DGC, M_UNMASKED, M_NONE_NESTEROV, M_NESTEROV,
+ A_NONE, A_EF, A_WARM, A_FROZEN1, A_FROZEN10, A_MOMENTUM) = CONFIGS
 SEEDS = list(CONFIGS)[:10]
 GROUPS = {  # the plots: the seeds' configurations, then each seed's set, then the optimizers'
     "all": SEEDS,
     "doublesqueeze": [NONE, TOPK, EF, DS_TOPK, DS_ONEBIT, QSGD],
     "fig3": [NONE, TOPK5, RANDK5, NATURAL, TOPK5_NAT],
-    "momentum": [M_NONE, M_EF, M_DGC, M_DS_DGC, M_UNMASKED],
+    "momentum": [M_NONE, M_EF, M_DGC, M_DS_DGC, M_UNMASKED, M_NONE_NESTEROV, M_NESTEROV],
     "adamw": [A_NONE, A_EF, A_WARM, A_FROZEN1, A_FROZEN10, A_MOMENTUM],
 }
 SETUP = {  # quick: tiny models, 2048 examples, few steps (each step is several collectives); full: wider, 20000
@@ -253,7 +258,8 @@ def findings_of(table, runs):
         + ", ".join(f"{k} {'no epoch' if a is None else f'{a:.4f}'}" for k, a in at_budget.items())
         + ("; Top-k + natural highest" if all(a is None or a < acc[TOPK5_NAT] for a in at_budget.values())
            else "; Top-k + natural not highest"))
-    for name, dense, runs_of in (("sgd_momentum", M_NONE, (M_EF, M_DGC, M_DS_DGC, M_UNMASKED)),
+    for name, dense, runs_of in (("sgd_momentum", M_NONE, (M_EF, M_DGC, M_DS_DGC, M_UNMASKED, M_NESTEROV)),
+                                 ("sgd_nesterov", M_NONE_NESTEROV, (M_NESTEROV,)),
                                  ("adamw", A_NONE, (A_EF, A_WARM, A_FROZEN1, A_FROZEN10, A_MOMENTUM))):
         out[name] = (f"dense {acc[dense]:.4f}; " + "; ".join(
             f"{k} {acc[k]:.4f} ({100 * (acc[dense] - acc[k]):+.2f} points below dense) at {ratio[k]:.4f} of "

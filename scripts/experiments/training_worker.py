@@ -19,7 +19,8 @@ CONFIG_JSON: {"configs": {label: spec}, "epochs", "batch_size", "seed", "train_l
 "adamw-momentum": hvd_compress's FrozenVarianceAdamW / MomentumCorrectedAdamW, frozen when the warm-up ends), lr,
 momentum (with momentum correction and "adamw-momentum": Adam's beta1),
 weight_decay, model ("cnn" or "vit"), and the Compression's momentum (correction), warmup, clip and dense_below
-(and momentum_masking, True when absent).
+(and momentum_masking, True when absent, and nesterov, False when absent: in the Compression with momentum
+correction, else in the optimizer).
 """
 import json
 import math
@@ -105,8 +106,9 @@ def build(j, spec, cfg, total_steps):
     named = [(f"c{j}.{n}", p) for n, p in model.named_parameters()]
     correction = spec["momentum_correction"]   # the momentum moves from the optimizer into the Compression
     if spec["optimizer"] == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=spec["lr"],
-                                    momentum=0.0 if correction else spec["momentum"])
+        momentum = 0.0 if correction else spec["momentum"]
+        optimizer = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=momentum,
+                                    nesterov=spec.get("nesterov", False) and not correction)
     elif spec["optimizer"] == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"])
     else:   # 1-bit Adam's recipe: the second moment frozen when the dense warm-up ends
@@ -121,7 +123,8 @@ def build(j, spec, cfg, total_steps):
                                      server=spec["server"], named_parameters=named, seed=cfg["seed"],
                                      dense_below=spec["dense_below"], warmup=warmup, clip=spec["clip"],
                                      momentum=spec["momentum"] if correction else 0.0,
-                                     momentum_masking=spec.get("momentum_masking", True))
+                                     momentum_masking=spec.get("momentum_masking", True),
+                                     nesterov=spec.get("nesterov", False))
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=named, compression=compression)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     return {"model": model, "optimizer": optimizer, "compression": compression, "records": [], "failed": None,

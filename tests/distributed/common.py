@@ -69,7 +69,7 @@ def train_reference(case, n, steps):
                      transport=case.get("transport"), link=link, dense_below=case.get("dense_below", 0),
                      momentum=case.get("momentum", 0.0), warmup=case.get("warmup", 0),
                      clip=case.get("clip", 0.0), local_size=case.get("local_size", 1),
-                     momentum_masking=case.get("momentum_masking", True))
+                     momentum_masking=case.get("momentum_masking", True), nesterov=case.get("nesterov", False))
     passes = case.get("backward_passes_per_step", 1)
     for step in range(steps):
         grads = [{k: g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
@@ -144,4 +144,5 @@ def make_compression(case, model, **options):
                           dense_below=case.get("dense_below", 0), bucket_mb=case.get("bucket_mb", 64),
                           momentum=case.get("momentum", 0.0), warmup=case.get("warmup", 0),
                           clip=case.get("clip", 0.0), momentum_masking=case.get("momentum_masking", True),
+                          nesterov=case.get("nesterov", False),
                           **options)
