@@ -81,6 +81,7 @@ def config_line(size, device, args, n_params, use_hc):
             + (f"  transport {args.transport}" if getattr(args, "transport", None) else "")
             + ("  momentum_correction on" if getattr(args, "momentum_correction", False) else "")
             + ("" if getattr(args, "momentum_masking", True) else " (no factor masking)")
+            + ("  nesterov" if getattr(args, "nesterov", False) else "")
             + (f"  warmup {args.warmup} steps" if getattr(args, "warmup", 0) else ""))
 
 
