@@ -385,8 +385,8 @@ class Config:
     server: Optional[Compressor]
     transport: Optional[str] = None
     momentum: float = 0.0   # momentum correction (Deep Gradient Compression): see check_momentum
-    momentum_masking: bool = True   # its factor masking: see check_momentum
-    nesterov: bool = False   # Nesterov's form of it: see check_nesterov
+    momentum_masking: bool = True   # its factor masking: see check_momentum_option
+    nesterov: bool = False   # Nesterov's form of it: see check_momentum_option
     warmup: tuple = (0, 0.25)   # (steps, first ratio) of the worker sparsifier's warm-up: see check_warmup
     clip: float = 0.0   # local gradient clipping: see check_clip
 
@@ -473,25 +473,17 @@ def check_momentum(momentum, worker, error_feedback, masking=True):
     return float(momentum)
 
 
-def check_nesterov(nesterov, momentum):
-    """Nesterov's momentum (as ``torch.optim.SGD(nesterov=True)``): the velocity is u <- m u + g as before,
-    and g + m u is compressed (or averaged) in g's place instead of u."""
-    if not isinstance(nesterov, bool):
-        raise ValueError(f"nesterov must be True or False, got {nesterov!r}")
-    if nesterov and not momentum:
-        raise ValueError("nesterov=True needs momentum correction (momentum > 0)")
-    return nesterov
-
-
-def check_momentum_masking(momentum_masking, momentum):
-    """Factor masking on (Deep Gradient Compression) or off: off, a sent coordinate keeps its velocity, so
-    every gradient moves its weight by lr / (1 - m) in all, as dense SGD with momentum does; masked, the
-    coordinates sent most often move less."""
-    if not isinstance(momentum_masking, bool):
-        raise ValueError(f"momentum_masking must be True or False, got {momentum_masking!r}")
-    if not momentum_masking and not momentum:
-        raise ValueError("momentum_masking=False needs momentum correction (momentum > 0)")
-    return momentum_masking
+def check_momentum_option(name, value, default, momentum):
+    """A switch of momentum correction, True or False; away from its ``default`` only with momentum:
+    ``momentum_masking`` (default True): off, a sent coordinate keeps its velocity, so every gradient moves its
+    weight by lr / (1 - m) in all, as dense SGD with momentum does (masked, the coordinates sent most often
+    move less); ``nesterov`` (default False): on, g + m u is compressed (or averaged) in g's place instead of
+    u, as ``torch.optim.SGD(nesterov=True)`` steps."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    if value != default and not momentum:
+        raise ValueError(f"{name}={value} needs momentum correction (momentum > 0)")
+    return value
 
 
 def check_clip(clip):

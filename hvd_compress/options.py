@@ -9,10 +9,10 @@ def config_of(compressor, error_feedback=False, server=None, transport=None, lin
               warmup=0, clip=0.0, momentum_masking=True, nesterov=False):
     """(the configuration, the link given for "auto" or None)."""
     worker = C.parse(compressor) or C.Identity()
-    masking = C.check_momentum_masking(momentum_masking, momentum)
+    masking = C.check_momentum_option("momentum_masking", momentum_masking, True, momentum)
     config = C.Config(worker, bool(error_feedback), C.parse(server),
                       momentum=C.check_momentum(momentum, worker, bool(error_feedback), masking),
-                      momentum_masking=masking, nesterov=C.check_nesterov(nesterov, momentum),
+                      momentum_masking=masking, nesterov=C.check_momentum_option("nesterov", nesterov, False, momentum),
                       warmup=C.check_warmup(warmup, worker), clip=C.check_clip(clip))
     config = dataclasses.replace(config, transport=T.check(transport, config))
     if link_gbps is not None and transport != T.AUTO:

@@ -213,17 +213,24 @@ def test_clip_scales_each_workers_tensor_down_to_clip_over_sqrt_n():
     assert torch.allclose(update["long"].norm(), torch.tensor(threshold, dtype=torch.float64), rtol=1e-5)
 
 
+def _against_adamw(horovod, optimizer_class, steps):
+    """Seeded float64 weights and ``steps`` steps of gradients; two copies of the weights: ``optimizer_class``
+    (freeze_after=3) under hvd.DistributedOptimizer on the first, torch's AdamW on the second, both lr 0.1 and
+    weight decay 0.05. Returns (weights, grads, mine, plain, optimizer, adamw)."""
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(steps)]
+    mine = [w.clone().requires_grad_() for w in weights]
+    plain = [w.clone().requires_grad_() for w in weights]
+    opt = horovod.DistributedOptimizer(optimizer_class(mine, lr=0.1, weight_decay=0.05, freeze_after=3),
+                                       named_parameters=[(f"w{i}", w) for i, w in enumerate(mine)])
+    return weights, grads, mine, plain, opt, torch.optim.AdamW(plain, lr=0.1, weight_decay=0.05)
+
+
 def test_frozen_variance_adamw_is_adamw_then_freezes_v(horovod):
     """FrozenVarianceAdamW: AdamW bit for bit for freeze_after steps, then v stays and the step follows the
     documented formula; hvd.DistributedOptimizer, which rebuilds the optimizer from its groups, keeps it."""
-    torch.manual_seed(0)
-    weights = [torch.randn(5, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
-    grads = [[torch.randn_like(w) for w in weights] for _ in range(6)]
-    mine = [w.clone().requires_grad_() for w in weights]
-    plain = [w.clone().requires_grad_() for w in weights]
-    opt = horovod.DistributedOptimizer(hc.FrozenVarianceAdamW(mine, lr=0.1, weight_decay=0.05, freeze_after=3),
-                                   named_parameters=[(f"w{i}", w) for i, w in enumerate(mine)])
-    ref = torch.optim.AdamW(plain, lr=0.1, weight_decay=0.05)
+    _, grads, mine, plain, opt, ref = _against_adamw(horovod, hc.FrozenVarianceAdamW, 6)
     assert [g["freeze_after"] for g in opt.param_groups] == [3]
     for step, gs in enumerate(grads, 1):
         for w, p, g in zip(mine, plain, gs):
@@ -250,14 +257,7 @@ def test_momentum_corrected_adamw_where_nothing_is_compressed(horovod):
     the frozen denominator d and restarts u once, and the step is w (1 - lr wd) - lr / (1 - 0.9^t) 0.1 r
     with r <- 0.9 r + d g from r = 0. hvd.DistributedOptimizer, which rebuilds the optimizer from its groups,
     keeps it; a checkpoint taken after the freeze hooks the parameters of the optimizer it is loaded into."""
-    torch.manual_seed(0)
-    weights = [torch.randn(5, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
-    pulls = [[torch.randn_like(w) for w in weights] for _ in range(8)]
-    mine = [w.clone().requires_grad_() for w in weights]
-    ref = [w.clone().requires_grad_() for w in weights]
-    opt = horovod.DistributedOptimizer(hc.MomentumCorrectedAdamW(mine, lr=0.1, weight_decay=0.05, freeze_after=3),
-                                       named_parameters=[(f"w{i}", w) for i, w in enumerate(mine)])
-    adamw = torch.optim.AdamW(ref, lr=0.1, weight_decay=0.05)
+    weights, pulls, mine, ref, opt, adamw = _against_adamw(horovod, hc.MomentumCorrectedAdamW, 8)
     velocity = [torch.zeros_like(w) for w in weights]
     restarted = [torch.zeros_like(w) for w in weights]
     for step, gs in enumerate(pulls, 1):
