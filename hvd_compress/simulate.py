@@ -10,8 +10,8 @@ With ``warmup`` each step's worker compressor is ``config.worker_at(step)``. A t
 ``hvd_compress.transport``) changes the math only where it says so: "dense" averages the exact gradients (as
 do tensors under ``dense_below`` elements), "sharded" runs the pipeline on each of the n slices on its own,
 "hierarchical" (nodes of ``local_size`` consecutive ranks) runs it with one worker per node, its ranks' exact
-average, on each of ``local_size`` slices. Buckets do not change the math: tensors are compressed one by one inside them.
-Gradients may be PyTorch or TensorFlow tensors; C(x) runs with the kernels of their framework.
+average, on each of ``local_size`` slices. Buckets do not change the math: tensors are compressed one by one
+inside them. Gradients may be PyTorch or TensorFlow tensors; C(x) runs with the kernels of their framework.
 """
 from . import options
 from . import transport as T
