@@ -69,7 +69,7 @@ class _RootServer(_Transport):
     v's bytes are broadcast, and every rank decodes the same v."""
 
     def serve(self, comp, bucket, members):
-        server, ops = comp.config.server, comp.ops
+        server, ops = comp.server(), comp.ops
         if server is None:
             for p in members:
                 p.update = p.work
@@ -88,7 +88,7 @@ class _RootServer(_Transport):
         bucket.handle2 = ops.broadcast(ops.cat(datas), comp.root(), f"hc.s.{bucket.id}", comp._ranks())
 
     def finish(self, comp, bucket):
-        server, members, ops = comp.config.server, bucket.launched, comp.ops
+        server, members, ops = comp.server(), bucket.launched, comp.ops
         if server is None:
             return
         data, offset = bucket.take(ops, "handle2"), 0
@@ -124,7 +124,7 @@ class Allgather(_RootServer):
         members, n, ops = bucket.launched, comp.size(), comp.ops
         received = ops.flat(bucket.received)
         total = sum(bucket.sizes) + len(members)
-        needs_gbar = comp.config.server is None or comp.rank() == comp.root_rank   # others wait for v
+        needs_gbar = comp.server() is None or comp.rank() == comp.root_rank   # others wait for v
         offset = 0
         for p, size in zip(members, bucket.sizes):
             if needs_gbar:
@@ -204,7 +204,7 @@ class Sharded(_Transport):
 
     def reduce_and_serve(self, comp, bucket):
         members, n, rank, ops = bucket.launched, comp.size(), comp.rank(), comp.ops
-        worker, server = comp.worker(), comp.config.server
+        worker, server = comp.worker(), comp.server()
         received = ops.flat(bucket.received)
         sizes = [ops.numel(p.payload[rank]) for p in members]   # every rank's slice `rank` has the same size
         chunk, offset, datas = sum(sizes) + len(members), 0, []
@@ -228,7 +228,7 @@ class Sharded(_Transport):
 
     def finish(self, comp, bucket):
         members, n, rank, ops = bucket.launched, comp.size(), comp.rank(), comp.ops
-        server = comp.config.server
+        server = comp.server()
         data, offset = bucket.take(ops, "handle2"), 0
         pieces = {p.name: [] for p in members}
         for j in range(n):
@@ -338,7 +338,7 @@ class Hierarchical(_Transport):
         """Only check the slices (every rank alike, so a refusal is every rank's); x is known after the
         node's average."""
         b = T.bounds(comp.ops.numel(p.work), comp.nodes.local_size)
-        for c in filter(None, (comp.worker(), comp.config.server)):
+        for c in filter(None, (comp.worker(), comp.server())):
             for j in range(comp.nodes.local_size):
                 c.layout(b[j + 1] - b[j])
         p.errors = (e_in, e_out)

@@ -408,13 +408,25 @@ class Config:
         """The worker compressor in force at ``step``: during the warm-up, the sparsifier's ratio falls
         geometrically from the warm-up's first ratio to its own (Deep Gradient Compression's exponential
         warm-up of the density, e.g. 25% -> 1% over the warm-up steps); after it, ``worker`` itself."""
-        steps, first = self.warmup
-        if step >= steps:
-            return self.worker
-        if first == "dense":   # 1-bit Adam's warm-up: uncompressed
-            return Identity()
-        final = _sparsifier_of(self.worker).ratio
-        return _with_ratio(self.worker, max(final, first * (final / first) ** (step / steps)))
+        return _warming(self.worker, self.warmup, step)
+
+    def server_at(self, step):
+        """The server compressor in force at ``step``: the warm-up holds for the server pass too (else the root
+        would squeeze the warm-up's denser average back to its own ratio): a sparsifier given by ratio= on the
+        worker's schedule, uncompressed during a "dense" warm-up, any other compressor as it is."""
+        if self.server is None or self.warmup[1] != "dense" and ratio_of(self.server) is None:
+            return self.server
+        return _warming(self.server, self.warmup, step)
+
+
+def _warming(c, warmup, step):
+    steps, first = warmup
+    if step >= steps:
+        return c
+    if first == "dense":   # 1-bit Adam's warm-up: uncompressed
+        return Identity()
+    final = _sparsifier_of(c).ratio
+    return _with_ratio(c, max(final, first * (final / first) ** (step / steps)))
 
 
 def _sparsifier_of(c):

@@ -6,7 +6,8 @@ step for step.
 With ``momentum`` (momentum correction, ``compressors.check_momentum``) each worker's velocity u <- m u + g takes
 g's place (with ``nesterov``, g + m u does), and the coordinates sent (where the new error differs from x) are
 cleared from u; with ``clip`` each worker's gradient is first clipped to norm ``config.clip_threshold(n)``.
-With ``warmup`` each step's worker compressor is ``config.worker_at(step)``. A transport (see
+With ``warmup`` each step's worker and server compressors are ``config.worker_at(step)`` and
+``config.server_at(step)``. A transport (see
 ``hvd_compress.transport``) changes the math only where it says so: "dense" averages the exact gradients (as
 do tensors under ``dense_below`` elements), "sharded" runs the pipeline on each of the n slices on its own,
 "hierarchical" (nodes of ``local_size`` consecutive ranks) runs it with one worker per node, its ranks' exact
@@ -139,6 +140,6 @@ class Simulation:
         update = sum(ps[1:], ps[0]) / len(ps)
         if self.server is not None:
             y = update + self.server_error[key] if key in self.server_error else update
-            update = self.server(y, server_seed(self.server, self.seed, step, key))
+            update = self.config.server_at(step)(y, server_seed(self.server, self.seed, step, key))
             self.server_error[key] = y - update
         return ps, update

@@ -821,6 +821,27 @@ def test_warmup_schedule_falls_geometrically_to_the_ratio():
         assert type(ratios[10]) is type(worker) and repr(ratios[10]) != repr(worker)
 
 
+
+def test_warmup_holds_for_the_server_pass():
+    """A DoubleSqueeze server that sparsifies by ratio= follows the worker's schedule (else the root would squeeze
+    the warm-up's denser average back to its own ratio); a "dense" warm-up sends the server pass uncompressed
+    too; other server compressors stay as they are."""
+    from hvd_compress.compressors import Config, Identity, check_warmup, parse
+    worker = parse("topk:0.01")
+    for spec, first in [("topk:0.05", 0.25), ("randk:0.02+natural", 0.5)]:
+        server = parse(spec)
+        config = Config(worker, True, server, warmup=check_warmup((100, first), worker))
+        servers = [config.server_at(s) for s in range(101)]
+        kept = [getattr(c, "first", c).ratio for c in servers]
+        final = getattr(server, "first", server).ratio
+        assert kept[0] == first and kept[50] == pytest.approx(first * (final / first) ** 0.5)
+        assert all(a > b for a, b in zip(kept, kept[1:])) and servers[100] is server
+    onebit = parse("onebit")
+    assert Config(worker, True, onebit, warmup=check_warmup(100, worker)).server_at(0) is onebit
+    dense = Config(worker, True, onebit, warmup=check_warmup((10, "dense"), worker))
+    assert isinstance(dense.server_at(9), Identity) and dense.server_at(10) is onebit
+    assert Config(worker, True, None, warmup=check_warmup(100, worker)).server_at(0) is None
+
 def test_a_wrapped_compressor_keeps_its_seed():
     """seed= of a RandK inside Scaled or Compose changes the draws as it does alone (it was ignored)."""
     from hvd_compress.compressors import Compose, Natural, RandK, Scaled

@@ -136,6 +136,7 @@ def check_against_simulation(n, ranks, case):
         assert compressed == ["extra.weight", "fc1.weight"] and stats["dense_small_bytes"] > 0
     if case.get("warmup"):   # the warm-up is over: the ratio in force is the compressor's own
         assert stats["worker_ratio"] == (None if case["compressor"] == "natural" else 0.3)
+        assert stats["server_ratio"] == 0.5   # the server's own (topk:0.5), which warmed up alike
 
 
 def _node_cases():

@@ -60,7 +60,8 @@ CASES_3 = [{**c, "grappler": False} for c in CASES_3]
 LAUNCHERS = {2: "horovodrun", 3: "mpirun"}
 TORCH_STATS_KEYS = {"steps", "skipped_steps", "last_step_skipped", "bytes_sent", "dense_bytes", "ratio",
                     "dense_small_bytes", "variance", "worker_error_norm", "server_error_norm", "total_bytes_sent",
-                    "total_dense_bytes", "transports", "buckets", "link_gbps", "worker_ratio"}
+                    "total_dense_bytes", "transports", "buckets", "link_gbps", "worker_ratio",
+                    "server_ratio"}
 
 
 def _tf_run(n, tmp_path_factory):

@@ -259,6 +259,9 @@ class Compression(CompressionBase, tf.Module):
     def worker(self):
         return self.config.worker
 
+    def server(self):
+        return self.config.server
+
     def _seed_step(self):
         return self._now[0]
 
@@ -422,7 +425,8 @@ class Compression(CompressionBase, tf.Module):
                 "total_dense_bytes": sum(b * s for b, s in zip(dense, steps)),
                 "transports": dict(self._transports), "buckets": [[n] for n in self._buckets],
                 "link_gbps": self._link and self._link.bandwidth * 8 / 1e9,
-                "worker_ratio": C.ratio_of(self.config.worker)}
+                "worker_ratio": C.ratio_of(self.config.worker),
+                "server_ratio": self.config.server and C.ratio_of(self.config.server)}
 
 
 def _in_force(undone, before, now):

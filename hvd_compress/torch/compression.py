@@ -85,7 +85,8 @@ class Compression(CompressionBase):
             (or averaged) in g's place instead of u.
         warmup: the warm-up of the worker sparsifier's ratio (Deep Gradient Compression): a number of steps
             over which it falls geometrically from 25% to its own ratio, or (steps, first ratio); 0: none.
-            ``stats()["worker_ratio"]`` is the ratio in force. Needs a sparsifier given by ratio=.
+            ``stats()["worker_ratio"]`` is the ratio in force. Needs a sparsifier given by ratio=. A server
+            sparsifier given by ratio= warms up alike (``stats()["server_ratio"]``).
         clip: local gradient clipping (Deep Gradient Compression): before momentum and error feedback, each
             worker scales each gradient tensor down to norm clip / sqrt(n) if it is longer (n ranks); 0: none.
         nonfinite: what a step does when some rank's gradient holds NaN or Inf. "skip" (as stock Horovod,
@@ -139,7 +140,7 @@ class Compression(CompressionBase):
         self._payloads = {}                               # name or slice name -> its payload bytes' buffer
         self._pending = {}                                # name -> Pending, for the step in flight
         self._step = 0
-        self._worker_now = (None, None)                   # (step, the worker compressor in force)
+        self._in_force = (None, None, None)               # (step, the worker and server compressors in force)
         self._checked = False
         self._step_stats, self._last_stats = self._new_stats(), None
         self._totals = {"bytes_sent": 0, "dense_bytes": 0, "skipped_steps": 0}
@@ -268,9 +269,14 @@ class Compression(CompressionBase):
 
     def worker(self):
         """The worker compressor of this step (during a warm-up, the sparsifier at this step's ratio)."""
-        if self._worker_now[0] != self._step:
-            self._worker_now = (self._step, self.config.worker_at(self._step))
-        return self._worker_now[1]
+        if self._in_force[0] != self._step:
+            self._in_force = (self._step, self.config.worker_at(self._step), self.config.server_at(self._step))
+        return self._in_force[1]
+
+    def server(self):
+        """The server compressor of this step (the warm-up holds for it too: ``Config.server_at``)."""
+        self.worker()
+        return self._in_force[2]
 
     def _seed_step(self):
         return self._step
@@ -544,8 +550,9 @@ class Compression(CompressionBase):
         over all compressed gradients, error-buffer norms, ``dense_small_bytes`` (the bytes of the tensors
         left dense for being under ``dense_below`` elements); ``steps`` and cumulative byte totals since
         construction; ``transports`` (the transport of each parameter), ``buckets`` (the parameter names of
-        each bucket of compressed tensors), ``link_gbps`` (the link "auto" chose by) and ``worker_ratio`` (the
-        worker sparsifier's ratio in the last step, which a warm-up changes; None for other compressors)."""
+        each bucket of compressed tensors), ``link_gbps`` (the link "auto" chose by), ``worker_ratio`` and
+        ``server_ratio`` (the sparsifiers' ratios in the last step, which a warm-up changes; None for other
+        compressors, and for no server)."""
         s = self._last_stats or self._new_stats()
         value = lambda v: float(v) if not torch.is_tensor(v) else v.item()
         norm = value(s["norm"])
@@ -560,7 +567,8 @@ class Compression(CompressionBase):
                 "total_bytes_sent": self._totals["bytes_sent"], "total_dense_bytes": self._totals["dense_bytes"],
                 "transports": dict(self._transports), "buckets": [list(b.names) for b in self._buckets],
                 "link_gbps": self._link and self._link.bandwidth * 8 / 1e9,
-                "worker_ratio": C.ratio_of(self.config.worker_at(max(self._step - 1, 0)))}
+                "worker_ratio": C.ratio_of(self.config.worker_at(max(self._step - 1, 0))),
+                "server_ratio": self.config.server and C.ratio_of(self.config.server_at(max(self._step - 1, 0)))}
 
 def _horovod_optimizer_calling():
     """The Horovod optimizer among compress()'s callers (its _allreduce_grad_async, or the list comprehension

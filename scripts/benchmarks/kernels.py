@@ -21,7 +21,8 @@ The "step" section times what the issue's targets are about, per compressor and 
 error feedback plus the decode of 2 payloads**, as a multiple of memcpy time (time / memcpy time; memcpy timed
 in the same interleaved repeats). PyTorch, buffers preallocated once per size (g, e_in, e_out, out):
 ``parts, stats = K.step(c, g, e_in, e_out, seed)``; ``data = K.pack(parts)`` (``K.step_packed`` instead of the
-two where the library has it); then ``K.decode_mean(c, [data, data2], d, seed, float32, out=out)``, data2 a
+two where the library has it, into a payload buffer kept from call to call, as the plug-in's transports
+call it); then ``K.decode_mean(c, [data, data2], d, seed, float32, out=out)``, data2 a
 second rank's payload made once beforehand from another input. Summable payloads travel as they are (Horovod's
 allreduce averages them): ``K.decode(c, [parts[0]], ...)`` once instead. The same with the fused C kernels off
 (``fused.disabled()``: the pure-torch path) for contrast, at the largest size only (seconds per call).
@@ -170,12 +171,14 @@ def torch_step(c, d, bufs, eager):
     from hvd_compress.torch import kernels as K
     _, e_in, e_out, out, g2 = bufs
     step_packed = getattr(K, "step_packed", None)   # one call where the library has it
+    # the payload's buffer, reused as the transports reuse theirs (fresh pages every call would be timed too)
+    payload = None if c.summable else torch.empty(K.packed_nbytes(c, d, torch.float32), dtype=torch.uint8)
 
     def step(g):
         if c.summable:   # the values travel as they are
             return K.step(c, g, e_in, e_out, SEED)[0][0]
         if step_packed is not None:
-            return step_packed(c, g, e_in, e_out, SEED)[0]
+            return step_packed(c, g, e_in, e_out, SEED, out=payload)[0]
         parts, _ = K.step(c, g, e_in, e_out, SEED)
         return K.pack(parts)
 

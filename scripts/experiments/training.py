@@ -55,12 +55,13 @@ RANKS = 4
 
 
 def spec(compressor, error_feedback=False, server=None, optimizer="sgd", lr=None, momentum=0.0, model="cnn",
-         momentum_correction=False, warmup=0, dense_below=0, momentum_masking=True, nesterov=False):
+         momentum_correction=False, warmup=0, dense_below=0, momentum_masking=True, nesterov=False,
+         transport=None):
     """A configuration: the Compression's arguments and the optimizer it trains with (lr None: the setup's)."""
     return dict(compressor=compressor, error_feedback=error_feedback, server=server, optimizer=optimizer, lr=lr,
                 momentum=momentum, weight_decay=0.01, model=model, momentum_correction=momentum_correction,
                 momentum_masking=momentum_masking, nesterov=nesterov, warmup=warmup, clip=0.0,
-                dense_below=dense_below)
+                dense_below=dense_below, transport=transport)
 
 
 SGDM = dict(lr=0.01, momentum=0.9)   # the same effective step, lr / (1 - momentum), as plain SGD's 0.1

@@ -124,7 +124,7 @@ def build(j, spec, cfg, total_steps):
                                      dense_below=spec["dense_below"], warmup=warmup, clip=spec["clip"],
                                      momentum=spec["momentum"] if correction else 0.0,
                                      momentum_masking=spec.get("momentum_masking", True),
-                                     nesterov=spec.get("nesterov", False))
+                                     nesterov=spec.get("nesterov", False), transport=spec.get("transport"))
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=named, compression=compression)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     return {"model": model, "optimizer": optimizer, "compression": compression, "records": [], "failed": None,
