@@ -295,6 +295,23 @@ def test_step_packed_non_finite_or_subnormal(spec, bad):
         assert _equal(e_out, e_ref)
 
 
+@pytest.mark.parametrize("bad", [None, math.inf, math.nan])
+def test_topk_writes_its_payload_into_out(bad):
+    """TopK's one-pass path (large tensors) writes indices and values straight into ``out``; a non-finite
+    x sends it to the general path, which fills ``out`` as well."""
+    c, d = C.parse("topk:0.01"), 300_000
+    g, e = _vector(d, torch.float32, 1), _vector(d, torch.float32, 2) * 0.5
+    if bad is not None:
+        g[4321] = bad
+    out = torch.full((K.packed_nbytes(c, d, torch.float32),), 255, dtype=torch.uint8)
+    for _ in range(2):   # the second call reuses the scratch buffers of the first
+        e_out, e_ref = torch.empty_like(g), torch.empty_like(g)
+        parts, stats = K.step(c, g, e, e_ref, SEED)
+        got, pstats = K.step_packed(c, g, e, e_out, SEED, out=out)
+        assert got is out and _equal(got, K.pack(parts)) and _equal(e_out, e_ref)
+        assert torch.equal(pstats.nan_to_num(), stats.nan_to_num())
+
+
 @pytest.mark.parametrize("spec", ["sign", "onebit", "natural", "qsgd:200", "topk:0.3", "randk:0.3,shared", "none",
                                   "0.5*natural"])
 def test_step_packed_into_out(spec):

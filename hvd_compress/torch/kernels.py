@@ -505,13 +505,16 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None):
             rank = max(1, min(sample.numel(), int(sample.numel() * (1 - 2 * k / d))))
             threshold = torch.kthvalue(sample, rank).values.item()
             cap = min(d, 3 * k + 1024)
-            cidx, cval = torch.empty(cap, dtype=torch.int64), torch.empty(cap, dtype=dtype)
+            cidx, cval = _scratch("cidx", cap, torch.int64), _scratch("cval", cap, dtype)
             count = ns.topk1(G, E, O, d, threshold, cidx.data_ptr(), cval.data_ptr(), cap, sp)
             if st[1].item() != 0.0:
                 return None
             if k <= count <= cap:
-                sel = torch.topk(cval[:count].abs(), k, sorted=False).indices
-                idx32, values, fix = torch.empty(k, dtype=torch.int32), torch.empty(k, dtype=dtype), st[4:6]
+                magnitude = torch.abs(cval[:count], out=_scratch("cabs", count, dtype))
+                sel = torch.topk(magnitude, k, sorted=False,
+                                 out=(_scratch("topv", k, dtype), _scratch("topi", k, torch.int64))).indices
+                idx32, values = into if into else (torch.empty(k, dtype=torch.int32), torch.empty(k, dtype=dtype))
+                fix = st[4:6]
                 ns.topk_fix(cidx.data_ptr(), cval.data_ptr(), count, sel.data_ptr(), k, O, lam, idx32.data_ptr(),
                             values.data_ptr(), _marks(count).data_ptr(), fix.data_ptr())
                 residual = st[0].item() - fix[0].item() + fix[1].item()
@@ -522,7 +525,7 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None):
                 values = x[idx]
         sumsq = st[0].item()
         residual = _sparse_fixup(values, values, lam, idx, e_out, sumsq)
-        return [idx.to(torch.int32), values], _stats(residual, sumsq, True)
+        return _parts_into(into, [idx.to(torch.int32), values]), _stats(residual, sumsq, True)
     if isinstance(c, C.RandK):
         idx = _randk_indices(c, d, seed, g.device)
         k = idx.numel()
@@ -593,8 +596,8 @@ def step(c, g, e_in=None, e_out=None, seed=0):
 
 def step_packed(c, g, e_in=None, e_out=None, seed=0, out=None):
     """``(pack(parts), stats)`` for ``(parts, stats) = step(c, g, e_in, e_out, seed)``: the same bytes, which the
-    fused kernels of sign, onebit, Natural and QSGD write straight into the packed payload (no copy of the
-    large part). The payload is a fresh buffer (the caller may keep it), or ``out`` when given: a contiguous
+    fused kernels of sign, onebit, Natural, QSGD and TopK write straight into the packed payload (no copy of
+    the large part). The payload is a fresh buffer (the caller may keep it), or ``out`` when given: a contiguous
     uint8 tensor of ``packed_nbytes(c, g.numel(), g.dtype)`` bytes, which a caller that knows its previous
     payload is no longer needed can pass again and again (no fresh pages to fault in on every call)."""
     d = g.numel()
@@ -604,7 +607,7 @@ def step_packed(c, g, e_in=None, e_out=None, seed=0, out=None):
     lib = _fused_lib(g, e_in, e_out)
     if lib is not None:
         inner, lam = _unscaled(c)
-        if isinstance(inner, (C.ScaledSign, C.OneBit, C.Natural, C.QSGD)):
+        if isinstance(inner, (C.ScaledSign, C.OneBit, C.Natural, C.QSGD, C.TopK)):
             dtypes = part_dtypes(c, d, g.dtype)
             lengths = [n for _, n in c.layout(d)]
             packed = out if out is not None else torch.empty(packed_nbytes(c, d, g.dtype), dtype=torch.uint8)
@@ -687,6 +690,17 @@ _BLOCK = 2048      # CHUNK of fused.c
 
 def _blocks(d):
     return (d + _BLOCK - 1) // _BLOCK
+
+
+def _scratch(name, n, dtype):
+    """A thread's scratch tensor of n elements, kept from call to call (fresh pages cost more than the work)."""
+    key = ("scratch", name, dtype)
+    have = getattr(_local, "scratch", {}).get(key)
+    if have is None or have.numel() < n:
+        if not hasattr(_local, "scratch"):
+            _local.scratch = {}
+        have = _local.scratch[key] = torch.empty(n, dtype=dtype)
+    return have[:n]
 
 
 def _marks(d):
