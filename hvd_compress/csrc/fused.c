@@ -125,18 +125,29 @@ static double sum_lanes(const double *a) {
 
 int hvdc_version(void) { return 1; }
 
-/* the first k distinct values of draws (in [0, n)), in order of first appearance, into out; returns how many
-   there were (up to k). mark: n bits, all clear, left clear. */
+/* the first k distinct values of draws (in [0, n)), in increasing order, into out; returns how many there were
+   (up to k). mark: n bits, all clear, rounded up to whole 64-bit words (left clear). */
 int64_t hvdc_first_distinct(const int64_t *draws, int64_t m, int64_t k, int64_t n, uint8_t *mark, int64_t *out) {
     int64_t c = 0;
     for (int64_t t = 0; t < m && c < k; t++) {
         int64_t v = draws[t];
         if (v < 0 || v >= n) { c = -1; break; }
         uint8_t bit = (uint8_t)(1u << (v & 7));
-        if (!(mark[v >> 3] & bit)) { mark[v >> 3] |= bit; out[c++] = v; }
+        if (!(mark[v >> 3] & bit)) { mark[v >> 3] |= bit; c++; }
     }
-    for (int64_t t = 0; t < (c < 0 ? 0 : c); t++) mark[out[t] >> 3] = 0;
-    if (c < 0) for (int64_t t = 0; t < m; t++) if (draws[t] >= 0 && draws[t] < n) mark[draws[t] >> 3] = 0;
+    if (c < 0) {
+        for (int64_t t = 0; t < m; t++) if (draws[t] >= 0 && draws[t] < n) mark[draws[t] >> 3] = 0;
+        return c;
+    }
+    /* the marked values in increasing order: a scan of the bitmap, clearing it as it goes */
+    int64_t q = 0;
+    for (int64_t w = 0; w < (n + 63) / 64; w++) {
+        uint64_t bits;
+        memcpy(&bits, mark + 8 * w, 8);
+        if (!bits) continue;
+        memset(mark + 8 * w, 0, 8);
+        for (; bits; bits &= bits - 1) out[q++] = 64 * w + __builtin_ctzll(bits);
+    }
     return c;
 }
 

@@ -788,31 +788,22 @@ int FN(mean_sparse)(const int32_t *const *idx, const T *const *vals, const int64
     return 0;
 }
 
-/* entries 0..k-1 grouped by block of CHUNK elements of idx[t] (stable): order gets them, start[b] the end of
-   block b (nb + 1 counters). Returns 1 on an index out of range. */
-static int FN(bucket)(const int64_t *idx, int64_t k, int64_t n, int64_t *order, int64_t *start) {
-    const int64_t nb = (n + CHUNK - 1) / CHUNK;
-    memset(start, 0, (size_t)(nb + 1) * sizeof(int64_t));
-    for (int64_t t = 0; t < k; t++) {
-        if (idx[t] < 0 || idx[t] >= n) return 1;
-        start[(idx[t] >> 11) + 1]++;
-    }
-    for (int64_t b = 0; b < nb; b++) start[b + 1] += start[b];
-    for (int64_t t = 0; t < k; t++) order[start[idx[t] >> 11]++] = t;
+/* 1 unless idx[0..k) increase strictly and lie in [0, n) (RandK's draws are sorted: see hvdc_first_distinct) */
+static int FN(not_sorted)(const int64_t *idx, int64_t k, int64_t n) {
+    for (int64_t t = 0; t < k; t++)
+        if (idx[t] < (t ? idx[t - 1] + 1 : 0) || idx[t] >= n) return 1;
     return 0;
 }
 
-/* RandK with shared indices: out = 0, out[idx] = (((v_0 + v_1) + ...) + v_{n-1}) / div (distinct idx) */
-int FN(mean_shared)(const int64_t *idx, int64_t k, const T *const *vals, int nrows, int64_t n, T *out, T div,
-                    int64_t *order, int64_t *start) {
-    if (FN(bucket)(idx, k, n, order, start)) return 1;
+/* RandK with shared indices (sorted): out = 0, out[idx] = (((v_0 + v_1) + ...) + v_{n-1}) / div */
+int FN(mean_shared)(const int64_t *idx, int64_t k, const T *const *vals, int nrows, int64_t n, T *out, T div) {
+    if (FN(not_sorted)(idx, k, n)) return 1;
     T acc[CHUNK];
     const int nt = use_nt(out, n * (int64_t)sizeof(T));
-    int64_t q = 0;
+    int64_t t = 0;
     CHUNKS(n) {
         memset(acc, 0, (size_t)m * sizeof(T));
-        for (int64_t end = start[i >> 11]; q < end; q++) {
-            int64_t t = order[q];
+        for (; t < k && idx[t] < i + m; t++) {
             T s = vals[0][t];
             for (int r = 1; r < nrows; r++) s = s + vals[r][t];
             acc[idx[t] - i] = s;
@@ -823,38 +814,44 @@ int FN(mean_shared)(const int64_t *idx, int64_t k, const T *const *vals, int nro
     return 0;
 }
 
-/* lanes of sum x^2 and sum (x - x) over a block (starting at lane 0) */
-static inline void FN(sq_block)(const T *x, int64_t m, double *asq, double *afin) {
+/* x = g + e of a block into buf (g itself without e), with the lanes of sum x^2 and sum (x - x) */
+static inline const T *FN(load_sq)(const T *g, const T *e, int64_t i, int64_t m, T *buf, double *asq,
+                                   double *afin) {
+    const T *x = e ? buf : g + i;
     int64_t j = 0;
 #if defined(__AVX2__) && IS_FLOAT
-    __m256d q[4], f[4];
-    for (int k = 0; k < 4; k++) { q[k] = _mm256_loadu_pd(asq + 4 * k); f[k] = _mm256_loadu_pd(afin + 4 * k); }
+    __m256d q[4]; __m256 fin = _mm256_setzero_ps();
+    for (int k = 0; k < 4; k++) q[k] = _mm256_loadu_pd(asq + 4 * k);
     for (; j + 16 <= m; j += 16) {
-        __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
+        __m256 x0 = loadx8(g, e, i + j), x1 = loadx8(g, e, i + j + 8);
+        if (e) { _mm256_storeu_ps(buf + j, x0); _mm256_storeu_ps(buf + j + 8, x1); }
+        FIN16(fin, x0, x1);
         __m256d w[4]; widen16(x0, x1, w); sq16(q, w);
-        for (int k = 0; k < 4; k++) f[k] = _mm256_add_pd(f[k], _mm256_sub_pd(w[k], w[k]));
     }
-    save16(q, asq); save16(f, afin);
+    save16(q, asq); afin[0] += FN(fin_of)(fin);
 #endif
-    for (; j < m; j++) { double v = x[j]; int l = (int)(j % LANES); asq[l] += v * v; afin[l] += v - v; }
+    for (; j < m; j++) {
+        double v = e ? (buf[j] = g[i + j] + e[i + j]) : g[i + j];
+        int l = (int)(j % LANES); asq[l] += v * v; afin[l] += v - v;
+    }
+    return x;
 }
 
-/* RandK's step: x = g + e (into xout when given), values[t] = x[idx[t]] (times scale when unbiased), and
-   xout[idx[t]] = x - values[t] * lam (lam = 1: x - values[t]), block by block while x is in L1.
-   st = [sum x^2, finiteness, sum of kept^2, sum of left^2]. order / start: scratch of k and nb + 1. */
+/* RandK's step, its indices sorted: x = g + e (into xout when given), values[t] = x[idx[t]] (times scale when
+   unbiased), and xout[idx[t]] = x - values[t] * lam (lam = 1: x - values[t]), block by block while x is in L1.
+   st = [sum x^2, finiteness, sum of kept^2, sum of left^2]. Returns 1 (nothing done) unless idx is sorted. */
 int FN(randk_step)(const T *g, const T *e, T *xout, int64_t n, const int64_t *idx, int64_t k, int unbiased, T scale,
-                   T lam, T *values, int64_t *order, int64_t *start, double *st) {
-    if (FN(bucket)(idx, k, n, order, start)) return 1;
+                   T lam, T *values, double *st) {
+    if (FN(not_sorted)(idx, k, n)) return 1;
     double asq[LANES] = {0}, afin[LANES] = {0}, skept = 0.0, sleft = 0.0;
     T buf[CHUNK];
     const int nt = use_nt(xout, n * (int64_t)sizeof(T));
-    int64_t q = 0;
+    int64_t t = 0;
     CHUNKS(n) {
-        const T *x = FN(load)(g, e, NULL, i, m, buf, 0);
-        FN(sq_block)(x, m, asq, afin);
+        const T *x = FN(load_sq)(g, e, i, m, buf, asq, afin);
         if (xout && x != buf) { memcpy(buf, x, (size_t)m * sizeof(T)); x = buf; }
-        for (int64_t end = start[i >> 11]; q < end; q++) {
-            int64_t t = order[q], p = idx[t] - i;
+        for (; t < k && idx[t] < i + m; t++) {
+            int64_t p = idx[t] - i;
             T kept = x[p], v = unbiased ? kept * scale : kept, dec = lam != (T)1 ? v * lam : v, left = kept - dec;
             values[t] = v;
             if (xout) buf[p] = left;

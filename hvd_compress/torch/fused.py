@@ -99,8 +99,8 @@ _SIGNATURES = {   # name: (restype, [argtypes]); "T" is the value type of the su
     "mean_table": (None, [_P, _P, _P, _INT, _INT, _I64, _P, "T"]),
     "mean_qsgd": (None, [_P, _INT, _P, "T", "T", _INT, _I64, _P, "T"]),
     "mean_sparse": (_INT, [_P, _P, _P, _INT, _I64, _P, "T", _P, _P, _P]),
-    "mean_shared": (_INT, [_P, _I64, _P, _INT, _I64, _P, "T", _P, _P]),
-    "randk_step": (_INT, [_P, _P, _P, _I64, _P, _I64, _INT, "T", "T", _P, _P, _P, _P]),
+    "mean_shared": (_INT, [_P, _I64, _P, _INT, _I64, _P, "T"]),
+    "randk_step": (_INT, [_P, _P, _P, _I64, _P, _I64, _INT, "T", "T", _P, _P]),
 }
 
 

@@ -78,11 +78,12 @@ def _uniform(x, seed):
 
 
 def _random_indices(d, k, seed, device):
-    """A uniformly random k-subset of range(d). For k << d, the first k distinct values of iid uniform
-    draws (each new value is uniform over those not seen yet) instead of an O(d) permutation."""
+    """A uniformly random k-subset of range(d), in increasing order (the kernels walk it block by block, as
+    TensorFlow's draws come too). For k << d, the first k distinct values of iid uniform draws (each new
+    value is uniform over those not seen yet) instead of an O(d) permutation."""
     g = _generator(seed, device)
     if 8 * k > d:
-        return torch.randperm(d, generator=g, device=device)[:k]
+        return torch.randperm(d, generator=g, device=device)[:k].sort().values
     draws = torch.randint(d, (k + k // 4 + 16,), generator=g, device=device)
     lib = fused.lib() if device == "cpu" or getattr(device, "type", None) == "cpu" else None
     if lib is not None:   # the same subset, from a bitmap of the values seen instead of a sort
@@ -91,13 +92,13 @@ def _random_indices(d, k, seed, device):
         count = lib.dll.hvdc_first_distinct(draws.data_ptr(), draws.numel(), k, d, marks.data_ptr(), out.data_ptr())
         if count == k:
             return out
-        return torch.randperm(d, generator=g, device=device)[:k]
+        return torch.randperm(d, generator=g, device=device)[:k].sort().values
     values, inverse = torch.unique(draws, return_inverse=True)
     if values.numel() < k:   # too many repeats (rare): a permutation decides
-        return torch.randperm(d, generator=g, device=device)[:k]
+        return torch.randperm(d, generator=g, device=device)[:k].sort().values
     position = torch.arange(draws.numel(), device=device)
     first = torch.full_like(values, draws.numel()).scatter_reduce_(0, inverse, position, "amin")
-    return values[torch.argsort(first)[:k]]
+    return values[torch.argsort(first)[:k]].sort().values
 
 
 # ---- bit packing ----------------------------------------------------------------------------------------
@@ -529,21 +530,20 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None):
     if isinstance(c, C.RandK):
         idx = _randk_indices(c, d, seed, g.device)
         k = idx.numel()
-        values = torch.empty(k, dtype=dtype)
-        order, start = torch.empty(k, dtype=torch.int64), torch.empty(_blocks(d) + 1, dtype=torch.int64)
+        values = into[-1] if into else torch.empty(k, dtype=dtype)
         if not ns.randk_step(G, E, O, d, idx.data_ptr(), k, int(c.unbiased), d / k if c.unbiased else 1.0, lam,
-                             values.data_ptr(), order.data_ptr(), start.data_ptr(), sp):
+                             values.data_ptr(), sp):
             sumsq = st[0].item()
             residual = sumsq - st[2].item() + st[3].item()
             parts = [values] if c.shared else [idx.to(torch.int32), values]
-            return parts, _stats(residual, sumsq, st[1].item() == 0.0)
+            return _parts_into(into, parts), _stats(residual, sumsq, st[1].item() == 0.0)
         x, finite = _materialize(ns, g, e_in, e_out, st)
         sumsq = st[0].item()
         kept = x[idx]
         values = kept * (d / idx.numel()) if c.unbiased else kept
         residual = _sparse_fixup(kept, values, lam, idx, e_out, sumsq)
         parts = [values] if c.shared else [idx.to(torch.int32), values]
-        return parts, _stats(residual, sumsq, finite)
+        return _parts_into(into, parts), _stats(residual, sumsq, finite)
     if isinstance(c, C.Identity):
         x = torch.empty_like(g) if e_in is not None else None
         bad = ns.addx(G, E, _ptr(x), d, sp)
@@ -596,8 +596,8 @@ def step(c, g, e_in=None, e_out=None, seed=0):
 
 def step_packed(c, g, e_in=None, e_out=None, seed=0, out=None):
     """``(pack(parts), stats)`` for ``(parts, stats) = step(c, g, e_in, e_out, seed)``: the same bytes, which the
-    fused kernels of sign, onebit, Natural, QSGD and TopK write straight into the packed payload (no copy of
-    the large part). The payload is a fresh buffer (the caller may keep it), or ``out`` when given: a contiguous
+    fused kernels of sign, onebit, Natural, QSGD, TopK and RandK write straight into the packed payload (no
+    copy of the large part). The payload is a fresh buffer (the caller may keep it), or ``out`` when given: a contiguous
     uint8 tensor of ``packed_nbytes(c, g.numel(), g.dtype)`` bytes, which a caller that knows its previous
     payload is no longer needed can pass again and again (no fresh pages to fault in on every call)."""
     d = g.numel()
@@ -607,7 +607,7 @@ def step_packed(c, g, e_in=None, e_out=None, seed=0, out=None):
     lib = _fused_lib(g, e_in, e_out)
     if lib is not None:
         inner, lam = _unscaled(c)
-        if isinstance(inner, (C.ScaledSign, C.OneBit, C.Natural, C.QSGD, C.TopK)):
+        if isinstance(inner, (C.ScaledSign, C.OneBit, C.Natural, C.QSGD, C.TopK, C.RandK)):
             dtypes = part_dtypes(c, d, g.dtype)
             lengths = [n for _, n in c.layout(d)]
             packed = out if out is not None else torch.empty(packed_nbytes(c, d, g.dtype), dtype=torch.uint8)
@@ -720,14 +720,12 @@ def _mean_sparse_fused(lib, c, rows, d, seed, dtype, out):
     if isinstance(c, C.RandK) and c.shared:
         idx = _randk_indices(c, d, seed, out.device).contiguous()
         vals = _addresses([p[0] for p in parts])       # (held: the kernel reads it)
-        order, start = torch.empty(idx.numel(), dtype=torch.int64), torch.empty(_blocks(d) + 1, dtype=torch.int64)
-        return ns.mean_shared(idx.data_ptr(), idx.numel(), vals.data_ptr(), n, d, out.data_ptr(), float(n),
-                              order.data_ptr(), start.data_ptr()) == 0
+        return ns.mean_shared(idx.data_ptr(), idx.numel(), vals.data_ptr(), n, d, out.data_ptr(), float(n)) == 0
     ks = torch.tensor([p[0].numel() for p in parts], dtype=torch.int64)
     idx, vals = _addresses([p[0] for p in parts]), _addresses([p[1] for p in parts])
     total = int(ks.sum())
-    sidx, sval = torch.empty(total, dtype=torch.int32), torch.empty(total, dtype=dtype)
-    start = torch.empty(_blocks(d) + 1, dtype=torch.int64)
+    sidx, sval = _scratch("sidx", total, torch.int32), _scratch("sval", total, dtype)
+    start = _scratch("start", _blocks(d) + 1, torch.int64)
     return ns.mean_sparse(idx.data_ptr(), vals.data_ptr(), ks.data_ptr(), n, d, out.data_ptr(), float(n),
                           sidx.data_ptr(), sval.data_ptr(), start.data_ptr()) == 0
 
