@@ -326,3 +326,16 @@ def test_step_packed_into_out(spec):
         assert got is out and _equal(got, want) and torch.equal(stats, wstats)
     with pytest.raises(ValueError):
         K.step_packed(c, g, e, None, SEED, out=out[1:])
+
+
+@pytest.mark.parametrize("spec", ["randk:0.01,shared", "randk:0.3,shared", "0.5*randk:0.01,shared", "none"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_averaged_values_decode_into_out(spec, dtype):
+    """A summable payload's average (Horovod's allreduce of its values) is decoded straight into the
+    gradient's memory: the same bits as decode()."""
+    from hvd_compress.torch import ops
+    c, d = C.parse(spec), 300_000
+    values = K.step(c, _vector(d, dtype, 1), None, None, SEED)[0][0]
+    out = torch.full((d,), 3.0, dtype=dtype)
+    assert ops.decode_values(c, values, d, SEED, out) is out
+    assert _equal(out, K.decode(c, [values], d, SEED, dtype))

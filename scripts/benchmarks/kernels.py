@@ -24,7 +24,7 @@ in the same interleaved repeats). PyTorch, buffers preallocated once per size (g
 two where the library has it, into a payload buffer kept from call to call, as the plug-in's transports
 call it); then ``K.decode_mean(c, [data, data2], d, seed, float32, out=out)``, data2 a
 second rank's payload made once beforehand from another input. Summable payloads travel as they are (Horovod's
-allreduce averages them): ``K.decode(c, [parts[0]], ...)`` once instead. The same with the fused C kernels off
+allreduce averages them): ``ops.decode_values(c, parts[0], ..., out)`` once instead, as the transport does. The same with the fused C kernels off
 (``fused.disabled()``: the pure-torch path) for contrast, at the largest size only (seconds per call).
 TensorFlow: the same step with hvd_compress/tensorflow/kernels.py (x = g + e; parts = encode(x); e_out = x -
 decode(parts); data = pack(parts)) and the mean of 2 decoded packed payloads, as two ``tf.function(
@@ -169,6 +169,7 @@ def torch_step(c, d, bufs, eager):
     payload and data2 decoded into ``out`` (summable: payload decoded once). ``eager``: fused kernels off."""
     from hvd_compress.torch import fused
     from hvd_compress.torch import kernels as K
+    from hvd_compress.torch import ops
     _, e_in, e_out, out, g2 = bufs
     step_packed = getattr(K, "step_packed", None)   # one call where the library has it
     # the payload's buffer, reused as the transports reuse theirs (fresh pages every call would be timed too)
@@ -183,9 +184,9 @@ def torch_step(c, d, bufs, eager):
         return K.pack(parts)
 
     data2 = None
-    if c.summable:   # Horovod's allreduce averages the values: one decode
+    if c.summable:   # Horovod's allreduce averages the values: one decode, into the gradient's memory
         def decode(values):
-            return K.decode(c, [values], d, SEED, torch.float32)
+            return ops.decode_values(c, values, d, SEED, out)
     else:
         def decode(data):
             return K.decode_mean(c, [data, data2], d, SEED, torch.float32, out=out)
