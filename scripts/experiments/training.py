@@ -94,6 +94,8 @@ CONFIGS = {
     "SGD-m: none (dense fp32), Nesterov": spec("none", **SGDM, nesterov=True),
     "SGD-m: Top-k 1% + EF + DGC recipe without factor masking, Nesterov":
         spec("topk:0.01", True, **SGDM, **DGC, momentum_masking=False, nesterov=True),
+    "SGD-m: DoubleSqueeze Top-k 1% + DGC recipe without factor masking, Nesterov":
+        spec("topk:0.01", True, "topk:0.01", **SGDM, **DGC, momentum_masking=False, nesterov=True),
     "AdamW ViT: none (dense fp32)": spec("none", **ADAMW),
     "AdamW ViT: Top-k 1% + EF": spec("topk:0.01", True, **ADAMW),
     "AdamW ViT: Top-k 1% + EF + warm-up": spec("topk:0.01", True, **ADAMW, warmup=50),
@@ -105,14 +107,14 @@ CONFIGS = {
         spec("topk:0.01", True, **MOMENTUM_ADAMW, warmup=[0.01, "dense"]),
 }
 (NONE, TOPK, EF, DS_TOPK, DS_ONEBIT, QSGD, TOPK5, RANDK5, NATURAL, TOPK5_NAT,
- M_NONE, M_EF, M_DGC, M_DS_DGC, M_UNMASKED, M_NONE_NESTEROV, M_NESTEROV,
+ M_NONE, M_EF, M_DGC, M_DS_DGC, M_UNMASKED, M_NONE_NESTEROV, M_NESTEROV, M_DS_NESTEROV,
  A_NONE, A_EF, A_WARM, A_FROZEN1, A_FROZEN10, A_MOMENTUM) = CONFIGS
 SEEDS = list(CONFIGS)[:10]
 GROUPS = {  # the plots: the seeds' configurations, then each seed's set, then the optimizers'
     "all": SEEDS,
     "doublesqueeze": [NONE, TOPK, EF, DS_TOPK, DS_ONEBIT, QSGD],
     "fig3": [NONE, TOPK5, RANDK5, NATURAL, TOPK5_NAT],
-    "momentum": [M_NONE, M_EF, M_DGC, M_DS_DGC, M_UNMASKED, M_NONE_NESTEROV, M_NESTEROV],
+    "momentum": [M_NONE, M_EF, M_DGC, M_DS_DGC, M_UNMASKED, M_NONE_NESTEROV, M_NESTEROV, M_DS_NESTEROV],
     "adamw": [A_NONE, A_EF, A_WARM, A_FROZEN1, A_FROZEN10, A_MOMENTUM],
 }
 SETUP = {  # quick: tiny models, 2048 examples, few steps (each step is several collectives); full: wider, 20000
@@ -259,7 +261,8 @@ def findings_of(table, runs):
         + ", ".join(f"{k} {'no epoch' if a is None else f'{a:.4f}'}" for k, a in at_budget.items())
         + ("; Top-k + natural highest" if all(a is None or a < acc[TOPK5_NAT] for a in at_budget.values())
            else "; Top-k + natural not highest"))
-    for name, dense, runs_of in (("sgd_momentum", M_NONE, (M_EF, M_DGC, M_DS_DGC, M_UNMASKED, M_NESTEROV)),
+    for name, dense, runs_of in (("sgd_momentum", M_NONE, (M_EF, M_DGC, M_DS_DGC, M_UNMASKED, M_NESTEROV,
+                                                           M_DS_NESTEROV)),
                                  ("sgd_nesterov", M_NONE_NESTEROV, (M_NESTEROV,)),
                                  ("adamw", A_NONE, (A_EF, A_WARM, A_FROZEN1, A_FROZEN10, A_MOMENTUM))):
         out[name] = (f"dense {acc[dense]:.4f}; " + "; ".join(
