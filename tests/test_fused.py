@@ -239,18 +239,22 @@ def test_natural_one_pass_with_growing_top(spec, dtype, d):
     assert stats[0].item() == pytest.approx(r.dot(r).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("spec", ["randk:0.01", "randk:0.01,shared", "randk:0.01,biased", "topk:0.01"])
+@pytest.mark.parametrize("spec", ["randk:0.01", "randk:0.01,shared", "randk:0.01,biased", "topk:0.01",
+                                  "topk:0.01+natural", "randk:0.01+natural:det", "scaled topk:0.01+natural"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sparse_small_k_matches_torch_path(spec, dtype):
-    """k << d: RandK's index draw (first distinct of uniform draws) and the sparse decode_mean."""
-    c, d = C.parse(spec), 300_000
+    """k << d: RandK's index draw (first distinct of uniform draws) and the sparse decode_mean; compositions
+    (the sparsifier's one pass, then the second stage on the kept values), also scaled."""
+    scaled = spec.startswith("scaled ")
+    c, d = C.parse(spec.removeprefix("scaled ")), 300_000
+    c = C.Scaled(c, 0.5) if scaled else c
     g, e = _vector(d, dtype, 1), _vector(d, dtype, 2) * 0.5
     e_out = torch.empty_like(g)
     parts, stats = K.step(c, g, e, e_out, SEED)
     t_out = torch.empty_like(g)
     tparts, tstats = _torch_path(K.step, c, g, e, t_out, SEED)
     assert all(_equal(a, b) for a, b in zip(parts, tparts))
-    if spec.startswith("randk") and not c.shared:   # drawn in increasing order, as the kernels walk them
+    if spec.startswith("randk") and not c.summable:   # drawn in increasing order, as the kernels walk them
         assert bool((parts[0][1:] > parts[0][:-1]).all())
     assert _equal(e_out, t_out)
     assert torch.allclose(stats, tstats, rtol=1e-6)
@@ -339,3 +343,17 @@ def test_averaged_values_decode_into_out(spec, dtype):
     out = torch.full((d,), 3.0, dtype=dtype)
     assert ops.decode_values(c, values, d, SEED, out) is out
     assert _equal(out, K.decode(c, [values], d, SEED, dtype))
+
+
+@pytest.mark.parametrize("spec", ["topk:0.01+natural", "randk:0.01+natural"])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_composition_with_a_non_finite_x(spec, bad):
+    """A composition's one-pass path hands a non-finite x to the general path, with x left in e_out."""
+    c, d = C.parse(spec), 300_000
+    g, e = _vector(d, torch.float32, 1), _vector(d, torch.float32, 2) * 0.5
+    g[4321] = bad
+    e_out, e_ref = torch.empty_like(g), torch.empty_like(g)
+    parts, stats = K.step(c, g, e, e_out, SEED)
+    tparts, tstats = _torch_path(K.step, c, g, e, e_ref, SEED)
+    assert all(_equal(a, b) for a, b in zip(parts, tparts)) and _equal(e_out, e_ref)
+    assert stats[2] == 0 and tstats[2] == 0

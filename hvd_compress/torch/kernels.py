@@ -368,7 +368,7 @@ def decode_sum(c, payloads, d, seed, dtype):
 # ---- the fused step (C kernels on the CPU) -------------------------------------------------------------------
 
 _FUSED_ENCODE = (C.TopK, C.Natural, C.ScaledSign, C.OneBit, C.QSGD)
-_FUSED_STEP = _FUSED_ENCODE + (C.RandK, C.Identity)
+_FUSED_STEP = _FUSED_ENCODE + (C.RandK, C.Identity, C.Compose)
 _FUSED_DECODE = (C.Natural, C.ScaledSign, C.OneBit, C.QSGD)
 _FLOATS = (torch.float32, torch.float64)
 
@@ -544,6 +544,26 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None):
         residual = _sparse_fixup(kept, values, lam, idx, e_out, sumsq)
         parts = [values] if c.shared else [idx.to(torch.int32), values]
         return _parts_into(into, parts), _stats(residual, sumsq, finite)
+    if isinstance(c, C.Compose):   # the sparsifier's one pass, then the second stage on its k values only
+        done = _step_fused(lib, c.first, 1.0, g, e_in, e_out, seed)
+        if done is None:
+            return None
+        (idx32, values), first_stats = done
+        idx = idx32.long()
+        kept = g[idx] if e_in is None else g[idx] + e_in[idx]   # x there, as the one pass formed it
+        if first_stats[2] == 0:   # not finite: leave x in e_out, for the general path
+            if e_out is not None:
+                e_out[idx] = kept
+            return None
+        parts2 = encode(c.second, values, second_stage(seed))
+        decoded = decode(c.second, parts2, values.numel(), second_stage(seed), dtype)
+        decoded = decoded * lam if lam != 1.0 else decoded
+        left = kept - decoded
+        if e_out is not None:
+            e_out[idx] = left
+        sumsq, kd, ld = first_stats[1].item(), kept.double(), left.double()
+        residual = sumsq - torch.dot(kd, kd).item() + torch.dot(ld, ld).item()
+        return _parts_into(into, [idx32] + parts2), _stats(residual, sumsq, True)
     if isinstance(c, C.Identity):
         x = torch.empty_like(g) if e_in is not None else None
         bad = ns.addx(G, E, _ptr(x), d, sp)
