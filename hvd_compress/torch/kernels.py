@@ -731,11 +731,20 @@ def _marks(d):
     return have
 
 
+def _sparse_rows(c, rows, d, seed, dtype):
+    """The parts of each sparse row: (indices, values), a composition's values decoded from its second stage
+    (k of them: the dense decode of each row is left out)."""
+    parts = [unpack(c, row, d, dtype) for row in rows]
+    if isinstance(c, C.Compose):
+        parts = [[p[0], decode(c.second, p[1:], p[0].numel(), second_stage(seed), dtype)] for p in parts]
+    return parts
+
+
 def _mean_sparse_fused(lib, c, rows, d, seed, dtype, out):
     """decode_mean of TopK / RandK rows with the C kernels: zero, scatter, divide the touched coordinates.
     False where the torch path must decide (an index out of range: torch raises)."""
     ns = lib.f if dtype == torch.float32 else lib.d
-    parts = [unpack(c, row, d, dtype) for row in rows]
+    parts = _sparse_rows(c, rows, d, seed, dtype)
     n = len(parts)
     if isinstance(c, C.RandK) and c.shared:
         idx = _randk_indices(c, d, seed, out.device).contiguous()
@@ -765,14 +774,13 @@ def decode_mean(c, rows, d, seed, dtype, out=None):
     if lib is not None:
         _mean_fused(lib, inner, lam, [unpack(c, row, d, dtype) for row in rows], d, out)
         return out
-    if isinstance(c, (C.TopK, C.RandK)) and rows[0].device.type == "cpu" and out.is_contiguous():
+    if isinstance(c, (C.TopK, C.RandK, C.Compose)) and rows[0].device.type == "cpu" and out.is_contiguous():
         lib = _fused_lib(out, dtype=dtype)
         if lib is not None and _mean_sparse_fused(lib, c, rows, d, seed, dtype, out):
             return out
-    if isinstance(c, C.TopK) or isinstance(c, C.RandK) and not c.shared:
+    if isinstance(c, (C.TopK, C.Compose)) or isinstance(c, C.RandK) and not c.shared:
         out.zero_()
-        for row in rows:
-            idx, values = unpack(c, row, d, dtype)
+        for idx, values in _sparse_rows(c, rows, d, seed, dtype):
             out.index_add_(0, idx, values)
         return out.div_(n)
     for j, row in enumerate(rows):
