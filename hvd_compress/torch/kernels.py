@@ -617,9 +617,9 @@ def step(c, g, e_in=None, e_out=None, seed=0):
 def step_packed(c, g, e_in=None, e_out=None, seed=0, out=None):
     """``(pack(parts), stats)`` for ``(parts, stats) = step(c, g, e_in, e_out, seed)``: the same bytes, which the
     fused kernels of sign, onebit, Natural, QSGD, TopK and RandK write straight into the packed payload (no
-    copy of the large part). The payload is a fresh buffer (the caller may keep it), or ``out`` when given: a contiguous
-    uint8 tensor of ``packed_nbytes(c, g.numel(), g.dtype)`` bytes, which a caller that knows its previous
-    payload is no longer needed can pass again and again (no fresh pages to fault in on every call)."""
+    copy of the large part). The payload is a fresh buffer (the caller may keep it), or ``out`` when given: a
+    contiguous uint8 tensor of ``packed_nbytes(c, g.numel(), g.dtype)`` bytes, which a caller that knows its
+    previous payload is no longer needed can pass again and again (no fresh pages to fault in on every call)."""
     d = g.numel()
     if out is not None and (out.dtype != torch.uint8 or not out.is_contiguous() or out.device != g.device
                             or out.numel() != packed_nbytes(c, d, g.dtype)):
@@ -714,12 +714,10 @@ def _blocks(d):
 
 def _scratch(name, n, dtype):
     """A thread's scratch tensor of n elements, kept from call to call (fresh pages cost more than the work)."""
-    key = ("scratch", name, dtype)
-    have = getattr(_local, "scratch", {}).get(key)
+    scratch = _local.__dict__.setdefault("scratch", {})
+    have = scratch.get((name, dtype))
     if have is None or have.numel() < n:
-        if not hasattr(_local, "scratch"):
-            _local.scratch = {}
-        have = _local.scratch[key] = torch.empty(n, dtype=dtype)
+        have = scratch[(name, dtype)] = torch.empty(n, dtype=dtype)
     return have[:n]
 
 

@@ -24,8 +24,9 @@ in the same interleaved repeats). PyTorch, buffers preallocated once per size (g
 two where the library has it, into a payload buffer kept from call to call, as the plug-in's transports
 call it); then ``K.decode_mean(c, [data, data2], d, seed, float32, out=out)``, data2 a
 second rank's payload made once beforehand from another input. Summable payloads travel as they are (Horovod's
-allreduce averages them): ``ops.decode_values(c, parts[0], ..., out)`` once instead, as the transport does. The same with the fused C kernels off
-(``fused.disabled()``: the pure-torch path) for contrast, at the largest size only (seconds per call).
+allreduce averages them): ``ops.decode_values(c, parts[0], ..., out)`` once instead, as the transport does.
+The same with the fused C kernels off (``fused.disabled()``: the pure-torch path) for contrast, at the largest
+size only (seconds per call).
 TensorFlow: the same step with hvd_compress/tensorflow/kernels.py (x = g + e; parts = encode(x); e_out = x -
 decode(parts); data = pack(parts)) and the mean of 2 decoded packed payloads, as two ``tf.function(
 jit_compile=True)`` (XLA; the allgather sits between them), compiled before timing; where XLA refuses a
