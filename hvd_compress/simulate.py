@@ -7,12 +7,12 @@ With ``momentum`` (momentum correction, ``compressors.check_momentum``) each wor
 g's place (with ``nesterov``, g + m u does), and the coordinates sent (where the new error differs from x) are
 cleared from u; with ``clip`` each worker's gradient is first clipped to norm ``config.clip_threshold(n)``.
 With ``warmup`` each step's worker and server compressors are ``config.worker_at(step)`` and
-``config.server_at(step)``. A transport (see
-``hvd_compress.transport``) changes the math only where it says so: "dense" averages the exact gradients (as
-do tensors under ``dense_below`` elements), "sharded" runs the pipeline on each of the n slices on its own,
-"hierarchical" (nodes of ``local_size`` consecutive ranks) runs it with one worker per node, its ranks' exact
-average, on each of ``local_size`` slices. Buckets do not change the math: tensors are compressed one by one
-inside them. Gradients may be PyTorch or TensorFlow tensors; C(x) runs with the kernels of their framework.
+``config.server_at(step)``. A transport (see ``hvd_compress.transport``) changes the math only where it says
+so: "dense" averages the exact gradients (as do tensors under ``dense_below`` elements), "sharded" runs the
+pipeline on each of the n slices on its own, "hierarchical" (nodes of ``local_size`` consecutive ranks) runs it
+with one worker per node, its ranks' exact average, on each of ``local_size`` slices. Buckets do not change the
+math: tensors are compressed one by one inside them. Gradients may be PyTorch or TensorFlow tensors; C(x) runs
+with the kernels of their framework.
 """
 from . import options
 from . import transport as T

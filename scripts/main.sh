@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: set up if needed, then a real 2-rank data-parallel training on localhost with Top-k 1%, error
 # feedback, Nesterov momentum correction without factor masking and a 100-step warm-up of the ratio
-# (Fashion-MNIST, 2 epochs; the recipe of README "Results: the main job"). Extra arguments go to the example instead, e.g.
+# (Fashion-MNIST, 2 epochs; the recipe of README "Results: the main job"). Extra arguments go to the example
+# instead, e.g.
 #   bash scripts/main.sh --compressor topk:0.01 --error-feedback --server topk:0.01
 # NP=4 bash scripts/main.sh runs 4 ranks.
 set -euo pipefail

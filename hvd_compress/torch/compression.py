@@ -269,14 +269,16 @@ class Compression(CompressionBase):
 
     def worker(self):
         """The worker compressor of this step (during a warm-up, the sparsifier at this step's ratio)."""
-        if self._in_force[0] != self._step:
-            self._in_force = (self._step, self.config.worker_at(self._step), self.config.server_at(self._step))
-        return self._in_force[1]
+        return self._compressors_now()[1]
 
     def server(self):
         """The server compressor of this step (the warm-up holds for it too: ``Config.server_at``)."""
-        self.worker()
-        return self._in_force[2]
+        return self._compressors_now()[2]
+
+    def _compressors_now(self):
+        if self._in_force[0] != self._step:
+            self._in_force = (self._step, self.config.worker_at(self._step), self.config.server_at(self._step))
+        return self._in_force
 
     def _seed_step(self):
         return self._step

@@ -557,12 +557,8 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None):
             return None
         parts2 = encode(c.second, values, second_stage(seed))
         decoded = decode(c.second, parts2, values.numel(), second_stage(seed), dtype)
-        decoded = decoded * lam if lam != 1.0 else decoded
-        left = kept - decoded
-        if e_out is not None:
-            e_out[idx] = left
-        sumsq, kd, ld = first_stats[1].item(), kept.double(), left.double()
-        residual = sumsq - torch.dot(kd, kd).item() + torch.dot(ld, ld).item()
+        sumsq = first_stats[1].item()
+        residual = _sparse_fixup(kept, decoded, lam, idx, e_out, sumsq)
         return _parts_into(into, [idx32] + parts2), _stats(residual, sumsq, True)
     if isinstance(c, C.Identity):
         x = torch.empty_like(g) if e_in is not None else None
