@@ -1,10 +1,13 @@
 """What both plug-ins' ``Compression`` share, framework aside: the ranks (those of the process set), the seed
 of each compressor call, the configuration check before the first payload travels, and how a saved state's
-buffers are gathered from the ranks and handed back to them. Each plug-in sets ``ops`` (its kernels and
-collectives: ``torch/ops.py``, ``tensorflow/ops.py``) and ``_seed_step()``."""
+buffers are gathered from the ranks and handed back to them, and ``stats()``. Each plug-in sets ``ops`` (its
+kernels and collectives: ``torch/ops.py``, ``tensorflow/ops.py``), ``_seed_step()`` and ``_figures()``."""
+import math
+
 import numpy as np
 
 from . import agreement
+from . import compressors as C
 from . import transport as T
 from .seeds import server_seed, worker_seed
 
@@ -100,6 +103,29 @@ class CompressionBase:
         if "hierarchical" in self._transports.values() and self.nodes is None:
             from .bucket import nodes_of   # a collective: load_state_dict() runs on every rank
             self.nodes = nodes_of(self)
+
+    # ---- statistics -----------------------------------------------------------------------------------------
+
+    def stats(self):
+        """About the last step (all zero before one; ``steps`` counts completed steps, ``skipped_steps`` those
+        dropped for a non-finite gradient, ``last_step_skipped`` whether the last one was): bytes this rank
+        handed to collectives, the dense fp32 equivalent, their ratio, the compressor's relative error
+        ||C(x)-x||^2/||x||^2 over all compressed gradients, error-buffer norms, ``dense_small_bytes`` (the bytes
+        of the tensors left dense for being under ``dense_below`` elements); cumulative byte totals since
+        construction; ``transports`` (the transport of each tensor), ``buckets`` (the tensor names of each bucket
+        of compressed tensors), ``link_gbps`` (the link "auto" chose by), ``worker_ratio`` and ``server_ratio``
+        (the sparsifiers' ratios in the last step, which a warm-up changes; None for other compressors, and for
+        no server)."""
+        figures = self._figures()   # the plug-in's: counts, the last step's bytes and sums of squares, totals
+        residual, norm, worker_sq, server_sq = (figures.pop(key) for key in
+                                                ("residual", "norm", "worker_error", "server_error"))
+        last = max(figures["steps"] - 1, 0)
+        return {**figures, "ratio": figures["bytes_sent"] / figures["dense_bytes"] if figures["dense_bytes"] else 0.0,
+                "variance": residual / norm if norm else 0.0,
+                "worker_error_norm": math.sqrt(worker_sq), "server_error_norm": math.sqrt(server_sq),
+                "transports": dict(self._transports), "link_gbps": self._link and self._link.bandwidth * 8 / 1e9,
+                "worker_ratio": C.ratio_of(self.config.worker_at(last)),
+                "server_ratio": self.config.server and C.ratio_of(self.config.server_at(last))}
 
     def __repr__(self):
         return f"Compression({self.config.fingerprint()})"

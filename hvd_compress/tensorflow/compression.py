@@ -41,7 +41,6 @@ import numpy as np
 import tensorflow as tf
 import horovod.tensorflow as hvd
 
-from .. import compressors as C
 from .. import agreement, options
 from .. import transport as T
 from ..bucket import Bucket, Pending, plan
@@ -400,33 +399,27 @@ class Compression(CompressionBase, tf.Module):
             s.assign(state["steps"][name])
         self.committed_at.assign(tf.fill([len(self.names)], tf.constant(-1, tf.int64)))
 
-    def stats(self):
-        """About the last completed step, with the PyTorch plug-in's keys (see its ``stats()``); one "bucket"
-        per compressed variable (Horovod reduces one variable at a time)."""
+    def _figures(self):
+        """For ``stats()`` (PyTorch's keys); one "bucket" per compressed variable (Horovod reduces one variable at
+        a time)."""
         self._settle()
-        skipped = int(self.skipped_count.numpy())
         steps = [int(s.numpy()) for s in self.steps]
         last, sent, sent_total = self.last.numpy(), self.sent.numpy(), self.sent_total.numpy()
         dense = [4 * d for d in self.sizes.values()]
         done = max(steps, default=0)
         now = [s == done and done > 0 for s in steps]
-        sent_now = int(sum(b for b, x in zip(sent, now) if x))
-        dense_now = sum(b for b, x in zip(dense, now) if x)
         small = [self._transports.get(n) == "dense" and d < self.dense_below for n, d in self.sizes.items()]
-        return {"steps": done, "skipped_steps": skipped,
+        return {"steps": done, "skipped_steps": int(self.skipped_count.numpy()),
                 "last_step_skipped": int(self.last_skipped.numpy()) == int(self.step.numpy()),
-                "bytes_sent": sent_now, "dense_bytes": dense_now,
-                "ratio": sent_now / dense_now if dense_now else 0.0,
-                "variance": float(last[:, 0].sum() / last[:, 1].sum()) if last[:, 1].sum() else 0.0,
-                "worker_error_norm": float(np.sqrt(last[:, 0].sum())) if self.config.error_feedback else 0.0,
-                "server_error_norm": float(np.sqrt(last[:, 2].sum())),
+                "bytes_sent": int(sum(b for b, x in zip(sent, now) if x)),
+                "dense_bytes": sum(b for b, x in zip(dense, now) if x),
                 "dense_small_bytes": int(sum(b for b, x, y in zip(sent, now, small) if x and y)),
+                "residual": float(last[:, 0].sum()), "norm": float(last[:, 1].sum()),
+                "worker_error": float(last[:, 0].sum()) if self.config.error_feedback else 0.0,
+                "server_error": float(last[:, 2].sum()),
                 "total_bytes_sent": int(sent_total.sum()),
                 "total_dense_bytes": sum(b * s for b, s in zip(dense, steps)),
-                "transports": dict(self._transports), "buckets": [[n] for n in self._buckets],
-                "link_gbps": self._link and self._link.bandwidth * 8 / 1e9,
-                "worker_ratio": C.ratio_of(self.config.worker),
-                "server_ratio": self.config.server and C.ratio_of(self.config.server)}
+                "buckets": [[n] for n in self._buckets]}
 
 
 def _in_force(undone, before, now):

@@ -1,4 +1,9 @@
-"""Per-rank checkpoints: each rank writes and reads only its own part (memory O(model) per rank, whatever the
+"""Checkpoints of a ``Compression``, in two forms.
+
+``state_dict(comp)`` gathers every rank's buffers into one dict (a collective), which every rank then loads
+with ``load_state_dict(comp, state)``, taking its own part: the same number of ranks only.
+
+Per-rank checkpoints: each rank writes and reads only its own part (memory O(model) per rank, whatever the
 number of ranks), loadable into another number of ranks.
 
 ``save(comp, directory)`` writes ``directory/rank{r}.pt`` on rank r: its worker buffers, its server
@@ -19,9 +24,38 @@ from pathlib import Path
 
 import torch
 
+from .. import agreement
 from .. import transport as T
 
 FORMAT = "hvd_compress per-rank 1"
+
+
+def state_dict(comp):
+    comp._refuse_during_a_step("state_dict()")
+    mine = ({n: t.detach().cpu().clone() for n, t in comp._worker_error.items()},
+            {n: t.detach().cpu().clone() for n, t in comp._server_error.items()},
+            {n: t.detach().cpu().clone() for n, t in comp._velocity.items()})
+    everyone, server_error = comp._gather_state(mine)
+    return {"format": agreement.STATE_FORMAT, "fingerprint": comp.fingerprint(), "step": comp._step,
+            "size": len(everyone), "worker_error": [w for w, _, _ in everyone], "server_error": server_error,
+            "velocity": [v for _, _, v in everyone],
+            "transports": dict(comp._transports), "link": comp._saved_link()}
+
+
+def load_state_dict(comp, state):
+    comp._refuse_during_a_step("load_state_dict()")
+    agreement.check_state(state, comp.fingerprint(), comp.size())
+    rank = comp.rank()
+    unknown = set(state["worker_error"][rank]) - set(comp._params)
+    if unknown:
+        raise ValueError(f"the state has error buffers for unknown parameters {sorted(unknown)}")
+    comp._worker_error = {n: t.clone() for n, t in state["worker_error"][rank].items()}
+    comp._velocity = {n: t.clone() for n, t in state.get("velocity", [{}] * comp.size())[rank].items()}
+    comp._load_plan(state)
+    comp._buckets, comp._bucket_of = [], None               # formed again at the next compress()
+    parts = {name: comp._server_part(name, t) for name, t in state["server_error"].items()}
+    comp._server_error = {name: t.clone() for name, t in parts.items() if t is not None}
+    comp._step = int(state["step"])
 
 
 def _file(directory, rank):
@@ -31,7 +65,7 @@ def _file(directory, rank):
 def save(comp, directory):
     comp._refuse_during_a_step("save_per_rank()")
     Path(directory).mkdir(parents=True, exist_ok=True)
-    link = comp._link and (comp._link.bandwidth, comp._link.latency)
+    link = comp._saved_link()
     part = {"format": FORMAT, "fingerprint": comp.fingerprint(), "size": comp.size(), "rank": comp.rank(),
             "step": comp._step, "transports": dict(comp._transports), "link": link,
             "worker_error": {n: t.detach().cpu() for n, t in comp._worker_error.items()},

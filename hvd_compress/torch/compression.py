@@ -26,17 +26,15 @@ place: no fresh tensor per step.
 """
 import itertools
 import math
-import sys
 import weakref
 
 import torch
 import horovod.torch as hvd
 
-from .. import compressors as C
-from .. import agreement, options
+from .. import options
 from ..bucket import Bucket, Pending, buckets_of, plan
 from ..plugin import CompressionBase
-from . import checkpoint
+from . import checkpoint, horovod
 from . import kernels as K
 from . import ops
 from .optim import check_momentum_of
@@ -115,21 +113,12 @@ class Compression(CompressionBase):
         if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be a number > 0, got {bucket_mb!r}")
         self.bucket_bytes = int(bucket_mb * 2 ** 20)
-        if named_parameters is None:
-            raise ValueError("Compression needs named_parameters=model.named_parameters() (the same as the "
-                             "optimizer's): Horovod passes compress() no parameter name")
-        self._params = {}
-        for item in named_parameters:
-            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor)):
-                raise ValueError(f"named_parameters must yield (name, tensor) pairs, got {item!r:.80}")
-            if item[0] in self._params:
-                raise ValueError(f"parameter name {item[0]!r} appears twice in named_parameters")
-            self._params[item[0]] = item[1]
+        self._params = horovod.parameters_of(named_parameters)   # name -> parameter
+        self._name_of = horovod.GradientNames(self._params)
         self.root_rank, self.seed = int(root_rank), int(seed)
         self.process_set = process_set          # None until the first step finds the optimizer's
         self._optimizer = None                  # Horovod's optimizer, found at the first compress()
         self.tag = next(_instances)
-        self._name_by_grad_id = {}
         self._transports = {}                             # name -> the transport its tensor uses
         self._bucket_of = None                            # name -> its Bucket (compressed tensors)
         self._buckets = []
@@ -151,7 +140,7 @@ class Compression(CompressionBase):
     # ---- Horovod's Compressor interface -----------------------------------------------------------------
 
     def compress(self, tensor):
-        optimizer = self._optimizer() if self._optimizer else _horovod_optimizer_calling()
+        optimizer = self._optimizer() if self._optimizer else horovod.optimizer_calling()
         try:
             if self._optimizer is None:
                 self._bind(optimizer)
@@ -180,10 +169,7 @@ class Compression(CompressionBase):
             if self.config.clip or self.config.momentum:   # in the compute dtype, as compressed tensors
                 flat = tensor.detach().reshape(-1)
                 u = flat.to(K.compute_dtype(flat.dtype))
-                if self.config.clip:
-                    K.clip_norm_(u, self.config.clip_threshold(self.size()))
-                if self.config.momentum:
-                    p.velocity = self._momentum_step(name, u)
+                p.velocity = self._precondition(name, u)
                 if u is not flat:
                     flat.copy_(u)
             handed = ops.for_horovod(tensor)
@@ -199,10 +185,7 @@ class Compression(CompressionBase):
         # .grad to what decompress() returns); a gradient of another dtype gets a buffer of the compute dtype
         work = flat if flat.dtype == dtype and flat.is_contiguous() else flat.to(dtype)
         p = Pending(name, how, tensor.shape, tensor.dtype, 0, work=work)
-        if self.config.clip:
-            K.clip_norm_(work, self.config.clip_threshold(self.size()))
-        if self.config.momentum:
-            p.velocity = self._momentum_step(name, work)   # work now holds u (Nesterov: g + m u)
+        p.velocity = self._precondition(name, work)   # with momentum, work now holds u (Nesterov: g + m u)
         bucket = self._bucket_of.get(name) or self._new_bucket(name, how)
         e_in = self._worker_error.get(name) if self.config.error_feedback else None
         e_out = (self._spare_buffer("worker", name, bucket.transport.error_part(self, work))
@@ -282,6 +265,13 @@ class Compression(CompressionBase):
 
     def _seed_step(self):
         return self._step
+
+    def _precondition(self, name, work):
+        """Deep Gradient Compression's local clipping, then its momentum correction, in ``work`` (g's memory):
+        the new velocity, or None without momentum."""
+        if self.config.clip:
+            K.clip_norm_(work, self.config.clip_threshold(self.size()))
+        return self._momentum_step(name, work) if self.config.momentum else None
 
     def _momentum_step(self, name, work):
         """u <- momentum * u + g, kept in the velocity's spare half; g's memory (``work``) then holds what is
@@ -402,25 +392,16 @@ class Compression(CompressionBase):
         else:
             self._step += 1
 
-    def _recover(self, opt):
+    def _recover(self, optimizer):
         """After an error inside a step, on every rank alike: wait for this step's collectives still in
         flight (Horovod refuses a new one under a name in flight), drop the step (no buffer was committed),
-        and reset Horovod's optimizer as its load_state_dict() does, so that zero_grad() and the next
-        backward() work."""
+        and reset Horovod's optimizer."""
         for bucket in self._buckets:
             bucket.wait_quietly(self.ops)
             bucket.reset()
         self._drop_step()
-        if opt is not None:
-            for handle, _ in opt._handles.values():
-                if handle is not None and not callable(handle):
-                    _wait_quietly(handle)
-            opt._handles.clear()
-            opt._synchronized = False
-            for p in opt._allreduce_delay:
-                opt._allreduce_delay[p] = opt.backward_passes_per_step
-            for group in opt._group_counts:
-                opt._group_counts[group] = 0
+        if optimizer is not None:
+            horovod.reset(optimizer)
 
     def _drop_step(self):
         """Forget the step in progress: nothing of it is committed."""
@@ -439,7 +420,7 @@ class Compression(CompressionBase):
         self._payloads.clear()
         self._optimizer = None
         self._checked = False
-        self._name_by_grad_id = {}
+        self._name_of = horovod.GradientNames(self._params)
 
     @staticmethod
     def _new_stats():
@@ -478,20 +459,7 @@ class Compression(CompressionBase):
         self._bucket_of[name] = bucket
         return bucket
 
-    # ---- finding a gradient's parameter, and agreeing on the configuration ---------------------------------
-
-    def _name_of(self, grad):
-        name = self._name_by_grad_id.get(id(grad))
-        if name is None or self._params[name].grad is not grad:
-            # grads are new tensors after zero_grad(set_to_none=True): rebuild the map
-            self._name_by_grad_id = {id(p.grad): n for n, p in self._params.items() if p.grad is not None}
-            name = self._name_by_grad_id.get(id(grad))
-            if name is None or self._params[name].grad is not grad:
-                raise ValueError(
-                    f"compress() got a tensor (shape {tuple(grad.shape)}) that is not the .grad of any parameter "
-                    f"in named_parameters: give Compression the same named_parameters as the optimizer "
-                    f"(sparse_as_dense=True is not supported)")
-        return name
+    # ---- what the configuration check compares ---------------------------------------------------------
 
     def _shapes(self):
         return sorted((n, p.shape) for n, p in self._params.items())
@@ -505,30 +473,11 @@ class Compression(CompressionBase):
         """Every error buffer of every rank (worker) and of the root (server), and the step, on CPU.
 
         A collective when there are several ranks: call it on every rank (then save it on one)."""
-        self._refuse_during_a_step("state_dict()")
-        mine = ({n: t.detach().cpu().clone() for n, t in self._worker_error.items()},
-                {n: t.detach().cpu().clone() for n, t in self._server_error.items()},
-                {n: t.detach().cpu().clone() for n, t in self._velocity.items()})
-        everyone, server_error = self._gather_state(mine)
-        return {"format": agreement.STATE_FORMAT, "fingerprint": self.fingerprint(), "step": self._step,
-                "size": len(everyone), "worker_error": [w for w, _, _ in everyone], "server_error": server_error,
-                "velocity": [v for _, _, v in everyone],
-                "transports": dict(self._transports), "link": self._saved_link()}
+        return checkpoint.state_dict(self)
 
     def load_state_dict(self, state):
         """Restores what ``state_dict()`` saved; every rank loads the same dict and takes its own part."""
-        self._refuse_during_a_step("load_state_dict()")
-        agreement.check_state(state, self.fingerprint(), self.size())
-        unknown = set(state["worker_error"][self.rank()]) - set(self._params)
-        if unknown:
-            raise ValueError(f"the state has error buffers for unknown parameters {sorted(unknown)}")
-        self._worker_error = {n: t.clone() for n, t in state["worker_error"][self.rank()].items()}
-        self._velocity = {n: t.clone() for n, t in state.get("velocity", [{}] * self.size())[self.rank()].items()}
-        self._load_plan(state)
-        self._buckets, self._bucket_of = [], None               # formed again at the next compress()
-        parts = {name: self._server_part(name, t) for name, t in state["server_error"].items()}
-        self._server_error = {name: t.clone() for name, t in parts.items() if t is not None}
-        self._step = int(state["step"])
+        checkpoint.load_state_dict(self, state)
 
     def _refuse_during_a_step(self, what):
         if self._pending:
@@ -544,51 +493,10 @@ class Compression(CompressionBase):
         README). Every rank calls it; each reads only the files it needs."""
         checkpoint.load(self, directory)
 
-    def stats(self):
-        """About the last step (all zero before one; ``steps`` counts completed steps, ``skipped_steps`` those
-        dropped for a non-finite gradient, ``last_step_skipped`` whether the last one was): bytes this rank
-        handed to collectives,
-        the dense fp32 equivalent, their ratio, the compressor's relative error ||C(x)-x||^2/||x||^2
-        over all compressed gradients, error-buffer norms, ``dense_small_bytes`` (the bytes of the tensors
-        left dense for being under ``dense_below`` elements); ``steps`` and cumulative byte totals since
-        construction; ``transports`` (the transport of each parameter), ``buckets`` (the parameter names of
-        each bucket of compressed tensors), ``link_gbps`` (the link "auto" chose by), ``worker_ratio`` and
-        ``server_ratio`` (the sparsifiers' ratios in the last step, which a warm-up changes; None for other
-        compressors, and for no server)."""
-        s = self._last_stats or self._new_stats()
-        value = lambda v: float(v) if not torch.is_tensor(v) else v.item()
-        norm = value(s["norm"])
-        return {"steps": self._step, "skipped_steps": self._totals["skipped_steps"],
-                "last_step_skipped": bool(s.get("skipped")),
-                "bytes_sent": s["bytes_sent"], "dense_bytes": s["dense_bytes"],
-                "ratio": s["bytes_sent"] / s["dense_bytes"] if s["dense_bytes"] else 0.0,
-                "dense_small_bytes": s["dense_small_bytes"],
-                "variance": value(s["residual"]) / norm if norm else 0.0,
-                "worker_error_norm": math.sqrt(value(s["worker_error"])),
-                "server_error_norm": math.sqrt(value(s["server_error"])),
-                "total_bytes_sent": self._totals["bytes_sent"], "total_dense_bytes": self._totals["dense_bytes"],
-                "transports": dict(self._transports), "buckets": [list(b.names) for b in self._buckets],
-                "link_gbps": self._link and self._link.bandwidth * 8 / 1e9,
-                "worker_ratio": C.ratio_of(self.config.worker_at(max(self._step - 1, 0))),
-                "server_ratio": self.config.server and C.ratio_of(self.config.server_at(max(self._step - 1, 0)))}
-
-def _horovod_optimizer_calling():
-    """The Horovod optimizer among compress()'s callers (its _allreduce_grad_async, or the list comprehension
-    of its grouped variant), or None when compress() is called otherwise."""
-    frame = sys._getframe(2)
-    for _ in range(6):
-        if frame is None:
-            break
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, torch.optim.Optimizer) and hasattr(candidate, "_handles"):
-            return candidate
-        frame = frame.f_back
-    return None
-
-
-def _wait_quietly(handle):
-    """Wait for a collective whose result is no longer wanted (its error, if any, is the one being raised)."""
-    try:
-        ops.wait(handle)
-    except Exception:   # noqa: BLE001
-        pass
+    def _figures(self):
+        s = dict(self._last_stats or self._new_stats())
+        skipped = s.pop("skipped", False)
+        s.update({key: float(s[key]) for key in ("residual", "norm", "worker_error", "server_error")})
+        return {**s, "steps": self._step, "skipped_steps": self._totals["skipped_steps"],
+                "last_step_skipped": skipped, "total_bytes_sent": self._totals["bytes_sent"],
+                "total_dense_bytes": self._totals["dense_bytes"], "buckets": [list(b.names) for b in self._buckets]}
