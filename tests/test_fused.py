@@ -265,6 +265,36 @@ def test_sparse_small_k_matches_torch_path(spec, dtype):
         assert _equal(got, want) if c.summable else torch.equal(got, want)
 
 
+@pytest.mark.parametrize("d", [1000, 300_000])     # TopK's whole-tensor path, its sampled-threshold path
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", ["topk:0.01", "topk:0.01+natural"])
+def test_topk_ties_take_the_first_indices_on_every_path(spec, d, dtype):
+    """Magnitudes on a grid, so that many equal the k-th largest: every path keeps those above it and, of
+    those equal to it, the first ones, in increasing index order (a composition's second stage draws for the
+    values in that order, as TensorFlow's kernel sorts them)."""
+    c = C.parse(spec)
+    k = (c.first if isinstance(c, C.Compose) else c).k_for(d)
+    x = torch.round(torch.randn(d, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 4).to(dtype) / 4
+    a = x.abs()
+    if d == 300_000:   # the sampled threshold keeps few enough candidates for the C selection (kernels.step)
+        sample = a[::K._sample_stride(d)]
+        threshold = torch.kthvalue(sample, int(sample.numel() * (1 - 2 * k / d))).values
+        assert k <= int((a >= threshold).sum()) <= 3 * k + 1024
+    e_out, t_out = torch.empty_like(x), torch.empty_like(x)
+    parts, _ = K.step(c, x, None, e_out, SEED)
+    tparts, _ = _torch_path(K.step, c, x, None, t_out, SEED)
+    assert all(_equal(a, b) for a, b in zip(parts, tparts)) and _equal(e_out, t_out)
+    idx = parts[0].long()
+    assert idx.numel() == k and bool((idx[1:] > idx[:-1]).all())
+    t = a[idx].min()
+    assert int((a > t).sum()) < k < int((a >= t).sum())          # the boundary splits a run of equal magnitudes
+    kept = torch.zeros(d, dtype=torch.bool)
+    kept[idx] = True
+    assert bool(kept[a > t].all())
+    tied = torch.nonzero(a == t).squeeze(1)
+    assert torch.equal(kept[tied], torch.arange(tied.numel()) < k - int((a > t).sum()))
+
+
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [1, 7, 1000, 300_000])

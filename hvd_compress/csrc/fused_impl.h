@@ -544,26 +544,51 @@ int64_t FN(topk1)(const T *g, const T *e, T *xout, int64_t n, T t, int64_t *cidx
     return cnt;
 }
 
-/* TopK after the selection: idx[t] = cidx[sel[t]], values[t] = cval[sel[t]] (as int32 / T), and
-   xout[idx] = values - values * lam (lam = 1: values - values), written in increasing index order (the
-   candidates' order) for locality. st = [sum values^2, sum left^2]. mark: count bits, clear (left clear). */
-void FN(topk_fix)(const int64_t *cidx, const T *cval, int64_t count, const int64_t *sel, int64_t k, T *xout, T lam,
-                  int32_t *idx, T *values, uint8_t *mark, double *st) {
-    double sv = 0.0, sl = 0.0;
-    for (int64_t t = 0; t < k; t++) {
-        int64_t s = sel[t];
-        T v = cval[s], dec = lam != (T)1 ? v * lam : v, left = v - dec;
-        idx[t] = (int32_t)cidx[s]; values[t] = v;
-        sv += (double)v * v; sl += (double)left * left;
-        mark[s >> 3] |= (uint8_t)(1u << (s & 7));
+/* The k-th largest of n keys (1 <= k <= n), reordering them: a radix selection, 8 bits at a time from the top,
+   keeping only the keys that share the digits chosen so far (histograms: no branch on the data, where a
+   quickselect's comparisons mispredict half the time) */
+static UT FN(kth_largest_key)(UT *a, int64_t n, int64_t k) {
+    UT kth = 0;
+    for (int shift = 8 * (int)sizeof(UT) - 8; ; shift -= 8) {
+        int64_t hist[256] = {0};
+        for (int64_t i = 0; i < n; i++) hist[(a[i] >> shift) & 255]++;
+        int b = 255;
+        while (hist[b] < k) k -= hist[b--];
+        kth |= (UT)b << shift;
+        if (shift == 0) return kth;
+        if (hist[b] < n) {   /* keep the keys of digit b */
+            int64_t m = 0;
+            for (int64_t i = 0; i < n; i++) { UT v = a[i]; a[m] = v; m += ((v >> shift) & 255) == (UT)b; }
+            n = m;
+        }
+        if (n == 1) return a[0];
     }
-    for (int64_t s = 0; s < count; s += 8) {
-        unsigned b = mark[s >> 3];
-        if (!b) continue;
-        mark[s >> 3] = 0;
-        if (!xout) continue;
-        for (int q = 0; q < 8; q++)
-            if (b >> q & 1) { T v = cval[s + q], dec = lam != (T)1 ? v * lam : v; xout[cidx[s + q]] = v - dec; }
+}
+
+/* TopK's selection among its candidates (finite, in increasing index order): the k of largest magnitude,
+   among magnitudes equal to the k-th largest the first ones (the torch path's rule: kernels._top), in
+   increasing index order: idx (int32), values, and xout[idx] = values - values * lam. Magnitudes compare as
+   their bits without the sign (finite values: the same order; -0 = +0). keys: count scratch keys.
+   st = [sum values^2, sum left^2] */
+void FN(topk_pick)(const int64_t *cidx, const T *cval, int64_t count, int64_t k, UT *keys, T *xout, T lam,
+                   int32_t *idx, T *values, double *st) {
+    for (int64_t s = 0; s < count; s++) keys[s] = FN(to_bits)(cval[s]) & ~SIGNBIT;
+    UT t = FN(kth_largest_key)(keys, count, k);
+    int64_t ties = k;
+    for (int64_t s = 0; s < count; s++) ties -= (FN(to_bits)(cval[s]) & ~SIGNBIT) > t;
+    int64_t out = 0;
+    for (int64_t s = 0; s < count && out < k; s++) {   /* without a branch on the data: out grows by keep */
+        UT a = FN(to_bits)(cval[s]) & ~SIGNBIT;
+        int64_t tied = a == t, keep = (a > t) | (tied & (ties > 0));
+        ties -= tied & keep;
+        idx[out] = (int32_t)cidx[s]; values[out] = cval[s];
+        out += keep;
+    }
+    double sv = 0.0, sl = 0.0;
+    for (int64_t j = 0; j < k; j++) {
+        T v = values[j], dec = lam != (T)1 ? v * lam : v, left = v - dec;
+        sv += (double)v * v; sl += (double)left * left;
+        if (xout) xout[idx[j]] = left;
     }
     st[0] = sv; st[1] = sl;
 }

@@ -91,7 +91,7 @@ _SIGNATURES = {   # name: (restype, [argtypes]); "T" is the value type of the su
     "qsgd1": (_INT, [_P, _P, _P, _I64, _P]),
     "qsgd2": (None, [_P, _P, _P, _I64, "T", "T", "T", _U32, _U32, _P, _INT, _P]),
     "topk1": (_I64, [_P, _P, _P, _I64, "T", _P, _P, _I64, _P]),
-    "topk_fix": (None, [_P, _P, _I64, _P, _I64, _P, "T", _P, _P, _P, _P]),
+    "topk_pick": (None, [_P, _P, _I64, _I64, _P, _P, "T", _P, _P, _P]),
     "dec_table": (None, [_P, _I64, _P, _P, _INT, "T"]),
     "dec_bits": (None, [_P, _I64, "T", "T", _P, _INT, "T"]),
     "dec_qsgd": (None, [_P, _INT, _I64, "T", "T", "T", _P, _INT, "T"]),

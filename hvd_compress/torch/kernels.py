@@ -126,20 +126,29 @@ def unpack_bits(packed, d):
 # ---- the compressors --------------------------------------------------------------------------------------
 
 def _topk_indices(a, k):
-    """Indices of k largest elements of a (any k-subset among ties). torch.topk over millions of elements
-    is many times slower than a pass over memory, so large tensors first keep the candidates above a
-    threshold estimated from a strided sample (about 2k of them), and run topk on those alone; when fewer
-    than k pass (a skewed sample), the plain topk decides."""
+    """Indices of the k largest elements of a, in increasing order (``_top``). torch.topk over millions of
+    elements is many times slower than a pass over memory, so large tensors first keep the candidates above a
+    threshold estimated from a strided sample (about 2k of them), and select among those alone; when fewer
+    than k pass (a skewed sample), the whole tensor is selected from."""
     d = a.numel()
-    if d < _FAST_TOPK_MIN or 8 * k > d:
-        return torch.topk(a, k, sorted=False).indices
-    sample = a[::_sample_stride(d)]
-    rank = max(1, min(sample.numel(), int(sample.numel() * (1 - 2 * k / d))))
-    threshold = torch.kthvalue(sample, rank).values
-    candidates = torch.nonzero(a >= threshold).squeeze(1)
-    if candidates.numel() < k:
-        return torch.topk(a, k, sorted=False).indices
-    return candidates[torch.topk(a[candidates], k, sorted=False).indices]
+    if d >= _FAST_TOPK_MIN and 8 * k <= d:
+        sample = a[::_sample_stride(d)]
+        rank = max(1, min(sample.numel(), int(sample.numel() * (1 - 2 * k / d))))
+        candidates = torch.nonzero(a >= torch.kthvalue(sample, rank).values).squeeze(1)
+        if candidates.numel() >= k:
+            return candidates[_top(a[candidates], k)]
+    return _top(a, k)
+
+
+def _top(a, k):
+    """Positions of the k largest elements of a, in increasing order; of those equal to the k-th largest, the
+    first ones. One rule for every path (the C kernel's ``topk_pick`` too), so that the sets agree on ties, and
+    the order in which a composition's second stage draws for the values too."""
+    t = torch.kthvalue(a, a.numel() - k + 1).values
+    keep = a > t
+    keep[torch.nonzero(a == t).squeeze(1)[:k - int(keep.sum())]] = True
+    idx = torch.nonzero(keep).squeeze(1)
+    return idx if idx.numel() == k else torch.topk(a, k, sorted=False).indices.sort().values   # NaN in a
 
 
 _FAST_TOPK_MIN, _SAMPLE = 1 << 17, 1 << 14
@@ -405,7 +414,7 @@ def _sparse_fixup(kept, values, lam, idx, e_out, sumsq):
     decoded = values * lam if lam != 1.0 else values
     left = kept - decoded
     if e_out is not None:
-        e_out[idx] = left
+        e_out.index_copy_(0, idx, left)   # (indexing with [] is several times slower on CPU)
     kd, ld = kept.double(), left.double()
     return sumsq - torch.dot(kd, kd).item() + torch.dot(ld, ld).item()
 
@@ -498,7 +507,7 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None):
             x, finite = _materialize(ns, g, e_in, e_out, st)
             if not finite:
                 return None
-            idx = torch.topk(x.abs(), k, sorted=False).indices
+            idx = _top(x.abs(), k)
             values = x[idx]
         else:   # the sampled threshold of _topk_indices, its candidates found in the one pass
             step = _sample_stride(d)
@@ -511,18 +520,15 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None):
             if st[1].item() != 0.0:
                 return None
             if k <= count <= cap:
-                magnitude = torch.abs(cval[:count], out=_scratch("cabs", count, dtype))
-                sel = torch.topk(magnitude, k, sorted=False,
-                                 out=(_scratch("topv", k, dtype), _scratch("topi", k, torch.int64))).indices
                 idx32, values = into if into else (torch.empty(k, dtype=torch.int32), torch.empty(k, dtype=dtype))
                 fix = st[4:6]
-                ns.topk_fix(cidx.data_ptr(), cval.data_ptr(), count, sel.data_ptr(), k, O, lam, idx32.data_ptr(),
-                            values.data_ptr(), _marks(count).data_ptr(), fix.data_ptr())
+                ns.topk_pick(cidx.data_ptr(), cval.data_ptr(), count, k, _scratch("cabs", count, dtype).data_ptr(),
+                             O, lam, idx32.data_ptr(), values.data_ptr(), fix.data_ptr())
                 residual = st[0].item() - fix[0].item() + fix[1].item()
                 return [idx32, values], _stats(residual, st[0].item(), True)
-            else:   # a skewed sample: the plain topk decides
+            else:   # a skewed sample: the whole tensor is selected from
                 x = e_out if e_out is not None else (g if e_in is None else g + e_in)
-                idx = torch.topk(x.abs(), k, sorted=False).indices
+                idx = _top(x.abs(), k)
                 values = x[idx]
         sumsq = st[0].item()
         residual = _sparse_fixup(values, values, lam, idx, e_out, sumsq)
@@ -550,7 +556,10 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None):
             return None
         (idx32, values), first_stats = done
         idx = idx32.long()
-        kept = g[idx] if e_in is None else g[idx] + e_in[idx]   # x there, as the one pass formed it
+        if isinstance(c.first, C.TopK):   # its values are x there, as the one pass formed it
+            kept = values
+        else:
+            kept = g.index_select(0, idx) if e_in is None else g.index_select(0, idx) + e_in.index_select(0, idx)
         if first_stats[2] == 0:   # not finite: leave x in e_out, for the general path
             if e_out is not None:
                 e_out[idx] = kept
