@@ -23,14 +23,15 @@ import tensorflow as tf
 import horovod.tensorflow as hvd
 from tensorflow.python.ops import control_flow_util
 
-from .tensorflow.compression import Compression as _TFCompression, _is_keras3_variable
+from .tensorflow.compression import Compression as _TFCompression
+from .tensorflow.horovod import is_keras3_variable
 
 __all__ = ["Compression", "DistributedOptimizer", "BroadcastGlobalVariablesCallback", "broadcast_weights"]
 
 
 def _tf_variable(v):
     """The tf.Variable under a Keras 3 variable (``.value`` is it outside an autocast scope); others as they are."""
-    return v.value if _is_keras3_variable(v) else v
+    return v.value if is_keras3_variable(v) else v
 
 
 class Compression(_TFCompression):

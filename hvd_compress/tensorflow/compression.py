@@ -34,17 +34,16 @@ and is not supported.
 """
 
 import itertools
-import os
-import sys
 
 import numpy as np
 import tensorflow as tf
 import horovod.tensorflow as hvd
 
-from .. import agreement, options
+from .. import options
 from .. import transport as T
 from ..bucket import Bucket, Pending, plan
 from ..plugin import CompressionBase
+from . import checkpoint, horovod
 from . import kernels as K
 from . import ops
 
@@ -52,10 +51,6 @@ from . import ops
 # builds the same objects in the same order)
 _instances = itertools.count()
 UNDONE = -2   # committed_at of a variable whose last commit was in a skipped step
-
-
-def _is_keras3_variable(v):
-    return type(v).__module__.startswith("keras.") and not isinstance(v, tf.Variable)
 
 
 class Compression(CompressionBase, tf.Module):
@@ -109,14 +104,7 @@ class Compression(CompressionBase, tf.Module):
             raise ValueError("Compression needs variables=model.trainable_variables (in the order Horovod "
                              "reduces their gradients): Horovod passes compress() no variable")
         variables = list(variables)
-        if any(_is_keras3_variable(v) for v in variables):
-            raise ValueError(
-                "these are Keras 3 variables. With Keras 3, Horovod 0.28's Keras DistributedOptimizer accepts "
-                "compression= but never averages gradients (ranks silently diverge). For model.fit on Keras 3 use "
-                "hvd_compress.keras: its Compression(...) and DistributedOptimizer(optimizer, compression=...). "
-                "Or use tf-keras with Horovod's wrapper (pip install tf-keras, TF_USE_LEGACY_KERAS=1 before "
-                "importing TensorFlow). For a custom loop with hvd.DistributedGradientTape, pass "
-                "variables=[v.value for v in model.trainable_variables]")
+        horovod.refuse_keras3_variables(variables)
         for v in variables:
             if not isinstance(v, tf.Variable):
                 raise ValueError(f"variables must be tf.Variables, got {type(v).__name__}")
@@ -158,7 +146,7 @@ class Compression(CompressionBase, tf.Module):
         self.last = tf.Variable(tf.zeros([count, 3], tf.float64), trainable=False, name="last_step_norms")
         self.sent = tf.Variable(tf.zeros([count], tf.int64), trainable=False, name="bytes_sent")
         self.sent_total = tf.Variable(tf.zeros([count], tf.int64), trainable=False, name="bytes_sent_total")
-        self._cursor_graph, self._cursor = None, 0
+        self._index_of = horovod.GradientOrder(self.shapes)
         self._now = None   # (step, server buffer, worker buffer) in force for the variable being compressed
 
     # ---- Horovod's Compressor interface ------------------------------------------------------------------
@@ -169,7 +157,7 @@ class Compression(CompressionBase, tf.Module):
     def compress(self, tensor):
         i = self._index_of(tensor)
         if not self._bound:
-            self._bind(self._process_set_of_caller())
+            self._bind(horovod.process_set_of_caller())
         name, how = self.names[i], self._transports[self.names[i]]
         global_step = self._global_step(i)
         with tf.control_dependencies([global_step]):
@@ -307,23 +295,6 @@ class Compression(CompressionBase, tf.Module):
             if self.config.server is not None:
                 self.server_error[i].assign(self.server_error_before[i])
 
-    # ---- matching gradients to variables, and agreeing on the configuration ------------------------------
-
-    def _index_of(self, tensor):
-        graph = tf.compat.v1.get_default_graph()
-        while type(graph).__name__ == "CondBranchFuncGraph":   # Horovod wraps each reduction in a tf.cond
-            graph = graph.outer_graph
-        if graph is not self._cursor_graph or self._cursor >= len(self.shapes):
-            self._cursor_graph, self._cursor = graph, 0
-        shape = tuple(tensor.shape)
-        while self._cursor < len(self.shapes) and self.shapes[self._cursor] != shape:
-            self._cursor += 1   # a variable without gradient: Horovod skipped it
-        if self._cursor == len(self.shapes):
-            raise ValueError(f"compress() got a gradient of shape {shape} that matches no remaining variable: "
-                             f"give Compression the variables in the order their gradients are reduced")
-        self._cursor += 1
-        return self._cursor - 1
-
     # ---- the process set: ranks are counted within it ------------------------------------------------------
 
     def _bind(self, theirs):
@@ -347,19 +318,6 @@ class Compression(CompressionBase, tf.Module):
                          enumerate(self._transports.items()) if how != "dense"}
         self._bound = True
 
-    @staticmethod
-    def _process_set_of_caller():
-        """The process_set of Horovod's allreduce that called compress() (None for a direct call)."""
-        frame = sys._getframe(1)   # compress(), maybe a decorator's frame, then Horovod's allreduce
-        for _ in range(5):
-            if frame is None:
-                return None
-            if frame.f_code.co_filename.endswith(os.path.join("horovod", "tensorflow", "__init__.py")) \
-                    and "process_set" in frame.f_locals:
-                return frame.f_locals["process_set"]
-            frame = frame.f_back
-        return None
-
     def _shapes(self):
         return zip(self.names, self.shapes)
 
@@ -372,32 +330,11 @@ class Compression(CompressionBase, tf.Module):
         """Every rank's worker error buffers, the server buffers (the root's; sharded: every rank's slice) and
         the per-variable steps, as numpy arrays. A collective when there are several ranks: call it on every
         rank (eagerly), save it on one."""
-        self._settle()
-        server = {n: self._server_part(n, d.numpy()) for n, d in zip(self.names, self.server_error)}
-        mine = ({n: e.numpy() for n, e in zip(self.names, self.worker_error)},
-                {n: d for n, d in server.items() if d is not None})
-        everyone, server_error = self._gather_state(mine)
-        return {"format": agreement.STATE_FORMAT, "fingerprint": self.fingerprint(), "size": len(everyone),
-                "steps": {n: int(s.numpy()) for n, s in zip(self.names, self.steps)},
-                "worker_error": [w for w, _ in everyone], "server_error": server_error,
-                "transports": dict(self._transports), "link": self._saved_link()}
+        return checkpoint.state_dict(self)
 
     def load_state_dict(self, state):
         """Restores what ``state_dict()`` saved; every rank loads the same dict and takes its own part."""
-        agreement.check_state(state, self.fingerprint(), self.size())
-        self._load_plan(state)
-        self._bound = False   # buckets formed again at the next step
-        for name, e in zip(self.names, self.worker_error):
-            e.assign(state["worker_error"][self.rank()][name])
-        for name, d in zip(self.names, self.server_error):   # this rank's part, the rest zero
-            whole = np.asarray(state["server_error"][name])
-            value, part = np.zeros_like(whole), self._server_part(name, whole)
-            if part is not None:
-                value[self._server_slice(name)] = part
-            d.assign(value)
-        for name, s in zip(self.names, self.steps):
-            s.assign(state["steps"][name])
-        self.committed_at.assign(tf.fill([len(self.names)], tf.constant(-1, tf.int64)))
+        checkpoint.load_state_dict(self, state)
 
     def _figures(self):
         """For ``stats()`` (PyTorch's keys); one "bucket" per compressed variable (Horovod reduces one variable at

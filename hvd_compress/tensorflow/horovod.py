@@ -1,0 +1,59 @@
+"""What the plug-in has to know of Horovod's TensorFlow path, which passes ``compress()`` a bare gradient: which
+variable it is, the process set it is reduced on, and which variables its Keras wrapper cannot average."""
+import os
+import sys
+
+import tensorflow as tf
+
+
+class GradientOrder:
+    """The index of the variable a gradient belongs to. Gradients arrive in the order of the variables given
+    to the tape or optimizer (Horovod skips variables without gradient): each is the next variable of its
+    shape. The count starts again in each graph traced (a step function) and after the last variable."""
+
+    def __init__(self, shapes):
+        self.shapes, self.graph, self.cursor = shapes, None, 0
+
+    def __call__(self, tensor):
+        graph = tf.compat.v1.get_default_graph()
+        while type(graph).__name__ == "CondBranchFuncGraph":   # Horovod wraps each reduction in a tf.cond
+            graph = graph.outer_graph
+        if graph is not self.graph or self.cursor >= len(self.shapes):
+            self.graph, self.cursor = graph, 0
+        shape = tuple(tensor.shape)
+        while self.cursor < len(self.shapes) and self.shapes[self.cursor] != shape:
+            self.cursor += 1   # a variable without gradient: Horovod skipped it
+        if self.cursor == len(self.shapes):
+            raise ValueError(f"compress() got a gradient of shape {shape} that matches no remaining variable: "
+                             f"give Compression the variables in the order their gradients are reduced")
+        self.cursor += 1
+        return self.cursor - 1
+
+
+def process_set_of_caller():
+    """The process_set of Horovod's allreduce that called compress() (None for a direct call)."""
+    frame = sys._getframe(1)   # compress(), maybe a decorator's frame, then Horovod's allreduce
+    for _ in range(5):
+        if frame is None:
+            return None
+        if frame.f_code.co_filename.endswith(os.path.join("horovod", "tensorflow", "__init__.py")) \
+                and "process_set" in frame.f_locals:
+            return frame.f_locals["process_set"]
+        frame = frame.f_back
+    return None
+
+
+def is_keras3_variable(v):
+    return type(v).__module__.startswith("keras.") and not isinstance(v, tf.Variable)
+
+
+def refuse_keras3_variables(variables):
+    if any(is_keras3_variable(v) for v in variables):
+        raise ValueError(
+            "these are Keras 3 variables. With Keras 3, Horovod 0.28's Keras DistributedOptimizer accepts "
+            "compression= but never averages gradients (ranks silently diverge). For model.fit on Keras 3 use "
+            "hvd_compress.keras: its Compression(...) and DistributedOptimizer(optimizer, compression=...). "
+            "Or use tf-keras with Horovod's wrapper (pip install tf-keras, TF_USE_LEGACY_KERAS=1 before "
+            "importing TensorFlow). For a custom loop with hvd.DistributedGradientTape, pass "
+            "variables=[v.value for v in model.trainable_variables]")
+
