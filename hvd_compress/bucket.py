@@ -323,9 +323,8 @@ class _Across:
 
 
 class Hierarchical(_Transport):
-    """Several nodes of L ranks: each node averages its gradients exactly, slice j of every tensor to local rank
-    j (a reduce-scatter: half an allreduce's traffic), which compresses it (its error buffer is that slice's), the
-    ranks of one local rank exchange these
+    """Several nodes of L ranks: each node averages its gradients exactly, local rank j compresses slice j
+    of the node's average (its error buffer is that slice's), the ranks of one local rank exchange these
     payloads as allgather or allreduce does between ranks (the server pass on the first node's rank), and
     each node allgathers its L slices of the update (exact, sparse where that is smaller). Only one node's
     payloads (+ the server's) leave it."""
@@ -345,12 +344,9 @@ class Hierarchical(_Transport):
         p.errors = (e_in, e_out)
 
     def start(self, comp, bucket, members):
-        """Row j of the bucket: slice j of each member, back to back."""
-        ops, size = comp.ops, comp.nodes.local_size
-        bucket.sizes = [ops.numel(p.work) for p in members]
-        bounds = [T.bounds(d, size) for d in bucket.sizes]
-        rows = [[p.work[b[j]:b[j + 1]] for p, b in zip(members, bounds)] for j in range(size)]
-        bucket.handle = ops.reducescatter_mean(ops.stack_rows(rows, keep=bucket), f"hc.n.{bucket.id}", comp.nodes.local)
+        bucket.sizes = [comp.ops.numel(p.work) for p in members]
+        bucket.handle = comp.ops.allreduce_mean(comp.ops.cat([p.work for p in members], keep=bucket),
+                                                f"hc.n.{bucket.id}", comp.nodes.local)
 
     def receive(self, comp, bucket):
         """The node's average; this rank's slice of it compressed and exchanged between nodes; per tensor,
@@ -361,13 +357,12 @@ class Hierarchical(_Transport):
         if bucket.inner is None or bucket.inner.names != tuple(names):
             bucket.across = _Across(comp, {key: p.name for key, p in zip(names, members)})
             bucket.inner = Bucket(f"{bucket.id}.x", names, inner)
-        across, mine, offset, slices = bucket.across, ops.flat(bucket.take(ops, "handle")), 0, []
+        across, average, offset, slices = bucket.across, bucket.take(ops, "handle"), 0, []
         for p, key, size in zip(members, names, bucket.sizes):
-            b, j = T.bounds(size, nodes.local_size), nodes.local_rank
-            part = mine[offset:offset + b[j + 1] - b[j]]   # this rank's slice of the node's average
-            offset += b[j + 1] - b[j]
+            whole = average[offset:offset + size]
+            offset += size
             e_in, e_out = p.errors
-            q = Pending(key, inner, None, p.grad_dtype, 0, work=part)
+            q = Pending(key, inner, None, p.grad_dtype, 0, work=self.error_part(comp, whole))
             bucket.inner.transport.encode(across, q, e_in, e_out)
             slices.append(q)
         flags = ops.wait(ops.allgather(ops.flags([q.stats for q in slices]), f"hc.f.{bucket.id}", nodes.local))

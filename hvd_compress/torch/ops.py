@@ -85,18 +85,6 @@ def cat(tensors, keep=None):
     return torch.cat(tensors, out=buffer)
 
 
-def stack_rows(rows, keep):
-    """Row j: the tensors of ``rows[j]`` back to back, zero-padded to the longest row, in a buffer that ``keep``
-    (a bucket) keeps from step to step (as ``cat``)."""
-    lengths = [sum(t.numel() for t in row) for row in rows]
-    buffer, like = keep.send, rows[0][0]
-    if buffer is None or buffer.shape != (len(rows), max(lengths)) or buffer.dtype != like.dtype:
-        buffer = keep.send = torch.zeros(len(rows), max(lengths), dtype=like.dtype, device=like.device)
-    for j, (row, length) in enumerate(zip(rows, lengths)):
-        torch.cat(row, out=buffer[j, :length])
-    return buffer
-
-
 def join(whole, pieces):
     """``whole`` after its pieces (views into it) were written in place."""
     return whole
@@ -194,11 +182,6 @@ def allgather(t, name, process_set):
 
 def allreduce_mean(t, name, process_set):
     return _start(hvd.allreduce_async, t, name=name, op=hvd.Average, process_set=process_set)
-
-
-def reducescatter_mean(t, name, process_set):
-    """Row j of ``t`` (one row per rank of the set) averaged over the set, to its rank j."""
-    return _start(hvd.reducescatter_async, t, name=name, op=hvd.Average, process_set=process_set)
 
 
 def alltoall(t, splits, name, process_set):
