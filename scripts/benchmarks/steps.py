@@ -79,7 +79,7 @@ PLANS = {
     True: {"sizes": [2], "rates_gbit": [1], "width": 1024, "layers": 2, "batch": 4, "warmup": 2, "steps": 5,
            "probe_repeats": 2, "configs": ["dense", "fp16", "topk1%+EF"], "timeout_s": 150},
     False: {"sizes": [2, 4], "rates_gbit": [1, 10], "width": 2048, "layers": 6, "batch": 4, "warmup": 1,
-            "steps": 6, "probe_repeats": 2, "configs": [c["name"] for c in CONFIGS], "timeout_s": 600},
+            "steps": 15, "probe_repeats": 2, "configs": [c["name"] for c in CONFIGS], "timeout_s": 600},
 }
 COMPUTE_ONLY = "compute only (no communication)"   # its own row in every table, efficiency 1 by definition
 BASELINES = ("dense", "fp16")   # "vs best of dense/fp16": the faster of the two in the same launch
