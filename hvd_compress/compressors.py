@@ -101,7 +101,8 @@ class _Sparsifier(Compressor):
 
 
 class TopK(_Sparsifier):
-    """Keeps the k coordinates of largest magnitude. Wire: k int32 indices + k values."""
+    """Keeps the k coordinates of largest magnitude; of those whose magnitude equals the k-th largest, the first
+    ones. Wire: k int32 indices, in increasing order, + k values."""
 
     def layout(self, d):
         k = self.k_for(d)
