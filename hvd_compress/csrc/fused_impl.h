@@ -546,8 +546,9 @@ int64_t FN(topk1)(const T *g, const T *e, T *xout, int64_t n, T t, int64_t *cidx
 
 /* The k-th largest of n keys (1 <= k <= n), reordering them: a radix selection, 8 bits at a time from the top,
    keeping only the keys that share the digits chosen so far (histograms: no branch on the data, where a
-   quickselect's comparisons mispredict half the time) */
-static UT FN(kth_largest_key)(UT *a, int64_t n, int64_t k) {
+   quickselect's comparisons mispredict half the time). *ties: how many of the keys equal to it are among the
+   k largest (k less those above it, which the histograms counted) */
+static UT FN(kth_largest_key)(UT *a, int64_t n, int64_t k, int64_t *ties) {
     UT kth = 0;
     for (int shift = 8 * (int)sizeof(UT) - 8; ; shift -= 8) {
         int64_t hist[256] = {0};
@@ -555,30 +556,33 @@ static UT FN(kth_largest_key)(UT *a, int64_t n, int64_t k) {
         int b = 255;
         while (hist[b] < k) k -= hist[b--];
         kth |= (UT)b << shift;
-        if (shift == 0) return kth;
-        if (hist[b] < n) {   /* keep the keys of digit b */
+        if (shift > 0 && hist[b] < n) {   /* keep the keys of digit b */
             int64_t m = 0;
             for (int64_t i = 0; i < n; i++) { UT v = a[i]; a[m] = v; m += ((v >> shift) & 255) == (UT)b; }
             n = m;
         }
-        if (n == 1) return a[0];
+        if (shift == 0 || n == 1) {   /* every digit chosen, or one key left: k counts the ties kept */
+            *ties = k;
+            return shift == 0 ? kth : a[0];
+        }
     }
 }
 
+/* A magnitude as a key: the bits without the sign (finite values compare in the same order; -0 = +0) */
+static inline UT FN(magnitude_key)(T v) { return FN(to_bits)(v) & ~SIGNBIT; }
+
 /* TopK's selection among its candidates (finite, in increasing index order): the k of largest magnitude,
    among magnitudes equal to the k-th largest the first ones (the torch path's rule: kernels._top), in
-   increasing index order: idx (int32), values, and xout[idx] = values - values * lam. Magnitudes compare as
-   their bits without the sign (finite values: the same order; -0 = +0). keys: count scratch keys.
-   st = [sum values^2, sum left^2] */
+   increasing index order: idx (int32), values, and xout[idx] = values - values * lam. keys: count scratch
+   keys. st = [sum values^2, sum left^2] */
 void FN(topk_pick)(const int64_t *cidx, const T *cval, int64_t count, int64_t k, UT *keys, T *xout, T lam,
                    int32_t *idx, T *values, double *st) {
-    for (int64_t s = 0; s < count; s++) keys[s] = FN(to_bits)(cval[s]) & ~SIGNBIT;
-    UT t = FN(kth_largest_key)(keys, count, k);
-    int64_t ties = k;
-    for (int64_t s = 0; s < count; s++) ties -= (FN(to_bits)(cval[s]) & ~SIGNBIT) > t;
+    for (int64_t s = 0; s < count; s++) keys[s] = FN(magnitude_key)(cval[s]);
+    int64_t ties;
+    UT t = FN(kth_largest_key)(keys, count, k, &ties);
     int64_t out = 0;
     for (int64_t s = 0; s < count && out < k; s++) {   /* without a branch on the data: out grows by keep */
-        UT a = FN(to_bits)(cval[s]) & ~SIGNBIT;
+        UT a = FN(magnitude_key)(cval[s]);
         int64_t tied = a == t, keep = (a > t) | (tied & (ties > 0));
         ties -= tied & keep;
         idx[out] = (int32_t)cidx[s]; values[out] = cval[s];

@@ -522,7 +522,7 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None):
             if k <= count <= cap:
                 idx32, values = into if into else (torch.empty(k, dtype=torch.int32), torch.empty(k, dtype=dtype))
                 fix = st[4:6]
-                ns.topk_pick(cidx.data_ptr(), cval.data_ptr(), count, k, _scratch("cabs", count, dtype).data_ptr(),
+                ns.topk_pick(cidx.data_ptr(), cval.data_ptr(), count, k, _scratch("ckeys", count, dtype).data_ptr(),
                              O, lam, idx32.data_ptr(), values.data_ptr(), fix.data_ptr())
                 residual = st[0].item() - fix[0].item() + fix[1].item()
                 return [idx32, values], _stats(residual, st[0].item(), True)
