@@ -12,8 +12,8 @@ import time
 
 def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
     """The examples' flags; ``progress_bar`` only names the bar in ``--no-progress``'s help; ``transport``
-    adds --transport, --link-gbps and --dense-below ("tensorflow"), and with True also the PyTorch plug-in's
-    --bucket-mb, --momentum-correction, --no-momentum-masking, --nesterov, --warmup and --clip."""
+    adds --transport, --link-gbps, --dense-below, --momentum-correction, --no-momentum-masking, --nesterov and
+    --clip ("tensorflow"), and with True also the PyTorch plug-in's --bucket-mb and --warmup."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compressor", default="topk:0.01", help='worker compressor spec, e.g. "topk:0.01", '
                    '"none", "natural", "sign", "topk:0.01+natural"')
@@ -28,9 +28,6 @@ def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
                        help="link bandwidth for --transport auto (default: measured at the first step)")
         p.add_argument("--dense-below", type=int, default=1024,
                        help="tensors with fewer elements travel uncompressed (0: compress all)")
-    if transport is True:
-        p.add_argument("--bucket-mb", type=float, default=64,
-                       help="dense gradient MiB per bucket of compressed tensors (one collective each)")
         p.add_argument("--momentum-correction", action="store_true",
                        help="apply --momentum before compressing (Deep Gradient Compression's momentum correction "
                             "and factor masking; needs --error-feedback and a sparsifier); the optimizer then "
@@ -39,12 +36,15 @@ def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
                        help="with --momentum-correction: a sent coordinate keeps its velocity (no factor masking)")
         p.add_argument("--nesterov", action="store_true",
                        help="Nesterov's momentum: in the optimizer, or with --momentum-correction in the Compression")
-        p.add_argument("--warmup", type=int, default=0,
-                       help="steps over which the sparsifier's ratio falls from 25%% to its own (Deep Gradient "
-                            "Compression's warm-up; 0: none)")
         p.add_argument("--clip", type=float, default=0.0,
                        help="local gradient clipping: each rank clips each gradient tensor to norm "
                             "CLIP / sqrt(ranks) before compressing (Deep Gradient Compression; 0: none)")
+    if transport is True:
+        p.add_argument("--bucket-mb", type=float, default=64,
+                       help="dense gradient MiB per bucket of compressed tensors (one collective each)")
+        p.add_argument("--warmup", type=int, default=0,
+                       help="steps over which the sparsifier's ratio falls from 25%% to its own (Deep Gradient "
+                            "Compression's warm-up; 0: none)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--lr", type=float, default=0.05)

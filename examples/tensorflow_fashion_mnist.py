@@ -2,8 +2,8 @@
 
     horovodrun -np 2 python examples/tensorflow_fashion_mnist.py --compressor topk:0.01 --error-feedback
 
-The TensorFlow twin of examples/pytorch_fashion_mnist.py: same flags, same model, same sharding, same
-output. Gradients are combined by ``hvd.DistributedGradientTape`` inside a ``tf.function`` training step.
+The TensorFlow twin of examples/pytorch_fashion_mnist.py: same flags (but for the PyTorch plug-in's
+--bucket-mb, --warmup and hierarchical transport), same model, same sharding, same output. Gradients are combined by ``hvd.DistributedGradientTape`` inside a ``tf.function`` training step.
 With ``--compressor none`` (no error feedback, no server pass) hvd_compress is not used at all: the run is
 Horovod's own dense fp32 allreduce, the baseline the compressed runs are compared with.
 """
@@ -78,16 +78,19 @@ def main():
     n_params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     dense_step = 4 * n_params                     # bytes of one dense fp32 allreduce of all gradients
     loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    optimizer = tf.keras.optimizers.SGD(learning_rate=args.lr, momentum=args.momentum)
-
     use_hc = uses_hvd_compress(args)
+    correction = use_hc and args.momentum_correction   # the momentum moves into the Compression
+    optimizer = tf.keras.optimizers.SGD(learning_rate=args.lr, momentum=0.0 if correction else args.momentum,
+                                        nesterov=args.nesterov and not correction)
     compression = None
     if use_hc:
         import hvd_compress.tensorflow as htc
         compression = htc.Compression(args.compressor or None, error_feedback=args.error_feedback,
                                       server=args.server or None, variables=model.trainable_variables,
                                       transport=args.transport, link_gbps=args.link_gbps,
-                                      dense_below=args.dense_below)
+                                      dense_below=args.dense_below, momentum=args.momentum if correction else 0.0,
+                                      clip=args.clip, momentum_masking=args.momentum_masking,
+                                      nesterov=args.nesterov and correction)
     hvd.broadcast_variables(model.variables, root_rank=0)
     train_step = make_train_step(model, optimizer, loss_fn, x_train, y_train, compression)
 

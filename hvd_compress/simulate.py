@@ -40,10 +40,23 @@ def _concat(pieces):
 
 def _clip(g, max_norm):
     if not _torch(g):
-        raise NotImplementedError("clip= (local gradient clipping) is simulated for PyTorch tensors only, as "
-                                  "only the PyTorch plug-in has it")
+        from .tensorflow.kernels import clip_norm
+        return clip_norm(g, max_norm)
     from .torch.kernels import clip_norm_
     return clip_norm_(g.clone(), max_norm)
+
+
+def _plus_scaled(g, u, m):
+    """g + m u, as each plug-in computes it."""
+    return g.add(u, alpha=m) if _torch(g) else g + m * u
+
+
+def _masked(u, sent):
+    """u with the sent coordinates cleared."""
+    if _torch(u):
+        return u.masked_fill(sent, 0)
+    import tensorflow as tf
+    return tf.where(sent, tf.zeros_like(u), u)
 
 
 class Simulation:
@@ -78,12 +91,12 @@ class Simulation:
             if self.config.clip:
                 gs = [_clip(g, self.config.clip_threshold(self.n)) for g in gs]
             if self.momentum:   # u <- m u + g, and u is what is compressed (or averaged) in g's place
-                us = [g.add(self.velocity[i][name], alpha=self.momentum) if name in self.velocity[i] else g
+                us = [_plus_scaled(g, self.velocity[i][name], self.momentum) if name in self.velocity[i] else g
                       for i, g in enumerate(gs)]
                 for i, u in enumerate(us):
                     self.velocity[i][name] = u
                 # Nesterov: g + m u in g's place
-                gs = [g.add(u, alpha=self.momentum) for g, u in zip(gs, us)] if self.config.nesterov else us
+                gs = [_plus_scaled(g, u, self.momentum) for g, u in zip(gs, us)] if self.config.nesterov else us
             d = int(gs[0].shape[0])
             how = self.transports[name] = ("dense" if d < self.dense_below else
                                            T.resolve(self.transport, self.config, d, self.n, self.link))
@@ -107,7 +120,7 @@ class Simulation:
                         self.worker_error[i][name] = xs[i] - ps[i]
                         if self.momentum and self.config.momentum_masking:   # factor masking: sent ones leave u
                             sent = self.worker_error[i][name] != xs[i]
-                            self.velocity[i][name] = self.velocity[i][name].masked_fill(sent, 0)
+                            self.velocity[i][name] = _masked(self.velocity[i][name], sent)
             updates[name] = _reshape(update, list(first.shape))
             self.steps[name] = step + 1
         return updates

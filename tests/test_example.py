@@ -20,3 +20,19 @@ def test_example_trains_compressed_with_identical_replicas(tmp_path):
     assert 0.30 <= last["ratio"] < 0.301
     assert last["test_acc"] > 0.5   # ten classes: chance is 0.1
     assert last["last_step_stats"]["steps"] == 2 * (3000 // 2 // 64)
+
+
+def test_tensorflow_example_with_momentum_correction(tmp_path):
+    """The TensorFlow loop with Nesterov's momentum correction without factor masking and local clipping: the
+    optimizer's momentum moves into the Compression, and replicas stay identical."""
+    out = tmp_path / "run.json"
+    proc = launch(2, ROOT / "examples" / "tensorflow_fashion_mnist.py", "--compressor", "topk:0.05",
+                  "--error-feedback", "--momentum-correction", "--no-momentum-masking", "--nesterov", "--clip", "5",
+                  "--dense-below", "0", "--epochs", "1", "--train-limit", "3000", "--test-limit", "1000",
+                  "--no-progress", "--check-replicas", "--json", out)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert "replicas identical: True" in proc.stdout
+    assert "momentum_correction on (no factor masking)  nesterov" in proc.stdout, proc.stdout[-3000:]
+    last = json.loads(out.read_text())["epochs"][-1]
+    assert 0.10 <= last["ratio"] < 0.101   # TopK 5%: 8 bytes per kept element, plus 5 per tensor and step
+    assert last["test_acc"] > 0.5          # ten classes: chance is 0.1

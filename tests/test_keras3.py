@@ -7,7 +7,7 @@ import pytest
 
 from conftest import DISTRIBUTED, launch, result_line
 
-CASES = ["topk_ef", "topk_ef_server"]
+CASES = ["topk_ef", "topk_ef_server", "topk_ef_momentum"]
 
 
 @pytest.fixture(scope="module")
@@ -46,4 +46,7 @@ def test_keras3_fit_equals_the_tf_keras_path(runs, case):
 def test_keras3_refusals(runs):
     # hvd_compress.tensorflow.Compression (for Horovod's own Keras wrapper, which never averages on Keras 3)
     # refuses Keras 3 variables and points to hvd_compress.keras; jit_compile=True is refused while tracing
-    assert runs["keras3"]["refused"] == {"keras3_variables": True, "xla": True}, runs["keras3"]["refused"]
+    assert runs["keras3"]["refused"] == {"keras3_variables": True, "xla": True, "momentum_twice": True}, \
+        runs["keras3"]["refused"]
+    # momentum in the optimizer and in the Compression: refused at the first step on the tf-keras path too
+    assert runs["tf-keras"]["refused"] == {"momentum_twice": True}, runs["tf-keras"]["refused"]

@@ -37,23 +37,37 @@ TRANSPORTS = [
     {**DS, "id": "dense_below=16", "dense_below": 16},
     {**DS, "id": "dense_below=16/sharded", "dense_below": 16, "transport": "sharded"},
 ]
+# Deep Gradient Compression's options: momentum correction (with and without factor masking, Nesterov's form),
+# the velocity of the variables left dense too, and local clipping to 4 / sqrt(n) (gradient norms here are 1-5)
+MOMENTUM = [
+    {**DS, "id": "momentum=0.9", "momentum": 0.9},
+    {**DS, "id": "momentum=0.9/sharded", "momentum": 0.9, "transport": "sharded"},
+    {**DS, "id": "momentum=0.5/randk:0.3/no server", "momentum": 0.5, "compressor": "randk:0.3", "server": None},
+    {**DS, "id": "momentum=0.9/nesterov/no masking/dense_below=16", "momentum": 0.9, "nesterov": True,
+     "momentum_masking": False, "dense_below": 16},
+    {**DS, "id": "momentum=0.9/no masking/sign", "momentum": 0.9, "momentum_masking": False, "compressor": "sign"},
+    {**DS, "id": "clip=4/momentum=0.9/nesterov", "clip": 4.0, "momentum": 0.9, "nesterov": True},
+    {**DS, "id": "clip=4/sharded/dense_below=16", "clip": 4.0, "transport": "sharded", "dense_below": 16},
+]
 # the first with per-variable step counts that differ (the head's gradient is None on odd steps)
 CHECKPOINTS = [{**DS, "id": "ckpt/topk-ds", "checkpoint": True, "extra_every_step": False},
+               {**DS, "id": "ckpt/momentum=0.9/nesterov", "momentum": 0.9, "nesterov": True, "checkpoint": True},
                {**DS, "id": "ckpt/randk-ef-qsgd-server/sharded", "compressor": "randk:0.3", "server": "qsgd:4",
                 "transport": "sharded", "checkpoint": True}]
 # Tracing a step function per case is most of this file's time (about 2 s a trace). By default: on 2 ranks every
 # compressor x mode on the built-in transport, sharded for four compressors (sparse, summable, bits, codes) in
 # the modes that take its two paths (plain: the exact average travels; DoubleSqueeze: the server pass on each
-# slice), and the other transports; on 3 ranks the DoubleSqueeze mode (every n-rank path), sharded for the
-# same four. HVD_COMPRESS_TF_MATRIX=all: every compressor x mode x transport on 2 and 3 ranks (README, Tests).
+# slice), the other transports and Deep Gradient Compression's options; on 3 ranks the DoubleSqueeze mode (every
+# n-rank path), sharded for the same four, and four of the options' cases. HVD_COMPRESS_TF_MATRIX=all: every compressor x mode x transport on 2 and 3 ranks (README, Tests).
 if os.environ.get("HVD_COMPRESS_TF_MATRIX") == "all":
-    CASES_2 = CASES + SHARDED + TRANSPORTS
-    CASES_3 = CASES + SHARDED + TRANSPORTS
+    CASES_2 = CASES + SHARDED + TRANSPORTS + MOMENTUM
+    CASES_3 = CASES + SHARDED + TRANSPORTS + MOMENTUM
 else:
     FEW = ("topk:0.3/", "randk:0.3,shared/", "sign/", "natural/")   # sharded by default: these compressors
-    CASES_2 = CASES + [c for c in SHARDED if "/ef/" not in c["id"] and c["id"].startswith(FEW)] + TRANSPORTS
+    CASES_2 = CASES + [c for c in SHARDED if "/ef/" not in c["id"] and c["id"].startswith(FEW)] + TRANSPORTS + \
+        MOMENTUM
     CASES_3 = [c for c in CASES if "/doublesqueeze" in c["id"]] + \
-        [c for c in SHARDED if "/doublesqueeze" in c["id"] and c["id"].startswith(FEW)]
+        [c for c in SHARDED if "/doublesqueeze" in c["id"] and c["id"].startswith(FEW)] + MOMENTUM[:2] + MOMENTUM[-2:]
 # Grappler, TensorFlow's graph optimizer, is much of a step function's first call: on 3 ranks it is off (the
 # launch took 117-121 s instead of 141-158). The 2-rank launch checks every case with its rewrites, as users run.
 CASES_3 = [{**c, "grappler": False} for c in CASES_3]

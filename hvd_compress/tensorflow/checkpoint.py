@@ -10,11 +10,13 @@ def state_dict(comp):
     comp._settle()
     server = {n: comp._server_part(n, d.numpy()) for n, d in zip(comp.names, comp.server_error)}
     mine = ({n: e.numpy() for n, e in zip(comp.names, comp.worker_error)},
-            {n: d for n, d in server.items() if d is not None})
+            {n: d for n, d in server.items() if d is not None},
+            {n: u.numpy() for n, u in zip(comp.names, comp.velocity)})
     everyone, server_error = comp._gather_state(mine)
     return {"format": agreement.STATE_FORMAT, "fingerprint": comp.fingerprint(), "size": len(everyone),
             "steps": {n: int(s.numpy()) for n, s in zip(comp.names, comp.steps)},
-            "worker_error": [w for w, _ in everyone], "server_error": server_error,
+            "worker_error": [w for w, _, _ in everyone], "server_error": server_error,
+            "velocity": [u for _, _, u in everyone],
             "transports": dict(comp._transports), "link": comp._saved_link()}
 
 
@@ -24,6 +26,8 @@ def load_state_dict(comp, state):
     comp._bound = False   # buckets formed again at the next step
     for name, e in zip(comp.names, comp.worker_error):
         e.assign(state["worker_error"][comp.rank()][name])
+    for name, u in zip(comp.names, comp.velocity):
+        u.assign(state["velocity"][comp.rank()][name])
     for name, d in zip(comp.names, comp.server_error):   # this rank's part, the rest zero
         whole = np.asarray(state["server_error"][name])
         value, part = np.zeros_like(whole), comp._server_part(name, whole)

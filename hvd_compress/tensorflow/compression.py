@@ -7,14 +7,16 @@ The same step as the PyTorch plug-in (the README's Design section) over the same
 what it returns, and calls ``decompress()`` on the result, one gradient at a time, while tracing a
 ``tf.function``. So everything happens in the graph, one variable per bucket:
 
-    compress(g)    the transport's steps, all at once: x = g + e, payload p = C_w(x), its collective,
+    compress(g)    the transport's steps, all at once: x = g + e (g clipped, and with momentum correction
+                   the velocity u <- m u + g in g's place, as in PyTorch), payload p = C_w(x), its collective,
                    gbar = 1/n sum_j decode(p_j), the server pass on the root (sharded: on every rank's slice),
                    its collective, the update v; returns a one-element marker: the step number, or NaN where
                    x is not finite on some rank (the flags ride with the payloads) ("dense" variables: the
                    gradient itself, which Horovod averages)
     decompress(m)  m is the marker averaged over ranks: NaN means some rank's gradient was not finite, a
                    wrong step that ranks are out of step or that Horovod does not average (an error naming
-                   the variable). Otherwise e <- x - decode(p), d <- y - v, and v is the gradient.
+                   the variable). Otherwise e <- x - decode(p), d <- y - v, u is committed (the sent
+                   coordinates cleared from it with factor masking), and v is the gradient.
 
 A step whose gradient is not finite anywhere leaves every buffer as it was, as in the PyTorch plug-in. But
 Horovod runs compress, allreduce and decompress one variable after the other, each in its own ``tf.cond``, so
@@ -73,6 +75,10 @@ class Compression(CompressionBase, tf.Module):
             ``hvd.DistributedGradientTape(process_set=...)`` or ``hvd.DistributedOptimizer(process_set=...)``
             (None: every rank). Every collective of this object runs on it, ranks are counted within it
             (``root_rank=0`` is its first rank), and a gradient reduced on another set is refused.
+        momentum, momentum_masking, nesterov, clip: Deep Gradient Compression's momentum correction (with
+            factor masking unless momentum_masking=False; Nesterov's form with nesterov=True) and local gradient
+            clipping, as in the PyTorch plug-in (its docstring). The optimizer must then have no momentum of its
+            own: a Keras optimizer that has is refused at the first step. The warm-up is PyTorch's only so far.
         nonfinite: what a step does when some rank's gradient holds NaN or Inf. "skip" (as stock Horovod,
             whose averaged gradient is then non-finite too): that variable's gradient, and those reduced
             after it, are NaN on every rank, so that a loss-scaling optimizer skips the step; no buffer of
@@ -88,7 +94,8 @@ class Compression(CompressionBase, tf.Module):
     ops = ops   # the shared transports' kernels and collectives, in TensorFlow
 
     def __init__(self, compressor, error_feedback=False, server=None, variables=None, root_rank=0, seed=0,
-                 transport=None, link_gbps=None, dense_below=1024, nonfinite="skip", process_set=None):
+                 transport=None, link_gbps=None, dense_below=1024, nonfinite="skip", process_set=None,
+                 momentum=0.0, clip=0.0, momentum_masking=True, nesterov=False):
         super().__init__(name="hvd_compress")
         if process_set is not None and not process_set.included():
             raise ValueError(f"this rank ({hvd.rank()}) is not in the process set {process_set.ranks}: "
@@ -98,7 +105,8 @@ class Compression(CompressionBase, tf.Module):
         if transport == "hierarchical":
             raise ValueError("transport 'hierarchical' is in the PyTorch plug-in only so far; in TensorFlow use "
                              "'allgather', 'allreduce', 'sharded', 'dense' or 'auto'")
-        self.config, self._link = options.config_of(compressor, error_feedback, server, transport, link_gbps)
+        self.config, self._link = options.config_of(compressor, error_feedback, server, transport, link_gbps,
+                                                    momentum, 0, clip, momentum_masking, nesterov)
         self.dense_below, self.nonfinite = options.check(dense_below, nonfinite)
         if variables is None:
             raise ValueError("Compression needs variables=model.trainable_variables (in the order Horovod "
@@ -131,6 +139,8 @@ class Compression(CompressionBase, tf.Module):
         # the buffers before their last commit, to undo a commit made in a step that is then skipped
         self.worker_error_before = buffers("worker_error_before") if self.config.error_feedback else []
         self.server_error_before = buffers("server_error_before") if self.config.server is not None else []
+        self.velocity = buffers("velocity") if self.config.momentum else []   # u (momentum correction)
+        self.velocity_before = buffers("velocity_before") if self.config.momentum else []
         count = len(self.names)
         self.steps = [tf.Variable(0, dtype=tf.int64, trainable=False, name=f"step_{i}") for i in range(count)]
         # global step count; index of the last variable compressed (a new step starts when it does not grow);
@@ -157,7 +167,7 @@ class Compression(CompressionBase, tf.Module):
     def compress(self, tensor):
         i = self._index_of(tensor)
         if not self._bound:
-            self._bind(horovod.process_set_of_caller())
+            self._bind(horovod.process_set_of_caller(), horovod.optimizer_of_caller())
         name, how = self.names[i], self._transports[self.names[i]]
         global_step = self._global_step(i)
         with tf.control_dependencies([global_step]):
@@ -167,19 +177,23 @@ class Compression(CompressionBase, tf.Module):
             g = tf.reshape(tf.cast(tensor, K.compute_dtype(tensor.dtype)), [-1])
             e_in = _in_force(undone, self.worker_error_before[i], self.worker_error[i]) \
                 if self.config.error_feedback and how != "dense" else None
+            u_in = _in_force(undone, self.velocity_before[i], self.velocity[i]) if self.velocity else None
             self._now = (step, _in_force(undone, self.server_error_before[i], self.server_error[i])
-                         if self.server_error else None, e_in)
-        p = Pending(name, how, tensor.shape, tensor.dtype, 0, work=g)
+                         if self.server_error else None, e_in, u_in)
+        x, velocity = self._precondition(g, u_in)   # with momentum, x is u (Nesterov: g + m u)
+        p = Pending(name, how, tensor.shape, tensor.dtype, 0, work=x, velocity=velocity)
         ctx = (i, global_step, p, self._now)
-        if how == "dense":   # Horovod averages the gradient itself
+        if how == "dense":   # Horovod averages the gradient (with momentum correction: u) itself
             p.bytes_sent = self.sizes[name] * tensor.dtype.size
-            return tensor, ctx
+            return (tensor if x is g else tf.reshape(tf.cast(x, tensor.dtype), tensor.shape)), ctx
         bucket = self._buckets[name]
         try:
             bucket.transport.encode(self, p, e_in, True if e_in is not None else None)
         except ValueError as err:
             where = f" (one of its {self.size()} slices, transport 'sharded')" if how == "sharded" else ""
             raise ValueError(f"variable {name!r}{where}: {err}") from None
+        if self.config.momentum and self.config.momentum_masking:   # factor masking: the sent coordinates leave u
+            p.velocity = tf.where(tf.equal(p.worker_error, x + e_in), p.velocity, tf.zeros_like(p.velocity))
         self._pending = {name: p}
         bucket.reset()
         bucket.add(self, p)
@@ -195,7 +209,7 @@ class Compression(CompressionBase, tf.Module):
 
     @tf.autograph.experimental.do_not_convert
     def decompress(self, reduced, ctx):
-        i, global_step, p, (step, d_in, e_in) = ctx
+        i, global_step, p, (step, d_in, e_in, u_in) = ctx
         name, dense = self.names[i], p.transport == "dense"
         expected = tf.cast(step + 1, tf.float32)
         if dense:   # the average itself says whether some rank's gradient was not finite
@@ -219,6 +233,8 @@ class Compression(CompressionBase, tf.Module):
 
         def commit():
             assigns = [self.steps[i].assign(step + 1), self.committed_at[i].assign(global_step)]
+            if p.velocity is not None:
+                assigns += [self.velocity_before[i].assign(u_in), self.velocity[i].assign(p.velocity)]
             if dense:
                 with tf.control_dependencies(assigns):
                     return tf.identity(update)
@@ -254,6 +270,16 @@ class Compression(CompressionBase, tf.Module):
 
     def server_error_of(self, name):
         return self._now[1][self._server_slice(name)]
+
+    def _precondition(self, g, u_in):
+        """Deep Gradient Compression's local clipping, then its momentum correction: (what is compressed or
+        averaged in g's place, the new velocity u <- m u + g or None). The simulation's formulas."""
+        if self.config.clip:
+            g = K.clip_norm(g, self.config.clip_threshold(self.size()))
+        if not self.config.momentum:
+            return g, None
+        velocity = g + self.config.momentum * u_in
+        return (g + self.config.momentum * velocity if self.config.nesterov else velocity), velocity
 
     def _server_slice(self, name):
         """Where this rank's part of a server buffer lies in it (sharded: its slice)."""
@@ -294,13 +320,16 @@ class Compression(CompressionBase, tf.Module):
                 self.worker_error[i].assign(self.worker_error_before[i])
             if self.config.server is not None:
                 self.server_error[i].assign(self.server_error_before[i])
+            if self.config.momentum:
+                self.velocity[i].assign(self.velocity_before[i])
 
     # ---- the process set: ranks are counted within it ------------------------------------------------------
 
-    def _bind(self, theirs):
+    def _bind(self, theirs, optimizer):
         """At the first step: run on the set the gradients are reduced on (a Compression on another set would
-        wait in its collectives for ranks that never come: refused), then compare the configuration of its
-        ranks (eagerly, also while a step function is being traced)."""
+        wait in its collectives for ranks that never come: refused), check that a Keras optimizer applies no
+        momentum of its own over the momentum correction, then compare the configuration of its ranks (eagerly,
+        also while a step function is being traced)."""
         if theirs is not None and self.process_set is not None \
                 and theirs.process_set_id != self.process_set.process_set_id:
             raise ValueError(f"the gradients are reduced on the process set {theirs.ranks or 'of all ranks'} but "
@@ -311,6 +340,7 @@ class Compression(CompressionBase, tf.Module):
             raise ValueError(f"root_rank must be a rank of the {self.size()} ranks (of the process set), "
                              f"got {self.root_rank!r}")
         with tf.init_scope():   # eager collectives: the configuration check and what "auto" measures
+            horovod.check_momentum_of(self.config, optimizer)
             self._check_same_config_everywhere()
             todo = {n: d for n, d in self.sizes.items() if n not in self._transports}   # all, but after a resume
             self._transports.update(plan(self, self.sizes, todo))

@@ -1,5 +1,6 @@
 """What the plug-in has to know of Horovod's TensorFlow path, which passes ``compress()`` a bare gradient: which
-variable it is, the process set it is reduced on, and which variables its Keras wrapper cannot average."""
+variable it is, the process set it is reduced on, the Keras optimizer that reduces it (if one does), and which
+variables its Keras wrapper cannot average."""
 import os
 import sys
 
@@ -41,6 +42,31 @@ def process_set_of_caller():
             return frame.f_locals["process_set"]
         frame = frame.f_back
     return None
+
+
+def optimizer_of_caller():
+    """The Keras optimizer whose gradients compress() was called for (Horovod's tf-keras wrapper or
+    ``hvd_compress.keras``: a method of it is among the callers, below Horovod's tf.cond), None for a tape."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if hasattr(candidate, "apply_gradients") and hasattr(candidate, "learning_rate"):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def check_momentum_of(config, optimizer):
+    """The momentum is applied once: in the Compression (momentum correction) or in the optimizer."""
+    if not config.momentum or optimizer is None:
+        return
+    theirs = float(getattr(optimizer, "momentum", 0.0) or 0.0)
+    if theirs:
+        raise ValueError(f"Compression(momentum={config.momentum}) applies the momentum before compressing, but the "
+                         f"optimizer has momentum {theirs} too: give the optimizer momentum=0")
+    if hasattr(optimizer, "beta_1"):
+        raise ValueError(f"Compression(momentum={config.momentum}) applies the momentum before compressing, but an "
+                         f"Adam-like optimizer keeps a first moment too: use SGD without momentum")
 
 
 def is_keras3_variable(v):

@@ -331,3 +331,11 @@ def apply(c, x, seed=0):
     d = _numel(x)
     out = decode(c, encode(c, flat, seed), d, seed, flat.dtype)
     return tf.reshape(tf.cast(out, x.dtype), x.shape)
+
+
+def clip_norm(x, max_norm):
+    """x scaled down to norm ``max_norm`` if it is longer (the PyTorch kernel's formula, see
+    ``compressors.check_clip``); a non-finite x stays non-finite."""
+    norm = tf.sqrt(tf.reduce_sum(tf.square(x)))
+    return x * tf.minimum(_div(tf.constant(max_norm, x.dtype), norm + tf.constant(1e-6, x.dtype)),
+                          tf.constant(1.0, x.dtype))

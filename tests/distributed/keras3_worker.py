@@ -1,6 +1,7 @@
 """Run under horovodrun: model.fit with Top-k 30% + error feedback (without and with a Top-k 50% server pass),
 on Keras 3 with hvd_compress.keras or on tf-keras with Horovod's own Keras wrapper: the same model, initial
-weights, data (different on every rank) and SGD with momentum. Rank 0 prints "RESULT <json>": per case whether
+weights, data (different on every rank) and SGD with momentum (in the optimizer, or as the Compression's momentum
+correction). Rank 0 prints "RESULT <json>": per case whether
 the weights are bit-identical across ranks, the Compression's stats and rank 0's final weights; on Keras 3
 also whether the bad set-ups are refused.
 usage: keras3_worker.py keras3|tf-keras"""
@@ -16,7 +17,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import horovod.tensorflow as hvd  # noqa: E402
 
-CASES = {"topk_ef": ("topk:0.3", None), "topk_ef_server": ("topk:0.3", "topk:0.5")}
+# (worker, server, the Compression's momentum correction: the optimizer's momentum moves into the Compression)
+CASES = {"topk_ef": ("topk:0.3", None, 0.0), "topk_ef_server": ("topk:0.3", "topk:0.5", 0.0),
+         "topk_ef_momentum": ("topk:0.3", None, 0.9)}
 
 
 def initial_weights(rank):
@@ -39,14 +42,15 @@ def build(keras):
     return model
 
 
-def train(spec, server):
+def train(spec, server, momentum, sgd_momentum=None):
+    options = dict(error_feedback=True, server=server, dense_below=0, momentum=momentum)
+    sgd = dict(learning_rate=0.05, momentum=0.9 - momentum if sgd_momentum is None else sgd_momentum)
     if MODE == "keras3":
         import keras
         import hvd_compress.keras as hck
         model = build(keras)
-        compression = hck.Compression(spec, error_feedback=True, server=server, variables=model.trainable_variables,
-                                      dense_below=0)
-        optimizer = hck.DistributedOptimizer(keras.optimizers.SGD(0.05, momentum=0.9), compression=compression)
+        compression = hck.Compression(spec, variables=model.trainable_variables, **options)
+        optimizer = hck.DistributedOptimizer(keras.optimizers.SGD(**sgd), compression=compression)
         broadcast = hck.BroadcastGlobalVariablesCallback(0)
         model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
     else:
@@ -55,15 +59,14 @@ def train(spec, server):
         keras = tf.keras
         assert not keras.__name__.startswith("keras"), keras.__name__   # tf_keras
         model = build(keras)
-        compression = htc.Compression(spec, error_feedback=True, server=server, variables=model.trainable_variables,
-                                      dense_below=0)
-        optimizer = hvd_keras.DistributedOptimizer(keras.optimizers.SGD(0.05, momentum=0.9), compression=compression)
+        compression = htc.Compression(spec, variables=model.trainable_variables, **options)
+        optimizer = hvd_keras.DistributedOptimizer(keras.optimizers.SGD(**sgd), compression=compression)
         broadcast = hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0)
         model.compile(optimizer=optimizer, loss="mse")
     x, y = data(hvd.rank())
     model.fit(x, y, batch_size=32, epochs=2, verbose=0, shuffle=False, callbacks=[broadcast])
     flat = np.concatenate([np.ravel(w) for w in model.get_weights()]).astype(np.float32)
-    everyone = hvd.allgather(tf.bitcast(tf.constant(flat), tf.int32)[None], name=f"weights_{spec}_{server}").numpy()
+    everyone = hvd.allgather(tf.bitcast(tf.constant(flat), tf.int32)[None], name=f"weights_{spec}_{server}_{momentum}").numpy()
     stats = compression.stats()
     return {"identical": bool((everyone == everyone[0]).all()), "steps": stats["steps"], "ratio": stats["ratio"],
             "total_bytes_sent": stats["total_bytes_sent"], "weights": [float(w) for w in flat]}
@@ -90,11 +93,20 @@ def refusals():
     return found
 
 
+def momentum_twice():
+    """Momentum in the Compression and in the optimizer: refused at the first step, on either path."""
+    try:
+        train("topk:0.3", None, 0.9, sgd_momentum=0.9)
+        return "no error"
+    except ValueError as err:
+        return "give the optimizer momentum=0" in str(err) or str(err)
+
+
 def main():
     hvd.init()
     result = {name: train(*case) for name, case in CASES.items()}
-    if MODE == "keras3":
-        result["refused"] = refusals()
+    result["refused"] = refusals() if MODE == "keras3" else {}
+    result["refused"]["momentum_twice"] = momentum_twice()
     if hvd.rank() == 0:
         print("RESULT " + json.dumps(result), flush=True)
 

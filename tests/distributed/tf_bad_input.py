@@ -3,7 +3,7 @@ rank. Each rank prints "<scenario> CAUGHT <type>: <message>" (and for nan "nan B
 after two more steps, "nan TRAINED_ON <steps>").
 Scenarios skip and skip-sharded (the default nonfinite="skip"): gradients made NaN on one rank at a few steps
 are skipped on every rank, no buffer of those steps changes, and training goes on (skip-sharded: the sharded
-transport, and the variables under 16 elements dense, one of them poisoned); rank 0 prints
+transport, momentum correction, and the variables under 16 elements dense, one of them poisoned); rank 0 prints
 "RESULT {scenario: report}".
 usage: tf_bad_input.py SCENARIO... (mismatch, nan, skip, skip-sharded)"""
 import json
@@ -26,7 +26,7 @@ STEPS = 11
 
 
 def settled(state):
-    return {"worker_error": state["worker_error"], "server_error": state["server_error"], "steps": state["steps"]}
+    return {key: state[key] for key in ("worker_error", "server_error", "velocity", "steps")}
 
 
 def same(a, b):
@@ -37,14 +37,16 @@ def same(a, b):
     return np.array_equal(a, b)
 
 
-SKIPS = {"skip": {"dense_below": 0}, "skip-sharded": {"transport": "sharded", "dense_below": 16}}
+# skip-sharded with momentum correction: the velocities (of the dense variables too) stay as well
+SKIPS = {"skip": {"dense_below": 0}, "skip-sharded": {"transport": "sharded", "dense_below": 16, "momentum": 0.9}}
 
 
-def skip_nonfinite_steps(transport=None, dense_below=0):
+def skip_nonfinite_steps(transport=None, dense_below=0, momentum=0.0):
     """The poisoned steps: every rank skips them alike, their buffers stay, and the run equals the simulation
     of the other steps (skipped steps do not consume seeds)."""
     from hvd_compress.simulate import Simulation
-    spec = dict(compressor="randk:0.3", error_feedback=True, server="topk:0.5", transport=transport)
+    spec = dict(compressor="randk:0.3", error_feedback=True, server="topk:0.5", transport=transport,
+                momentum=momentum)
     variables = make_variables()
     compression = htc.Compression(variables=variables, dense_below=dense_below, **spec)
     poison_at = tf.Variable(-1, dtype=tf.int64)   # index of the variable to poison on this rank, -1 none
