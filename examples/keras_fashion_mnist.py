@@ -2,7 +2,8 @@
 
     horovodrun -np 2 python examples/keras_fashion_mnist.py --compressor topk:0.01 --error-feedback
 
-The Keras twin of examples/pytorch_fashion_mnist.py: same flags, same model, same sharding, same output.
+The Keras twin of examples/pytorch_fashion_mnist.py: same flags (but for the PyTorch plug-in's --bucket-mb,
+--warmup and hierarchical transport), same model, same sharding, same output.
 Gradients are combined by ``horovod.tensorflow.keras.DistributedOptimizer`` on tf-keras (the default here),
 or by ``hvd_compress.keras.DistributedOptimizer`` on Keras 3 (run with ``TF_USE_LEGACY_KERAS=0``). With
 ``--compressor none`` (no error feedback, no server pass) hvd_compress is not used at all: the run is Horovod's
@@ -60,7 +61,7 @@ class EpochReport(tf.keras.callbacks.Callback):
 
 
 def main():
-    args = parse_args(__doc__, progress_bar="Keras")
+    args = parse_args(__doc__, progress_bar="Keras", transport="tensorflow")
     hvd.init()
     device = setup_devices(hvd_tf)
     tf.keras.utils.set_random_seed(args.seed)     # same initial weights everywhere (broadcast anyway)
@@ -73,14 +74,18 @@ def main():
     n_params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     dense_step = 4 * n_params                     # bytes of one dense fp32 allreduce of all gradients
 
-    optimizer = tf.keras.optimizers.SGD(learning_rate=args.lr, momentum=args.momentum)
     use_hc = uses_hvd_compress(args)
+    correction = use_hc and args.momentum_correction   # the momentum moves into the Compression
+    optimizer = tf.keras.optimizers.SGD(learning_rate=args.lr, momentum=0.0 if correction else args.momentum,
+                                        nesterov=args.nesterov and not correction)
     compression = None
     if use_hc:
         import hvd_compress.tensorflow as htc
         compression = (hck if KERAS3 else htc).Compression(
             args.compressor or None, error_feedback=args.error_feedback, server=args.server or None,
-            variables=model.trainable_variables)
+            variables=model.trainable_variables, transport=args.transport, link_gbps=args.link_gbps,
+            dense_below=args.dense_below, momentum=args.momentum if correction else 0.0, clip=args.clip,
+            momentum_masking=args.momentum_masking, nesterov=args.nesterov and correction)
     optimizer = (hck if KERAS3 else hvd).DistributedOptimizer(
         optimizer, **({"compression": compression} if use_hc else {}))   # else Horovod's dense allreduce
     # Keras 3: Horovod's collectives have no XLA kernels (jit_compile="auto" would pick XLA on a GPU)
