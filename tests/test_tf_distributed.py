@@ -58,7 +58,8 @@ CHECKPOINTS = [{**DS, "id": "ckpt/topk-ds", "checkpoint": True, "extra_every_ste
 # compressor x mode on the built-in transport, sharded for four compressors (sparse, summable, bits, codes) in
 # the modes that take its two paths (plain: the exact average travels; DoubleSqueeze: the server pass on each
 # slice), the other transports and Deep Gradient Compression's options; on 3 ranks the DoubleSqueeze mode (every
-# n-rank path), sharded for the same four, and four of the options' cases. HVD_COMPRESS_TF_MATRIX=all: every compressor x mode x transport on 2 and 3 ranks (README, Tests).
+# n-rank path), sharded for the same four, and four of the options' cases. HVD_COMPRESS_TF_MATRIX=all: every
+# compressor x mode x transport on 2 and 3 ranks (README, Tests).
 if os.environ.get("HVD_COMPRESS_TF_MATRIX") == "all":
     CASES_2 = CASES + SHARDED + TRANSPORTS + MOMENTUM
     CASES_3 = CASES + SHARDED + TRANSPORTS + MOMENTUM
@@ -67,7 +68,8 @@ else:
     CASES_2 = CASES + [c for c in SHARDED if "/ef/" not in c["id"] and c["id"].startswith(FEW)] + TRANSPORTS + \
         MOMENTUM
     CASES_3 = [c for c in CASES if "/doublesqueeze" in c["id"]] + \
-        [c for c in SHARDED if "/doublesqueeze" in c["id"] and c["id"].startswith(FEW)] + MOMENTUM[:2] + MOMENTUM[-2:]
+        [c for c in SHARDED if "/doublesqueeze" in c["id"] and c["id"].startswith(FEW)] + \
+        MOMENTUM[:2] + MOMENTUM[-2:]
 # Grappler, TensorFlow's graph optimizer, is much of a step function's first call: on 3 ranks it is off (the
 # launch took 117-121 s instead of 141-158). The 2-rank launch checks every case with its rewrites, as users run.
 CASES_3 = [{**c, "grappler": False} for c in CASES_3]

@@ -66,7 +66,8 @@ def train(spec, server, momentum, sgd_momentum=None):
     x, y = data(hvd.rank())
     model.fit(x, y, batch_size=32, epochs=2, verbose=0, shuffle=False, callbacks=[broadcast])
     flat = np.concatenate([np.ravel(w) for w in model.get_weights()]).astype(np.float32)
-    everyone = hvd.allgather(tf.bitcast(tf.constant(flat), tf.int32)[None], name=f"weights_{spec}_{server}_{momentum}").numpy()
+    everyone = hvd.allgather(tf.bitcast(tf.constant(flat), tf.int32)[None],
+                             name=f"weights_{spec}_{server}_{momentum}").numpy()
     stats = compression.stats()
     return {"identical": bool((everyone == everyone[0]).all()), "steps": stats["steps"], "ratio": stats["ratio"],
             "total_bytes_sent": stats["total_bytes_sent"], "weights": [float(w) for w in flat]}
