@@ -65,6 +65,16 @@ def uses_hvd_compress(args):
     return not (args.compressor in ("none", "") and not args.error_feedback and not args.server)
 
 
+def momentum_split(args, use_hc):
+    """Where the momentum goes: (the optimizer's momentum and nesterov, the Compression's momentum correction
+    and clipping options). With --momentum-correction it moves into the Compression, and the optimizer runs
+    without it."""
+    correction = use_hc and args.momentum_correction
+    return ({"momentum": 0.0 if correction else args.momentum, "nesterov": args.nesterov and not correction},
+            {"momentum": args.momentum if correction else 0.0, "clip": args.clip,
+             "momentum_masking": args.momentum_masking, "nesterov": args.nesterov and correction})
+
+
 def fmt_bytes(n):
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":

@@ -21,8 +21,8 @@ import horovod.tensorflow as hvd_tf          # tensor collectives (allreduce, al
 import horovod.tensorflow.keras as hvd      # init / rank / DistributedOptimizer / callbacks
 
 # Next to this script: `python examples/keras_fashion_mnist.py` puts examples/ first on sys.path.
-from fmnist_common import (EpochLog, config_line, exit_unless_identical, parse_args, steps_per_epoch,
-                           uses_hvd_compress)
+from fmnist_common import (EpochLog, config_line, exit_unless_identical, momentum_split, parse_args,
+                           steps_per_epoch, uses_hvd_compress)
 from tf_fmnist_common import build_model, evaluate, load_split, replicas_identical, setup_devices
 
 KERAS3 = hasattr(tf.keras, "version")   # Keras 3: Horovod's Keras wrapper would not average, hvd_compress.keras does
@@ -75,17 +75,15 @@ def main():
     dense_step = 4 * n_params                     # bytes of one dense fp32 allreduce of all gradients
 
     use_hc = uses_hvd_compress(args)
-    correction = use_hc and args.momentum_correction   # the momentum moves into the Compression
-    optimizer = tf.keras.optimizers.SGD(learning_rate=args.lr, momentum=0.0 if correction else args.momentum,
-                                        nesterov=args.nesterov and not correction)
+    in_optimizer, in_compression = momentum_split(args, use_hc)
+    optimizer = tf.keras.optimizers.SGD(learning_rate=args.lr, **in_optimizer)
     compression = None
     if use_hc:
         import hvd_compress.tensorflow as htc
         compression = (hck if KERAS3 else htc).Compression(
             args.compressor or None, error_feedback=args.error_feedback, server=args.server or None,
             variables=model.trainable_variables, transport=args.transport, link_gbps=args.link_gbps,
-            dense_below=args.dense_below, momentum=args.momentum if correction else 0.0, clip=args.clip,
-            momentum_masking=args.momentum_masking, nesterov=args.nesterov and correction)
+            dense_below=args.dense_below, **in_compression)
     optimizer = (hck if KERAS3 else hvd).DistributedOptimizer(
         optimizer, **({"compression": compression} if use_hc else {}))   # else Horovod's dense allreduce
     # Keras 3: Horovod's collectives have no XLA kernels (jit_compile="auto" would pick XLA on a GPU)

@@ -14,8 +14,8 @@ import horovod.torch as hvd
 from tqdm import tqdm
 
 # Next to this script: `python examples/pytorch_fashion_mnist.py` puts examples/ first on sys.path.
-from fmnist_common import (EpochLog, config_line, exit_unless_identical, parse_args, steps_per_epoch,
-                           uses_hvd_compress)
+from fmnist_common import (EpochLog, config_line, exit_unless_identical, momentum_split, parse_args,
+                           steps_per_epoch, uses_hvd_compress)
 from fmnist_data import load_fashion_mnist
 
 
@@ -96,9 +96,8 @@ def main():
     dense_step = 4 * n_params                     # bytes of one dense fp32 allreduce of all gradients
 
     use_hc = uses_hvd_compress(args)
-    correction = use_hc and args.momentum_correction   # the momentum moves into the Compression
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0 if correction else args.momentum,
-                                nesterov=args.nesterov and not correction)
+    in_optimizer, in_compression = momentum_split(args, use_hc)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, **in_optimizer)
     compression = None
     if use_hc:
         import hvd_compress.torch as hc
@@ -111,9 +110,7 @@ def main():
                                      server=args.server or None, named_parameters=model.named_parameters(),
                                      transport=args.transport, link_gbps=args.link_gbps,
                                      dense_below=args.dense_below, bucket_mb=args.bucket_mb,
-                                     momentum=args.momentum if correction else 0.0, warmup=args.warmup,
-                                     clip=args.clip, momentum_masking=args.momentum_masking,
-                                     nesterov=args.nesterov and correction)
+                                     warmup=args.warmup, **in_compression)
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                              compression=compression)
     else:

@@ -20,6 +20,18 @@ def config_of(compressor, error_feedback=False, server=None, transport=None, lin
     return config, None if link_gbps is None else T.Link.gbit(link_gbps)
 
 
+def refuse_second_momentum(momentum, theirs, adam_like, remedy):
+    """The momentum is applied once: in the Compression (momentum correction) or in the optimizer, whose own
+    momentum (``theirs``) and first moment (``adam_like``) each plug-in reads from its optimizer at the first
+    step; ``remedy`` says what to use instead of an Adam-like optimizer."""
+    if momentum and theirs:
+        raise ValueError(f"Compression(momentum={momentum}) applies the momentum before compressing, but the "
+                         f"optimizer has momentum {theirs} too: give the optimizer momentum=0")
+    if momentum and adam_like:
+        raise ValueError(f"Compression(momentum={momentum}) applies the momentum before compressing, but an "
+                         f"Adam-like optimizer keeps a first moment too: {remedy}")
+
+
 def check(dense_below, nonfinite):
     if isinstance(dense_below, bool) or not isinstance(dense_below, int) or dense_below < 0:
         raise ValueError(f"dense_below must be an integer >= 0 (elements), got {dense_below!r}")

@@ -167,7 +167,9 @@ class Compression(CompressionBase, tf.Module):
     def compress(self, tensor):
         i = self._index_of(tensor)
         if not self._bound:
-            self._bind(horovod.process_set_of_caller(), horovod.optimizer_of_caller())
+            # the Keras optimizer: a walk up the whole stack, only where its momentum matters
+            optimizer = horovod.optimizer_of_caller() if self.config.momentum else None
+            self._bind(horovod.process_set_of_caller(), optimizer)
         name, how = self.names[i], self._transports[self.names[i]]
         global_step = self._global_step(i)
         with tf.control_dependencies([global_step]):

@@ -6,6 +6,8 @@ import sys
 
 import tensorflow as tf
 
+from .. import options
+
 
 class GradientOrder:
     """The index of the variable a gradient belongs to. Gradients arrive in the order of the variables given
@@ -57,16 +59,10 @@ def optimizer_of_caller():
 
 
 def check_momentum_of(config, optimizer):
-    """The momentum is applied once: in the Compression (momentum correction) or in the optimizer."""
-    if not config.momentum or optimizer is None:
-        return
-    theirs = float(getattr(optimizer, "momentum", 0.0) or 0.0)
-    if theirs:
-        raise ValueError(f"Compression(momentum={config.momentum}) applies the momentum before compressing, but the "
-                         f"optimizer has momentum {theirs} too: give the optimizer momentum=0")
-    if hasattr(optimizer, "beta_1"):
-        raise ValueError(f"Compression(momentum={config.momentum}) applies the momentum before compressing, but an "
-                         f"Adam-like optimizer keeps a first moment too: use SGD without momentum")
+    """A Keras optimizer applies no momentum over the momentum correction (``options.refuse_second_momentum``)."""
+    if optimizer is not None:
+        options.refuse_second_momentum(config.momentum, float(getattr(optimizer, "momentum", 0.0) or 0.0),
+                                       hasattr(optimizer, "beta_1"), "use SGD without momentum")
 
 
 def is_keras3_variable(v):

@@ -14,6 +14,8 @@ correction in Adam's form: ``MomentumCorrectedAdamW``.
 """
 import torch
 
+from .. import options
+
 
 def _loss_of(closure):
     """What torch's optimizers do with a closure: run it with gradients on."""
@@ -33,9 +35,8 @@ def check_momentum_of(config, groups):
     param groups (``groups``) the Compression checks at its first step."""
     momentum, masking, warmup = config.momentum, config.momentum_masking, config.warmup
     doubled = sorted({group.get("momentum", 0) for group in groups} - {0})
-    if momentum and doubled:
-        raise ValueError(f"Compression(momentum={momentum}) applies the momentum before compressing, but the "
-                         f"optimizer has momentum {doubled[0]} too: give the optimizer momentum=0")
+    adam_like = any("betas" in group and not group.get("first_moment_compressed") for group in groups)
+    options.refuse_second_momentum(momentum, doubled[0] if doubled else 0, adam_like, "use hc.MomentumCorrectedAdamW")
     for group in groups:
         if group.get("first_moment_compressed"):   # MomentumCorrectedAdamW
             wanted = (group["betas"][0], False, (group["freeze_after"], "dense"))
@@ -44,9 +45,6 @@ def check_momentum_of(config, groups):
                     f"hc.MomentumCorrectedAdamW needs Compression(momentum={wanted[0]}, momentum_masking=False, "
                     f"warmup=({wanted[2][0]}, 'dense')) (its beta1 and freeze_after); got momentum={momentum}, "
                     f"momentum_masking={masking}, warmup={warmup}")
-        elif momentum and "betas" in group:
-            raise ValueError(f"Compression(momentum={momentum}) applies the momentum before compressing, but an "
-                             f"Adam-like optimizer keeps a first moment too: use hc.MomentumCorrectedAdamW")
 
 
 class FrozenVarianceAdamW(torch.optim.AdamW):
