@@ -4,7 +4,7 @@ The compressors (framework-neutral descriptions) are importable from here; the H
 ``hvd_compress.torch`` and ``hvd_compress.tensorflow`` (``hvd_compress.keras`` for Keras 3 ``fit``);
 ``hvd_compress.simulate`` is the single-process reference both are tested against.
 """
-from .compressors import (Compose, Compressor, Identity, Natural, OneBit, QSGD, RandK, Scaled, ScaledSign, TopK,
-                          parse)
+from .compressors import (BFloat16, Compose, Compressor, Identity, Natural, OneBit, QSGD, RandK, Scaled,
+                          ScaledSign, TopK, parse)
 
 __version__ = "0.1.0"

@@ -14,9 +14,16 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-# dtype names used in layouts; "value" means the compute dtype of the gradient (float32 or float64)
-INT32, UINT8, INT8, INT16, VALUE = "int32", "uint8", "int8", "int16", "value"
-_FIXED_ITEMSIZE = {INT32: 4, UINT8: 1, INT8: 1, INT16: 2}
+# dtype names used in layouts; "value" means the compute dtype of the gradient (float32 or float64); "index":
+# a sparsifier's increasing indices, int32 in memory, compact on the wire (see Compressor.wire_layout)
+INT32, UINT8, INT8, INT16, BF16, VALUE, INDEX = "int32", "uint8", "int8", "int16", "bfloat16", "value", "index"
+_FIXED_ITEMSIZE = {INT32: 4, UINT8: 1, INT8: 1, INT16: 2, BF16: 2}
+INDEX_BLOCK = 2 ** 16   # an index travels as its low 16 bits; the counts of each block of 2^16 elements give the rest
+
+
+def index_blocks(d):
+    """How many blocks of INDEX_BLOCK elements a tensor of d elements spans."""
+    return -(-d // INDEX_BLOCK)
 
 
 def _itemsize(kind, value_itemsize):
@@ -35,9 +42,18 @@ class Compressor:
         """[(dtype kind, length)] of the payload parts for a tensor of d elements."""
         raise NotImplementedError
 
+    def wire_layout(self, d):
+        """[(dtype kind, length)] of what travels: the layout, with an INDEX part of k increasing indices into
+        the d elements sent as two: their low 16 bits (INT16), and how many of them lie below the end of each
+        block of 2^16 elements but the last (INT32, cumulative): 2 bytes per index instead of 4, lossless."""
+        wire = []
+        for kind, n in self.layout(d):
+            wire += [(INT16, n), (INT32, max(index_blocks(d) - 1, 0))] if kind == INDEX else [(kind, n)]
+        return wire
+
     def wire_bytes(self, d, value_itemsize=4):
         """Exact bytes of the payload for d elements whose values are ``value_itemsize`` bytes wide."""
-        return sum(_itemsize(kind, value_itemsize) * n for kind, n in self.layout(d))
+        return sum(_itemsize(kind, value_itemsize) * n for kind, n in self.wire_layout(d))
 
     def classes(self, d):
         """Class memberships {"U": {"zeta"}, "B1": {"alpha", "beta"}, "B2": {...}, "B3": {"delta"}}."""
@@ -102,11 +118,11 @@ class _Sparsifier(Compressor):
 
 class TopK(_Sparsifier):
     """Keeps the k coordinates of largest magnitude; of those whose magnitude equals the k-th largest, the first
-    ones. Wire: k int32 indices, in increasing order, + k values."""
+    ones. Wire: k indices, in increasing order (2 bytes each, see ``wire_layout``), + k values."""
 
     def layout(self, d):
         k = self.k_for(d)
-        return [(INT32, k), (VALUE, k)]
+        return [(INDEX, k), (VALUE, k)]
 
     def classes(self, d):
         q = self.k_for(d) / d
@@ -133,7 +149,7 @@ class RandK(_Sparsifier):
 
     def layout(self, d):
         k = self.k_for(d)
-        return [(VALUE, k)] if self.shared else [(INT32, k), (VALUE, k)]
+        return [(VALUE, k)] if self.shared else [(INDEX, k), (VALUE, k)]
 
     def classes(self, d):
         q = self.k_for(d) / d
@@ -210,6 +226,23 @@ class QSGD(Compressor):
         return {"U": {"zeta": 1 + min(d / s ** 2, math.sqrt(d) / s)}}
 
 
+class BFloat16(Compressor):
+    """Each element rounded to bfloat16 (8 significant bits, float32's range), to nearest, ties to even: 2 bytes
+    per element. Meant as a composition's second stage (``topk:0.01+bf16``: a kept value costs 4 bytes with its
+    index), where error feedback keeps what the rounding drops. Alone it travels by allgather (a sum of bfloat16
+    payloads would round again). The class constants hold for elements in float32's normal range."""
+
+    UNIT = 2.0 ** -8   # the largest relative rounding error
+
+    def layout(self, d):
+        return [(BF16, d)]
+
+    def classes(self, d):
+        u = self.UNIT   # every element c of C(x) satisfies c/x in [1 - u, 1 + u]
+        return {"B1": {"alpha": (1 - u) ** 2, "beta": 1 + u}, "B2": {"gamma": 1 - u, "beta": 1 + u},
+                "B3": {"delta": 1 / (1 - u * u)}}
+
+
 class Compose(Compressor):
     """A sparsifier's kept values compressed further by a second compressor, e.g. Top-k then Natural.
 
@@ -235,7 +268,7 @@ class Compose(Compressor):
 
     def layout(self, d):
         k = self.first.k_for(d)
-        return [(INT32, k)] + self.second.layout(k)
+        return [(INDEX, k)] + self.second.layout(k)
 
     def classes(self, d):
         # ||C(x) - x||^2 = ||x - v||^2 + ||second(v) - v||^2 with v the kept values (a restriction, for
@@ -318,7 +351,8 @@ def scale_classes(classes, lam):
 
 # ---- command-line spelling -----------------------------------------------------------------------------
 # "topk:0.01", "topk:k=5", "randk:0.01,shared", "randk:0.05,biased", "natural", "natural:det", "sign",
-# "onebit", "qsgd:16", "topk:0.01+natural" (Compose), "0.5*topk:0.01" (Scaled), "none" / "identity".
+# "onebit", "qsgd:16", "bf16", "topk:0.01+natural" / "topk:0.01+bf16" (Compose), "0.5*topk:0.01" (Scaled),
+# "none" / "identity".
 
 def _number(text):
     try:
@@ -362,14 +396,14 @@ def parse(spec) -> Optional[Compressor]:
         if name == "qsgd":
             _no_flags(spec, flags)
             return QSGD(levels=numbers[0] if numbers else kwargs.get("levels", 16))
-        simple = {"sign": ScaledSign, "scaledsign": ScaledSign, "onebit": OneBit, "none": Identity,
-                  "identity": Identity}
+        simple = {"sign": ScaledSign, "scaledsign": ScaledSign, "onebit": OneBit, "bf16": BFloat16,
+                  "none": Identity, "identity": Identity}
         if name in simple and not args:
             return simple[name]()
     except (ValueError, TypeError) as err:
         raise ValueError(f"bad compressor spec {spec!r}: {err}") from None
     raise ValueError(f"unknown compressor spec {spec!r}; known: topk:RATIO|k=K, randk:RATIO[,shared][,biased], "
-                     f"natural[:det], sign, onebit, qsgd:LEVELS, A+B (compose), LAM*A (scaled), none")
+                     f"natural[:det], sign, onebit, qsgd:LEVELS, bf16, A+B (compose), LAM*A (scaled), none")
 
 
 def _no_flags(spec, flags):

@@ -13,8 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hvd_compress import compressors as C
-from hvd_compress.compressors import (Compose, Identity, Natural, OneBit, QSGD, RandK, Scaled, ScaledSign, TopK,
-                                      parse, scale_classes)
+from hvd_compress.compressors import (BFloat16, Compose, Identity, Natural, OneBit, QSGD, RandK, Scaled, ScaledSign,
+                                      TopK, parse, scale_classes)
 from hvd_compress.torch import kernels as K
 
 FLOATS = [torch.float32, torch.float64]
@@ -34,7 +34,9 @@ ALL = {
     "onebit": OneBit(),
     "qsgd4": QSGD(4),
     "qsgd300": QSGD(300),
+    "bf16": BFloat16(),
     "topk+natural": Compose(TopK(ratio=0.1), Natural()),
+    "topk+bf16": Compose(TopK(ratio=0.1), BFloat16()),
     "topk+natural-det": Compose(TopK(ratio=0.1), Natural(deterministic=True)),
     "randk-biased+sign": Compose(RandK(ratio=0.1, unbiased=False), ScaledSign()),
     "0.5*topk": Scaled(TopK(ratio=0.1), 0.5),
@@ -85,12 +87,12 @@ def test_payload_round_trip(name, d, dtype):
         assert part.dim() == 1 and part.numel() == n, (kind, n, part.shape)
         assert part.dtype == want_dtype == (dtype if kind == C.VALUE else K._DTYPES[kind])
 
-    data = K.pack(parts)
+    data = K.pack(c, parts, d)
     itemsize = torch.finfo(dtype).bits // 8
     assert data.dtype == torch.uint8 and data.dim() == 1
     assert data.numel() == c.wire_bytes(d, itemsize)
     assert c.wire_bytes(d, itemsize) == sum((itemsize if kind == C.VALUE else C._FIXED_ITEMSIZE[kind]) * n
-                                            for kind, n in layout)
+                                            for kind, n in c.wire_layout(d))
 
     direct = K.decode(c, parts, d, seed, dtype)
     assert direct.dtype == dtype and direct.shape == (d,)
@@ -117,12 +119,15 @@ def test_payload_round_trip(name, d, dtype):
 
 WIRE_FORMULAS = [
     # (compressor, d, value itemsize, bytes)
-    (TopK(ratio=0.01), 1000, 4, 10 * 4 + 10 * 4),
-    (TopK(ratio=0.01), 1000, 8, 10 * 4 + 10 * 8),
-    (TopK(ratio=0.01), 7, 4, 1 * 4 + 1 * 4),          # k = max(1, floor(ratio * d))
-    (TopK(k=5), 1000, 4, 5 * 4 + 5 * 4),
-    (RandK(ratio=0.01), 1000, 4, 80),
-    (RandK(ratio=0.01, unbiased=False), 1000, 8, 120),
+    (TopK(ratio=0.01), 1000, 4, 10 * 2 + 10 * 4),    # an index: its low 16 bits (one block of 2^16: no counts)
+    (TopK(ratio=0.01), 1000, 8, 10 * 2 + 10 * 8),
+    (TopK(ratio=0.01), 7, 4, 1 * 2 + 1 * 4),          # k = max(1, floor(ratio * d))
+    (TopK(k=5), 1000, 4, 5 * 2 + 5 * 4),
+    (TopK(k=5), 2 ** 16, 4, 5 * 2 + 5 * 4),
+    (TopK(k=5), 2 ** 16 + 1, 4, 5 * 2 + 5 * 4 + 4),  # two blocks: the count below the first one's end
+    (TopK(k=3), 4 * 2 ** 16, 4, 3 * 2 + 3 * 4 + 3 * 4),
+    (RandK(ratio=0.01), 1000, 4, 60),
+    (RandK(ratio=0.01, unbiased=False), 1000, 8, 100),
     (RandK(ratio=0.01, shared=True), 1000, 4, 10 * 4),
     (RandK(ratio=0.01, shared=True), 1000, 8, 10 * 8),
     (ScaledSign(), 1000, 4, 4 + 125),
@@ -139,10 +144,13 @@ WIRE_FORMULAS = [
     (QSGD(127), 1000, 8, 8 + 1000),
     (QSGD(128), 1000, 4, 4 + 2 * 1000),
     (QSGD(300), 1000, 4, 4 + 2 * 1000),
-    (Compose(TopK(ratio=0.01), Natural()), 1000, 4, 10 * 4 + 4 + 10),
-    (Compose(TopK(ratio=0.01), ScaledSign()), 1000, 4, 10 * 4 + 4 + 2),
-    (Compose(RandK(ratio=0.1, unbiased=False), QSGD(8)), 1000, 8, 100 * 4 + 8 + 100),
-    (Scaled(TopK(ratio=0.01), 0.5), 1000, 4, 80),
+    (BFloat16(), 1000, 8, 2 * 1000),
+    (Compose(TopK(ratio=0.01), Natural()), 1000, 4, 10 * 2 + 4 + 10),
+    (Compose(TopK(ratio=0.01), ScaledSign()), 1000, 4, 10 * 2 + 4 + 2),
+    (Compose(TopK(ratio=0.01), BFloat16()), 1000, 4, 10 * 2 + 10 * 2),
+    (Compose(TopK(ratio=0.01), BFloat16()), 10 ** 6, 8, 10 ** 4 * 4 + 15 * 4),
+    (Compose(RandK(ratio=0.1, unbiased=False), QSGD(8)), 1000, 8, 100 * 2 + 8 + 100),
+    (Scaled(TopK(ratio=0.01), 0.5), 1000, 4, 60),
     (Identity(), 1000, 4, 4000),
     (Identity(), 1000, 8, 8000),
 ]
@@ -152,12 +160,34 @@ WIRE_FORMULAS = [
 def test_wire_bytes_formulas(c, d, itemsize, expected):
     assert c.wire_bytes(d, itemsize) == expected
     dtype = {4: torch.float32, 8: torch.float64}[itemsize]
-    assert K.pack(K.encode(c, _test_vector(d, dtype, seed=3), seed=5)).numel() == expected
+    assert K.pack(c, K.encode(c, _test_vector(d, dtype, seed=3), seed=5), d).numel() == expected
 
 
 def test_wire_bytes_default_itemsize_is_fp32():
-    assert TopK(ratio=0.01).wire_bytes(1000) == 80
+    assert TopK(ratio=0.01).wire_bytes(1000) == 60
     assert ScaledSign().wire_bytes(1000) == 129
+
+
+def test_indices_travel_as_low_bits_and_block_counts():
+    """A sparsifier's indices: their low 16 bits, then how many lie below the end of each 2^16-element block but
+    the last; blocks without an index, indices at both ends of a block and in the last, partial block."""
+    B = C.INDEX_BLOCK
+    d = 4 * B + 5
+    idx = [0, B - 1, B, 3 * B + 7, 4 * B, 4 * B + 4]   # block 2 holds none
+    x = torch.zeros(d, dtype=torch.float64)
+    x[idx] = torch.arange(1.0, len(idx) + 1, dtype=torch.float64)
+    c = TopK(k=len(idx))
+    parts = K.encode(c, x, 0)
+    assert parts[0].tolist() == idx
+    data = K.pack(c, parts, d)
+    assert data.numel() == c.wire_bytes(d, 8) == 6 * 8 + 4 * 4 + 6 * 2
+    # widest parts first: the values, the counts, the low bits
+    values, below, low = data[:48].view(torch.float64), data[48:64].view(torch.int32), data[64:].view(torch.int16)
+    assert values.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert below.tolist() == [2, 3, 3, 4]
+    assert (low.to(torch.int32) & 0xFFFF).tolist() == [0, B - 1, 0, 7, 0, 4]
+    back = K.unpack(c, data, d, torch.float64)
+    assert back[0].dtype == torch.int32 and back[0].tolist() == idx and torch.equal(back[1], parts[1])
 
 
 @pytest.mark.parametrize("d", [0, 1, 2, 7, 8, 9, 15, 16, 17, 63, 64, 65, 1000, 1001])
@@ -550,6 +580,8 @@ GOOD_SPECS = [
     ("qsgd:levels=8", QSGD(8)),
     ("topk:0.01+natural", Compose(TopK(ratio=0.01), Natural())),
     ("topk:0.01+natural:det", Compose(TopK(ratio=0.01), Natural(deterministic=True))),
+    ("bf16", BFloat16()),
+    ("topk:0.01+bf16", Compose(TopK(ratio=0.01), BFloat16())),
     ("randk:0.1,biased+sign", Compose(RandK(ratio=0.1, unbiased=False), ScaledSign())),
     ("0.5*topk:0.01", Scaled(TopK(ratio=0.01), 0.5)),
     ("2*sign", Scaled(ScaledSign(), 2.0)),

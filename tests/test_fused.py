@@ -80,7 +80,7 @@ def test_step_equals_encode_and_decode(spec, d, dtype):
 def _rows(c, d, dtype, n):
     rows = []
     for j in range(n):
-        packed = K.pack(K.encode(c, _vector(d, dtype, 10 + j), (SEED[0], SEED[1] + j)))
+        packed = K.pack(c, K.encode(c, _vector(d, dtype, 10 + j), (SEED[0], SEED[1] + j)), d)
         buf = torch.empty(packed.numel() + 1, dtype=torch.uint8)[1:]    # an allgather row may start unaligned
         buf.copy_(packed)
         rows.append(buf)
@@ -308,7 +308,7 @@ def test_step_packed_is_pack_of_step(spec, dtype, d):
             e_out, e_ref = (torch.empty_like(g), torch.empty_like(g)) if with_out else (None, None)
             parts, stats = K.step(c, g, e_in, e_ref, SEED)
             packed, pstats = K.step_packed(c, g, e_in, e_out, SEED)
-            assert packed.dtype == torch.uint8 and _equal(packed, K.pack(parts)), spec
+            assert packed.dtype == torch.uint8 and _equal(packed, K.pack(c, parts, d)), spec
             assert torch.equal(pstats, stats)
             if with_out:
                 assert _equal(e_out, e_ref)
@@ -326,7 +326,7 @@ def test_step_packed_non_finite_or_subnormal(spec, bad):
         e_out, e_ref = torch.empty_like(g), torch.empty_like(g)
         parts, stats = K.step(c, g, torch.zeros_like(g), e_ref, SEED)
         packed, pstats = K.step_packed(c, g, torch.zeros_like(g), e_out, SEED)
-        assert _equal(packed, K.pack(parts)) and torch.equal(pstats.isnan(), stats.isnan())
+        assert _equal(packed, K.pack(c, parts, 1000)) and torch.equal(pstats.isnan(), stats.isnan())
         assert torch.equal(pstats.nan_to_num(), stats.nan_to_num())
         assert _equal(e_out, e_ref)
 
@@ -344,7 +344,7 @@ def test_topk_writes_its_payload_into_out(bad):
         e_out, e_ref = torch.empty_like(g), torch.empty_like(g)
         parts, stats = K.step(c, g, e, e_ref, SEED)
         got, pstats = K.step_packed(c, g, e, e_out, SEED, out=out)
-        assert got is out and _equal(got, K.pack(parts)) and _equal(e_out, e_ref)
+        assert got is out and _equal(got, K.pack(c, parts, d)) and _equal(e_out, e_ref)
         assert torch.equal(pstats.nan_to_num(), stats.nan_to_num())
 
 

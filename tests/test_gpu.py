@@ -69,7 +69,7 @@ def test_worker_step_on_cuda_equals_the_cpu_kernel(spec, d, dtype):
         e_out = torch.empty_like(gd)
         parts, stats = K.step(c, gd, ed, e_out, SEED)
         if not c.summable:
-            parts = K.unpack(c, K.pack(parts), d, dtype)
+            parts = K.unpack(c, K.pack(c, parts, d), d, dtype)
         results[device] = (K.decode(c, parts, d, SEED, dtype), e_out, stats)
         assert results[device][0].device.type == device and e_out.device.type == device
     for what, cpu, cuda in zip(("decoded", "error", "stats"), results["cpu"], results[DEVICE]):
@@ -89,7 +89,7 @@ def test_decode_mean_of_two_payloads_on_cuda(spec):
         for r in range(2):   # summable payloads share their seed (and so their coordinates)
             seed = SEED if c.summable else (SEED[0], SEED[1] + r)
             parts, _ = K.step(c, _vector(d, dtype, 10 + r).to(device), None, None, seed)
-            payloads.append(parts[0] if c.summable else K.pack(parts))
+            payloads.append(parts[0] if c.summable else K.pack(c, parts, d))
         if c.summable:
             rows[device] = K.decode(c, [(payloads[0] + payloads[1]) / 2], d, SEED, dtype)
         else:

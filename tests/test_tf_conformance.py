@@ -24,7 +24,7 @@ RANDOM = [name for name, c in ALL.items() if c.random]
 DETERMINISTIC = [name for name, c in ALL.items() if not c.random]
 # deterministic compressors whose math is gathers, scatters, bit operations and exact scalings only: TensorFlow
 # and torch agree bit for bit on every input (the others sum, in an order that differs between frameworks)
-EXACT = {"topk-ratio", "topk-k", "natural-det", "topk+natural-det", "0.5*topk", "identity"}
+EXACT = {"topk-ratio", "topk-k", "natural-det", "topk+natural-det", "0.5*topk", "bf16", "topk+bf16", "identity"}
 FLOATS = {"float32": (tf.float32, torch.float32, np.float32), "float64": (tf.float64, torch.float64, np.float64)}
 KEY = 1234567
 
@@ -73,6 +73,13 @@ def _assert_bitwise(a, b, what=""):
     assert np.array_equal(_bits(a), _bits(b)), (what, a, b)
 
 
+def _numpy(part):
+    """A part of either framework as numpy; bfloat16 (which numpy lacks) as its bits, int16."""
+    if part.dtype in (tf.bfloat16, torch.bfloat16):
+        return (tf.bitcast(part, tf.int16) if isinstance(part, tf.Tensor) else part.view(torch.int16)).numpy()
+    return part.numpy()
+
+
 def _canonical(c, parts):
     """numpy parts with a TopK payload in increasing index order (each framework has its own order)."""
     parts = [np.asarray(p) for p in parts]
@@ -98,7 +105,7 @@ def test_payload_round_trip(name, dtype):
         layout = c.layout(d)
         assert [p.dtype for p in parts] == TK.part_dtypes(c, d, tf_dtype)
         assert [tuple(p.shape) for p in parts] == [(n,) for _, n in layout]
-        data = TK.pack(parts)
+        data = TK.pack(c, parts, d)
         assert data.dtype == tf.uint8 and tuple(data.shape) == (c.wire_bytes(d, tf_dtype.size),)
         back = TK.unpack(c, data, d, tf_dtype)
         for p, q in zip(parts, back):
@@ -111,9 +118,25 @@ def test_payload_round_trip(name, dtype):
 
 def test_unpack_rejects_wrong_size():
     c = TopK(k=2)
-    data = TK.pack(TK.encode(c, tf.constant([1.0, -3.0, 2.0]), 0))
-    with pytest.raises(ValueError, match="expected 16"):
+    data = TK.pack(c, TK.encode(c, tf.constant([1.0, -3.0, 2.0]), 0), 3)
+    with pytest.raises(ValueError, match="expected 12"):   # 2 x (2-byte index + 4-byte value)
         TK.unpack(c, data[:-1], 3, tf.float32)
+
+
+def test_indices_travel_as_in_torch():
+    """A sparsifier's indices on the wire (low 16 bits, counts per 2^16-element block): the bytes PyTorch
+    writes, across blocks, with empty blocks, eagerly and under XLA."""
+    B, rng = 2 ** 16, np.random.default_rng(7)
+    for d, idx in [(4 * B + 5, [0, B - 1, B, 3 * B + 7, 4 * B, 4 * B + 4]), (3 * B, [5]),
+                   (10 * B + 1, sorted(rng.choice(10 * B + 1, 500, replace=False).tolist()))]:
+        c, values = TopK(k=len(idx)), rng.standard_normal(len(idx)).astype(np.float32)
+        theirs = PK.pack(c, [torch.tensor(idx, dtype=torch.int32), torch.from_numpy(values)], d).numpy()
+        ours = TK.pack(c, [tf.constant(idx, tf.int32), tf.constant(values)], d)
+        _assert_bitwise(ours.numpy(), theirs, f"d={d}")
+        for unpack in (lambda data: TK.unpack(c, data, d, tf.float32),
+                       tf.function(lambda data: TK.unpack(c, data, d, tf.float32), jit_compile=True)):
+            back = unpack(ours)
+            assert back[0].numpy().tolist() == idx and np.array_equal(back[1].numpy(), values)
 
 
 def test_bit_packing_matches_torch():
@@ -135,12 +158,12 @@ def test_deterministic_matches_torch(name, dtype):
     for label, x, exact_sums in _shared_vectors(np_dtype):
         what = f"{name} {label}"
         ours, theirs = TK.apply(c, tf.constant(x)).numpy(), PK.apply(c, torch.from_numpy(x)).numpy()
-        ours_parts = _canonical(c, [p.numpy() for p in TK.encode(c, tf.constant(x))])
-        theirs_parts = _canonical(c, [p.numpy() for p in PK.encode(c, torch.from_numpy(x))])
+        ours_parts = _canonical(c, [_numpy(p) for p in TK.encode(c, tf.constant(x))])
+        theirs_parts = _canonical(c, [_numpy(p) for p in PK.encode(c, torch.from_numpy(x))])
         if name in EXACT or exact_sums:
             _assert_bitwise(ours, theirs, what)
-            ours_bytes = TK.pack([tf.constant(p) for p in ours_parts]).numpy()
-            _assert_bitwise(ours_bytes, PK.pack([torch.from_numpy(p) for p in theirs_parts]).numpy(), what)
+            ours_bytes = TK.pack(c, [tf.constant(p) for p in ours_parts], x.size).numpy()
+            _assert_bitwise(ours_bytes, PK.pack(c, [torch.from_numpy(p) for p in theirs_parts], x.size).numpy(), what)
         else:
             np.testing.assert_allclose(ours, theirs, rtol=rtol, atol=0, err_msg=what)
             for p, q in zip(ours_parts, theirs_parts):
@@ -165,8 +188,8 @@ def test_natural_extremes_match_torch(dtype):
         for x in cases:
             x = x.astype(np_dtype)
             what = f"{c} {x}"
-            ours_parts = _canonical(c, [p.numpy() for p in TK.encode(c, tf.constant(x))])
-            theirs_parts = _canonical(c, [p.numpy() for p in PK.encode(c, torch.from_numpy(x))])
+            ours_parts = _canonical(c, [_numpy(p) for p in TK.encode(c, tf.constant(x))])
+            theirs_parts = _canonical(c, [_numpy(p) for p in PK.encode(c, torch.from_numpy(x))])
             if isinstance(c, Natural) or len(np.unique(np.abs(x))) == len(x):   # TopK: ties break differently
                 for p, q in zip(ours_parts, theirs_parts):
                     _assert_bitwise(p, q, what)
@@ -193,8 +216,8 @@ def test_qsgd_matches_torch(dtype):
             assert np.all(levels.astype(int) * np.sign(x) >= 0), what
     # norm 4, every |x_i| / ||x|| * 4 is 1 or 0: no randomness left
     x = np.array([1, 1, 1, -1, 1, 1, 1, 1, 1, -1, 1, 1, 1, 1, 1, 1, 0, -0.0], np_dtype) * np_dtype(2.0 ** -5)
-    ours = TK.pack(TK.encode(QSGD(4), tf.constant(x), (KEY, 1))).numpy()
-    _assert_bitwise(ours, PK.pack(PK.encode(QSGD(4), torch.from_numpy(x), (KEY, 1))).numpy())
+    ours = TK.pack(QSGD(4), TK.encode(QSGD(4), tf.constant(x), (KEY, 1)), x.size).numpy()
+    _assert_bitwise(ours, PK.pack(QSGD(4), PK.encode(QSGD(4), torch.from_numpy(x), (KEY, 1)), x.size).numpy())
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -206,11 +229,11 @@ def test_wire_compatible_with_torch(dtype):
     for name, c in ALL.items():
         if getattr(c, "shared", False):
             continue
-        data = PK.pack(PK.encode(c, torch.from_numpy(x), (KEY, 2)))
+        data = PK.pack(c, PK.encode(c, torch.from_numpy(x), (KEY, 2)), x.size)
         theirs = PK.decode(c, PK.unpack(c, data, 50, torch_dtype), 50, (KEY, 2), torch_dtype).numpy()
         ours = TK.decode(c, TK.unpack(c, tf.constant(data.numpy()), 50, tf_dtype), 50, (KEY, 2), tf_dtype)
         _assert_bitwise(ours.numpy(), theirs, f"torch -> tf {name}")
-        data = TK.pack(TK.encode(c, tf.constant(x), (KEY, 2)))
+        data = TK.pack(c, TK.encode(c, tf.constant(x), (KEY, 2)), x.size)
         ours = TK.decode(c, TK.unpack(c, data, 50, tf_dtype), 50, (KEY, 2), tf_dtype).numpy()
         theirs = PK.decode(c, PK.unpack(c, torch.from_numpy(data.numpy()), 50, torch_dtype), 50, (KEY, 2),
                            torch_dtype)
@@ -321,7 +344,8 @@ def test_unpack_of_unknown_length_in_graph():
             assert tuple(out.shape) == (50,), name
             return out
 
-        _assert_bitwise(receive(TK.pack(TK.encode(c, x, (KEY, 1)))).numpy(), TK.apply(c, x, (KEY, 1)).numpy(), name)
+        _assert_bitwise(receive(TK.pack(c, TK.encode(c, x, (KEY, 1)), 50)).numpy(), TK.apply(c, x, (KEY, 1)).numpy(),
+                        name)
 
 
 def test_xla_draws_match_eager():

@@ -20,7 +20,8 @@ from .. import compressors as C
 from ..kernels import registries
 from ..seeds import as_pair, second_stage
 
-_DTYPES = {C.INT32: tf.int32, C.UINT8: tf.uint8, C.INT8: tf.int8, C.INT16: tf.int16}
+_DTYPES = {C.INT32: tf.int32, C.UINT8: tf.uint8, C.INT8: tf.int8, C.INT16: tf.int16, C.BF16: tf.bfloat16,
+           C.INDEX: tf.int32}
 _MASK64 = 2 ** 64 - 1
 _PHILOX = tf.random.Algorithm.PHILOX.value   # "auto_select" may pick a different generator on another device type
 
@@ -230,6 +231,12 @@ def _qsgd_decode(c, parts, d, seed):
     return _div(norm * tf.cast(signed, norm.dtype), tf.constant(c.levels, norm.dtype))
 
 
+def _bf16_encode(c, x, seed):
+    if x.dtype == tf.float64:   # through float32 (the cast flushes what is subnormal there; the PyTorch kernel too)
+        x = tf.cast(tf.where(tf.abs(x) < 2.0 ** -126, tf.zeros_like(x), x), tf.float32)
+    return [tf.cast(x, tf.bfloat16)]
+
+
 def _compose_encode(c, x, seed):
     idx, values = (_topk_encode if isinstance(c.first, C.TopK) else _randk_encode)(c.first, x, seed)
     return [idx] + encode(c.second, values, second_stage(seed))
@@ -253,6 +260,7 @@ _encode_tf, _decode_tf = registries("TensorFlow", [
         (C.ScaledSign, _sign_encode, lambda c, parts, d, seed, dtype: _sign_decode(c, parts, d, seed)),
         (C.OneBit, _onebit_encode, lambda c, parts, d, seed, dtype: _onebit_decode(c, parts, d, seed)),
         (C.QSGD, _qsgd_encode, lambda c, parts, d, seed, dtype: _qsgd_decode(c, parts, d, seed)),
+        (C.BFloat16, _bf16_encode, lambda c, parts, d, seed, dtype: tf.cast(parts[0], dtype)),
         (C.Compose, _compose_encode, _compose_decode),
         (C.Scaled, lambda c, x, seed: encode(c.compressor, x, seed), _scaled_decode),
         (C.Identity, lambda c, x, seed: [x], lambda c, parts, d, seed, dtype: parts[0])])
@@ -272,8 +280,13 @@ def decode(c, parts, d, seed=0, dtype=tf.float32):
 # ---- payloads as bytes -------------------------------------------------------------------------------------
 
 def part_dtypes(c, d, value_dtype):
-    value_dtype = tf.as_dtype(value_dtype)
-    return [value_dtype if kind == C.VALUE else _DTYPES[kind] for kind, _ in c.layout(d)]
+    """The dtypes of the parts (``c.layout(d)``)."""
+    return [tf.as_dtype(value_dtype) if kind == C.VALUE else _DTYPES[kind] for kind, _ in c.layout(d)]
+
+
+def wire_dtypes(c, d, value_dtype):
+    """The dtypes of the parts that travel (``c.wire_layout(d)``)."""
+    return [tf.as_dtype(value_dtype) if kind == C.VALUE else _DTYPES[kind] for kind, _ in c.wire_layout(d)]
 
 
 def _packing_order(dtypes):
@@ -287,17 +300,53 @@ def _as_bytes(part):
     return tf.reshape(tf.bitcast(part, tf.uint8), [-1])
 
 
-def pack(parts):
-    """The parts as one 1-D uint8 tensor: the bytes that travel."""
-    parts = [tf.convert_to_tensor(p) for p in parts]
-    order = _packing_order([p.dtype for p in parts])
-    return tf.concat([_as_bytes(parts[i]) for i in order], axis=0)
+def _index_to_wire(idx, d):
+    """Increasing int32 indices into d elements as they travel (``Compressor.wire_layout``): their low 16 bits
+    (int16), and how many lie below the end of each block of 2^16 elements but the last (int32)."""
+    low = tf.cast(tf.bitwise.bitwise_and(idx + 32768, 0xFFFF) - 32768, tf.int16)
+    blocks = C.index_blocks(d)
+    if blocks <= 1:
+        return [low, tf.zeros([0], tf.int32)]
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(idx), idx // C.INDEX_BLOCK, blocks)
+    return [low, tf.cumsum(counts)[:blocks - 1]]
+
+
+def _index_from_wire(low, below):
+    """The int32 indices of ``_index_to_wire``: the j-th one lies in the block of how many ``below`` are <= j."""
+    k = low.shape[0]
+    starts = tf.tensor_scatter_nd_add(tf.zeros([k + 1], tf.int32), tf.reshape(below, [-1, 1]), tf.ones_like(below))
+    block = tf.cumsum(starts)[:k]
+    return block * C.INDEX_BLOCK + tf.bitwise.bitwise_and(tf.cast(low, tf.int32), 0xFFFF)
+
+
+def _to_wire(c, parts, d):
+    """The parts (in ``c.layout(d)`` order) as the parts that travel (in ``c.wire_layout(d)`` order)."""
+    wire = []
+    for (kind, _), part in zip(c.layout(d), parts):
+        wire += _index_to_wire(tf.cast(part, tf.int32), d) if kind == C.INDEX else [tf.convert_to_tensor(part)]
+    return wire
+
+
+def _from_wire(c, wire, d):
+    """Inverse of ``_to_wire``."""
+    parts = []
+    for kind, _ in c.layout(d):
+        parts.append(_index_from_wire(*wire[:2]) if kind == C.INDEX else wire[0])
+        wire = wire[2:] if kind == C.INDEX else wire[1:]
+    return parts
+
+
+def pack(c, parts, d):
+    """The parts of compressor c on d elements as one 1-D uint8 tensor: the bytes that travel."""
+    wire = _to_wire(c, parts, d)
+    order = _packing_order([p.dtype for p in wire])
+    return tf.concat([_as_bytes(wire[i]) for i in order], axis=0)
 
 
 def unpack(c, data, d, value_dtype):
     """Inverse of ``pack`` for compressor c on d elements."""
-    dtypes = part_dtypes(c, d, value_dtype)
-    lengths = [n for _, n in c.layout(d)]
+    dtypes = wire_dtypes(c, d, value_dtype)
+    lengths = [n for _, n in c.wire_layout(d)]
     data = tf.reshape(data, [-1])
     total = sum(n * dt.size for n, dt in zip(lengths, dtypes))
     if data.shape[0] is not None and data.shape[0] != total:
@@ -313,7 +362,7 @@ def unpack(c, data, d, value_dtype):
             parts[i] = tf.bitcast(tf.reshape(chunk, [n]), dtype)
         else:
             parts[i] = tf.bitcast(tf.reshape(chunk, [n, dtype.size]), dtype)
-    return parts
+    return _from_wire(c, parts, d)
 
 
 def compute_dtype(dtype):

@@ -24,7 +24,7 @@ def step(c, x, e_in, e_out, seed):
 
 def packed_step(comp, c, key, x, e_in, e_out, seed):
     parts, stats, left = step(c, x, e_in, e_out, seed)
-    return K.pack(parts), stats, left
+    return K.pack(c, parts, numel(x)), stats, left
 
 
 def decode_mean(c, rows, d, seed, out):

@@ -25,7 +25,8 @@ from ..kernels import registries
 from ..seeds import as_pair, second_stage
 from . import fused
 
-_DTYPES = {C.INT32: torch.int32, C.UINT8: torch.uint8, C.INT8: torch.int8, C.INT16: torch.int16}
+_DTYPES = {C.INT32: torch.int32, C.UINT8: torch.uint8, C.INT8: torch.int8, C.INT16: torch.int16,
+           C.BF16: torch.bfloat16, C.INDEX: torch.int32}
 _MASK64 = 2 ** 64 - 1
 
 
@@ -307,6 +308,12 @@ def _qsgd_decode(c, parts, d, seed):
     return norm * signed.to(norm.dtype) / c.levels
 
 
+def _bf16_encode(c, x, seed):
+    if x.dtype == torch.float64:   # through float32, as TensorFlow casts, which flushes what is subnormal there
+        x = torch.where(x.abs() < 2.0 ** -126, torch.zeros_like(x), x).float()
+    return [x.to(torch.bfloat16)]
+
+
 def _compose_encode(c, x, seed):
     idx, values = (_topk_encode if isinstance(c.first, C.TopK) else _randk_encode)(c.first, x, seed)
     return [idx] + encode(c.second, values, second_stage(seed))
@@ -337,6 +344,7 @@ _encode_torch, _decode_torch = registries("PyTorch", [
         (C.ScaledSign, _sign_encode, lambda c, parts, d, seed, dtype: _sign_decode(c, parts, d, seed)),
         (C.OneBit, _onebit_encode, lambda c, parts, d, seed, dtype: _onebit_decode(c, parts, d, seed)),
         (C.QSGD, _qsgd_encode, lambda c, parts, d, seed, dtype: _qsgd_decode(c, parts, d, seed)),
+        (C.BFloat16, _bf16_encode, lambda c, parts, d, seed, dtype: parts[0].to(dtype)),
         (C.Compose, _compose_encode, _compose_decode),
         (C.Scaled, lambda c, x, seed: encode(c.compressor, x, seed),
          lambda c, parts, d, seed, dtype: decode(c.compressor, parts, d, seed, dtype) * c.lam),
@@ -633,32 +641,33 @@ def step_packed(c, g, e_in=None, e_out=None, seed=0, out=None):
     if lib is not None:
         inner, lam = _unscaled(c)
         if isinstance(inner, (C.ScaledSign, C.OneBit, C.Natural, C.QSGD, C.TopK, C.RandK)):
-            dtypes = part_dtypes(c, d, g.dtype)
-            lengths = [n for _, n in c.layout(d)]
             packed = out if out is not None else torch.empty(packed_nbytes(c, d, g.dtype), dtype=torch.uint8)
-            into, offset = [None] * len(dtypes), 0
-            for i in _packing_order(dtypes):
-                nbytes = lengths[i] * dtypes[i].itemsize
-                into[i] = packed[offset:offset + nbytes].view(dtypes[i])
-                offset += nbytes
+            wire = _wire_views(c, d, g.dtype, packed)
+            into, at = [], 0   # the kernels write in place; indices as int32 (then as they travel)
+            for kind, n in c.layout(d):
+                into.append(_scratch("widx", n, torch.int32) if kind == C.INDEX else wire[at])
+                at += 2 if kind == C.INDEX else 1
             done = _step_fused(lib, inner, lam, g, e_in, e_out, seed, into)
             if done is not None:
+                for target, part in zip(wire, _to_wire(c, into, d)):
+                    if target is not part:
+                        target.copy_(part)
                 return packed, done[1]
             if e_out is not None:        # the kernel left x in e_out
                 g, e_in = e_out, None
             parts, stats = _step_general(c, g, e_in, e_out, seed)
-            return _pack_into(parts, out), stats
+            return _pack_into(c, parts, d, out), stats
     parts, stats = step(c, g, e_in, e_out, seed)
-    return _pack_into(parts, out), stats
+    return _pack_into(c, parts, d, out), stats
 
 
 def packed_nbytes(c, d, value_dtype):
     """The size in bytes of the packed payload of compressor c on d elements of value_dtype."""
-    return sum(n * t.itemsize for (_, n), t in zip(c.layout(d), part_dtypes(c, d, value_dtype)))
+    return sum(n * t.itemsize for (_, n), t in zip(c.wire_layout(d), wire_dtypes(c, d, value_dtype)))
 
 
-def _pack_into(parts, out):
-    data = pack(parts)
+def _pack_into(c, parts, d, out):
+    data = pack(c, parts, d)
     return data if out is None else out.copy_(data)
 
 
@@ -798,7 +807,13 @@ def decode_mean(c, rows, d, seed, dtype, out=None):
 # ---- payloads as bytes -------------------------------------------------------------------------------------
 
 def part_dtypes(c, d, value_dtype):
+    """The dtypes of the parts (``c.layout(d)``)."""
     return [value_dtype if kind == C.VALUE else _DTYPES[kind] for kind, _ in c.layout(d)]
+
+
+def wire_dtypes(c, d, value_dtype):
+    """The dtypes of the parts that travel (``c.wire_layout(d)``)."""
+    return [value_dtype if kind == C.VALUE else _DTYPES[kind] for kind, _ in c.wire_layout(d)]
 
 
 def _packing_order(dtypes):
@@ -806,19 +821,43 @@ def _packing_order(dtypes):
     return sorted(range(len(dtypes)), key=lambda i: -dtypes[i].itemsize)
 
 
-def pack(parts):
-    """The parts as one uint8 tensor: the bytes that travel (a view, not a copy, of a single part)."""
-    if len(parts) == 1:
-        return parts[0].contiguous().view(torch.uint8)
-    order = _packing_order([p.dtype for p in parts])
-    return torch.cat([parts[i].contiguous().view(torch.uint8) for i in order])
+def _index_to_wire(idx, d):
+    """Increasing int32 indices into d elements as they travel (``Compressor.wire_layout``): their low 16 bits
+    (int16), and how many lie below the end of each block of 2^16 elements but the last (int32)."""
+    low = (((idx + 32768) & 0xFFFF) - 32768).to(torch.int16)
+    ends = torch.arange(1, C.index_blocks(d), dtype=torch.int32, device=idx.device) * C.INDEX_BLOCK
+    return [low, torch.searchsorted(idx, ends).to(torch.int32)]
 
 
-def unpack(c, data, d, value_dtype):
-    """Inverse of ``pack`` for compressor c on d elements: views into ``data`` (copies only where ``data``
-    itself starts unaligned, as rows of an allgather can)."""
-    dtypes = part_dtypes(c, d, value_dtype)
-    lengths = [n for _, n in c.layout(d)]
+def _index_from_wire(low, below):
+    """The int32 indices of ``_index_to_wire``: the j-th one lies in the block of how many ``below`` are <= j."""
+    k = low.numel()
+    block = torch.searchsorted(below, torch.arange(k, dtype=torch.int32, device=low.device), right=True)
+    return (block.to(torch.int32) * C.INDEX_BLOCK).add_(low.to(torch.int32) & 0xFFFF)
+
+
+def _to_wire(c, parts, d):
+    """The parts (in ``c.layout(d)`` order) as the parts that travel (in ``c.wire_layout(d)`` order)."""
+    wire = []
+    for (kind, _), part in zip(c.layout(d), parts):
+        wire += _index_to_wire(part, d) if kind == C.INDEX else [part]
+    return wire
+
+
+def _from_wire(c, wire, d):
+    """Inverse of ``_to_wire``."""
+    parts = []
+    for kind, _ in c.layout(d):
+        parts.append(_index_from_wire(*wire[:2]) if kind == C.INDEX else wire[0])
+        wire = wire[2:] if kind == C.INDEX else wire[1:]
+    return parts
+
+
+def _wire_views(c, d, value_dtype, data):
+    """The parts that travel as views into the packed bytes ``data`` (copies only where ``data`` itself starts
+    unaligned, as rows of an allgather can)."""
+    dtypes = wire_dtypes(c, d, value_dtype)
+    lengths = [n for _, n in c.wire_layout(d)]
     parts, offset = [None] * len(dtypes), 0
     for i in _packing_order(dtypes):
         nbytes = lengths[i] * dtypes[i].itemsize
@@ -830,6 +869,21 @@ def unpack(c, data, d, value_dtype):
     if offset != data.numel():
         raise ValueError(f"payload of {data.numel()} bytes, expected {offset} for {c!r} on {d} elements")
     return parts
+
+
+def pack(c, parts, d):
+    """The parts of compressor c on d elements as one uint8 tensor: the bytes that travel (a view, not a copy,
+    of a single part)."""
+    wire = _to_wire(c, parts, d)
+    if len(wire) == 1:
+        return wire[0].contiguous().view(torch.uint8)
+    order = _packing_order([p.dtype for p in wire])
+    return torch.cat([wire[i].contiguous().view(torch.uint8) for i in order])
+
+
+def unpack(c, data, d, value_dtype):
+    """Inverse of ``pack``: views into ``data`` where the parts travel as they are."""
+    return _from_wire(c, _wire_views(c, d, value_dtype, data), d)
 
 
 def _view(data, dtype):

@@ -20,7 +20,7 @@ allreduce runs in a 2-rank Gloo job of the same benchmark run (kernels_worker.py
 The "step" section times what the issue's targets are about, per compressor and size: **the worker step with
 error feedback plus the decode of 2 payloads**, as a multiple of memcpy time (time / memcpy time; memcpy timed
 in the same interleaved repeats). PyTorch, buffers preallocated once per size (g, e_in, e_out, out):
-``parts, stats = K.step(c, g, e_in, e_out, seed)``; ``data = K.pack(parts)`` (``K.step_packed`` instead of the
+``parts, stats = K.step(c, g, e_in, e_out, seed)``; ``data = K.pack(c, parts, d)`` (``K.step_packed`` instead of the
 two where the library has it, into a payload buffer kept from call to call, as the plug-in's transports
 call it); then ``K.decode_mean(c, [data, data2], d, seed, float32, out=out)``, data2 a
 second rank's payload made once beforehand from another input. Summable payloads travel as they are (Horovod's
@@ -95,7 +95,7 @@ def torch_pipeline(c, d):
     from hvd_compress.torch import kernels as K
     if c.summable:   # the values travel as they are (allreduce), nothing to pack
         return (lambda x: K.encode(c, x, SEED)[0]), (lambda v: K.decode(c, [v], d, SEED, torch.float32))
-    return (lambda x: K.pack(K.encode(c, x, SEED)),
+    return (lambda x: K.pack(c, K.encode(c, x, SEED), d),
             lambda data: K.decode(c, K.unpack(c, data, d, torch.float32), d, SEED, torch.float32))
 
 
@@ -108,7 +108,7 @@ def tf_pipeline(c, d):
         return (tf.function(lambda x: K.encode(c, x, SEED)[0], input_signature=[x_spec]),
                 tf.function(lambda v: K.decode(c, [v], d, SEED, tf.float32), input_signature=[v_spec]))
     data_spec = tf.TensorSpec([c.wire_bytes(d)], tf.uint8)
-    return (tf.function(lambda x: K.pack(K.encode(c, x, SEED)), input_signature=[x_spec]),
+    return (tf.function(lambda x: K.pack(c, K.encode(c, x, SEED), d), input_signature=[x_spec]),
             tf.function(lambda data: K.decode(c, K.unpack(c, data, d, tf.float32), d, SEED, tf.float32),
                         input_signature=[data_spec]))
 
@@ -182,7 +182,7 @@ def torch_step(c, d, bufs, eager):
         if step_packed is not None:
             return step_packed(c, g, e_in, e_out, SEED, out=payload)[0]
         parts, _ = K.step(c, g, e_in, e_out, SEED)
-        return K.pack(parts)
+        return K.pack(c, parts, d)
 
     data2 = None
     if c.summable:   # Horovod's allreduce averages the values: one decode, into the gradient's memory
@@ -219,7 +219,7 @@ def tf_step(c, d, xla):
         x = g + e
         parts = K.encode(c, x, seed)
         e_out = x - K.decode(c, parts, d, seed, tf.float32)
-        return (parts[0] if c.summable else K.pack(parts)), e_out
+        return (parts[0] if c.summable else K.pack(c, parts, d)), e_out
 
     if c.summable:
         def decode(values, seed_step):
