@@ -43,7 +43,7 @@ WORKER = "scripts.benchmarks.bytes_worker"   # run as a module from ROOT
 
 COMPRESSORS = ["topk:0.01", "randk:0.01", "randk:0.01,shared", "randk:0.01,biased", "natural", "natural:det",
                "sign", "onebit", "qsgd:16", "qsgd:1024", "topk:0.01+natural", "topk:0.01+natural:det",
-               "0.5*topk:0.01", "none"]
+               "topk:0.01+bf16", "0.5*topk:0.01", "none"]
 QUICK_COMPRESSORS = ["topk:0.01", "randk:0.01,shared", "natural", "sign", "onebit", "topk:0.01+natural"]
 MODES = ["plain", "ef", "doublesqueeze"]   # doublesqueeze: error feedback + the same compressor on the server
 # Compression's transport= values to try (one list; hvd_compress/transport.py describes them). A Compression
@@ -87,7 +87,7 @@ MARKER_BYTES = 4    # per gradient: the step marker compress() hands to Horovod'
 FLAG_BYTES = {"allgather": lambda n: 1, "allreduce": lambda n: 4, "sharded": lambda n: n}
 TOLERANCE = 0.01    # counted vs formula (the issue's "within 1%"; in practice they are equal)
 TARGETS = {         # ratio to dense fp32 per rank (uplink, plain mode): (spec, expected, allowed range)
-    "TopK 1% ~ 2.0% of dense": ("topk:0.01", 0.020, (0.019, 0.021)),
+    "TopK 1% ~ 1.5% of dense": ("topk:0.01", 0.015, (0.014, 0.016)),   # 2.0% while indices travelled as int32
     "ScaledSign ~ 3.2% of dense": ("sign", 0.032, (0.030, 0.033)),
     "OneBit ~ 3.2% of dense": ("onebit", 0.032, (0.030, 0.033)),
     "Natural ~ 25% of dense": ("natural", 0.25, (0.245, 0.255)),
