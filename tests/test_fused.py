@@ -331,6 +331,20 @@ def test_step_packed_non_finite_or_subnormal(spec, bad):
         assert _equal(e_out, e_ref)
 
 
+def test_indices_from_the_wire_as_torch_expands_them():
+    """A sparsifier's indices, from their low 16 bits and block counts: the C loop gives torch's int32s."""
+    gen = torch.Generator().manual_seed(5)
+    for d, k in [(7, 3), (2 ** 16, 100), (2 ** 16 + 1, 1), (5 * 2 ** 16 + 3, 1000), (3_000_000, 30_000)]:
+        idx = torch.randperm(d, generator=gen)[:k].sort().values.to(torch.int32)
+        if d > 2 ** 17:   # a block without an index
+            idx = idx[(idx < 2 ** 16) | (idx >= 2 ** 17)]
+        low, below = K._index_to_wire(idx, d)
+        got = K._index_from_wire(low, below)
+        with fused.disabled():
+            want = K._index_from_wire(low, below)
+        assert got.dtype == want.dtype == torch.int32 and torch.equal(got, want) and torch.equal(got, idx), d
+
+
 @pytest.mark.parametrize("bad", [None, math.inf, math.nan])
 def test_topk_writes_its_payload_into_out(bad):
     """TopK's one-pass path (large tensors) writes indices and values straight into ``out``; a non-finite

@@ -76,5 +76,5 @@ def test_cgd_quick(tmp_path):
         table = s["final_suboptimality"][f"{problem} / 1 node"]
         assert table["Top-5"]["final_suboptimality"] < table["Rand-5"]["final_suboptimality"]
         assert table["Top-5"]["at_bit_budget"] < table["Rand-5"]["at_bit_budget"]
-        assert table["Top-5"]["bits_per_iteration"] == table["Rand-5"]["bits_per_iteration"] == 320
+        assert table["Top-5"]["bits_per_iteration"] == table["Rand-5"]["bits_per_iteration"] == 240
         assert table["Top-5"]["final_suboptimality"] < 1e-2

@@ -151,6 +151,18 @@ int64_t hvdc_first_distinct(const int64_t *draws, int64_t m, int64_t k, int64_t 
     return c;
 }
 
+/* a sparsifier's k increasing indices from the wire (see Compressor.wire_layout): index j is its block's start
+   plus its low 16 bits, its block b the first whose count below[b] (of indices below the block's end; nbelow of
+   them, one per block but the last) exceeds j */
+void hvdc_index_expand(const uint16_t *low, int64_t k, const int32_t *below, int64_t nbelow, int32_t *out) {
+    int64_t j = 0;
+    for (int64_t b = 0; b <= nbelow; b++) {
+        const int64_t end = b < nbelow && below[b] < k ? below[b] : k;
+        const int32_t start = (int32_t)(b << 16);
+        for (; j < end; j++) out[j] = start | low[j];
+    }
+}
+
 /* a debugging aid: n draws of the stream, as the kernels see them */
 void hvdc_hash(uint32_t *out, int64_t n, uint32_t k1, uint32_t k2) {
     for (int64_t i = 0; i < n; i++) out[i] = hash32((uint32_t)i, k1, k2);

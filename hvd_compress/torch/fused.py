@@ -123,6 +123,8 @@ class _Lib:
         self.dll.hvdc_hash.argtypes = [_P, _I64, _U32, _U32]
         self.dll.hvdc_first_distinct.restype = _I64
         self.dll.hvdc_first_distinct.argtypes = [_P, _I64, _I64, _I64, _P, _P]
+        self.dll.hvdc_index_expand.restype = None
+        self.dll.hvdc_index_expand.argtypes = [_P, _I64, _P, _I64, _P]
 
 
 def build(verbose=True):

@@ -832,6 +832,11 @@ def _index_to_wire(idx, d):
 def _index_from_wire(low, below):
     """The int32 indices of ``_index_to_wire``: the j-th one lies in the block of how many ``below`` are <= j."""
     k = low.numel()
+    lib = _fused_lib(low, below)
+    if lib is not None:
+        idx = torch.empty(k, dtype=torch.int32)
+        lib.dll.hvdc_index_expand(low.data_ptr(), k, below.data_ptr(), below.numel(), idx.data_ptr())
+        return idx
     block = torch.searchsorted(below, torch.arange(k, dtype=torch.int32, device=low.device), right=True)
     return (block.to(torch.int32) * C.INDEX_BLOCK).add_(low.to(torch.int32) & 0xFFFF)
 

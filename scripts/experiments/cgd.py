@@ -240,8 +240,8 @@ def run(out, quick):
                   "problems": {p.name: {"description": p.description, "d": p.d, "L": p.L, "mu": p.mu,
                                         "condition_number": p.L / p.mu, "f_star": p.f_star} for p in problems},
                   "step_sizes": {m: v[2] for m, v in METHODS.items()},
-                  "bits": "c.wire_bytes(d) * 8 per worker per iteration; Top-5 and Rand-5 both send 5 int32 "
-                          "indices + 5 float32 values = 320 bits"},
+                  "bits": "c.wire_bytes(d) * 8 per worker per iteration; Top-5 and Rand-5 both send 5 indices "
+                          "(2 bytes each) + 5 float32 values = 240 bits"},
         "final_suboptimality": table,
         "ordering": ordering,
         "probes_final_suboptimality": probes,
