@@ -15,7 +15,8 @@ from common import train_reference  # noqa: E402
 
 STEPS = 20
 COMPRESSORS = ["topk:0.3", "topk:k=2", "randk:0.3", "randk:0.3,biased", "randk:0.3,shared", "natural",
-               "natural:det", "sign", "onebit", "qsgd:4", "topk:0.3+natural", "0.5*topk:0.3", "none"]
+               "natural:det", "sign", "onebit", "qsgd:4", "topk:0.3+natural", "topk:0.3+bf16", "0.5*topk:0.3",
+               "none"]
 MODES = {"plain": {}, "ef": {"error_feedback": True}, "doublesqueeze": {"error_feedback": True, "server": None}}
 
 

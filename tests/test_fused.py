@@ -13,7 +13,8 @@ from hvd_compress.torch import fused
 from hvd_compress.torch import kernels as K
 
 SPECS = ["topk:0.3", "topk:k=2", "randk:0.3", "randk:0.3,biased", "randk:0.3,shared", "natural", "natural:det",
-         "sign", "onebit", "qsgd:4", "qsgd:200", "topk:0.3+natural", "0.5*topk:0.3", "0.5*sign", "none"]
+         "sign", "onebit", "qsgd:4", "qsgd:200", "topk:0.3+natural", "topk:0.3+bf16", "0.5*topk:0.3", "0.5*sign",
+         "none"]
 SIZES = [0, 1, 7, 1000, 300_000]     # 300000: TopK's sampled-threshold path
 DTYPES = [torch.float32, torch.float64]
 SEED = (987654321, 12)
