@@ -16,7 +16,7 @@ def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
     --clip ("tensorflow"), and with True also the PyTorch plug-in's --bucket-mb and --warmup."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compressor", default="topk:0.01", help='worker compressor spec, e.g. "topk:0.01", '
-                   '"none", "natural", "sign", "topk:0.01+natural"')
+                   '"none", "natural", "sign", "topk:0.01+natural", "topk:0.01+bf16"')
     p.add_argument("--error-feedback", action="store_true", help="keep and re-add the compression error")
     p.add_argument("--server", default="", help='compressor spec for the server pass ("" = none)')
     if transport:
