@@ -1,5 +1,8 @@
-"""Finds the kernels of the framework a tensor belongs to; builds each framework's kernel registries."""
+"""Finds the kernels of the framework a tensor belongs to; builds each framework's kernel registries; turns
+parts into what travels and back (the same walk of the layout for both frameworks)."""
 import functools
+
+from . import compressors as C
 
 
 def apply(compressor, x, seed=0):
@@ -17,6 +20,24 @@ def apply(compressor, x, seed=0):
         return kernels.apply(compressor, torch.from_numpy(x), seed).numpy()
     raise TypeError(f"no kernels for tensors of type {type(x).__name__}; hvd_compress supports torch and "
                     f"TensorFlow tensors and numpy arrays here")
+
+
+def to_wire(c, parts, d, index_to_wire):
+    """The parts (in ``c.layout(d)`` order) as the parts that travel (in ``c.wire_layout(d)`` order): an INDEX
+    part as the two of the framework's ``index_to_wire(idx, d)``, the others as they are."""
+    wire = []
+    for (kind, _), part in zip(c.layout(d), parts):
+        wire += index_to_wire(part, d) if kind == C.INDEX else [part]
+    return wire
+
+
+def from_wire(c, wire, d, index_from_wire):
+    """Inverse of ``to_wire``, with the framework's ``index_from_wire(low, below)``."""
+    parts = []
+    for kind, _ in c.layout(d):
+        parts.append(index_from_wire(*wire[:2]) if kind == C.INDEX else wire[0])
+        wire = wire[2:] if kind == C.INDEX else wire[1:]
+    return parts
 
 
 def registries(framework, kernels):

@@ -17,7 +17,7 @@ import numbers
 import tensorflow as tf
 
 from .. import compressors as C
-from ..kernels import registries
+from ..kernels import from_wire, registries, to_wire
 from ..seeds import as_pair, second_stage
 
 _DTYPES = {C.INT32: tf.int32, C.UINT8: tf.uint8, C.INT8: tf.int8, C.INT16: tf.int16, C.BF16: tf.bfloat16,
@@ -303,6 +303,7 @@ def _as_bytes(part):
 def _index_to_wire(idx, d):
     """Increasing int32 indices into d elements as they travel (``Compressor.wire_layout``): their low 16 bits
     (int16), and how many lie below the end of each block of 2^16 elements but the last (int32)."""
+    idx = tf.cast(idx, tf.int32)
     low = tf.cast(tf.bitwise.bitwise_and(idx + 32768, 0xFFFF) - 32768, tf.int16)
     blocks = C.index_blocks(d)
     if blocks <= 1:
@@ -319,26 +320,9 @@ def _index_from_wire(low, below):
     return block * C.INDEX_BLOCK + tf.bitwise.bitwise_and(tf.cast(low, tf.int32), 0xFFFF)
 
 
-def _to_wire(c, parts, d):
-    """The parts (in ``c.layout(d)`` order) as the parts that travel (in ``c.wire_layout(d)`` order)."""
-    wire = []
-    for (kind, _), part in zip(c.layout(d), parts):
-        wire += _index_to_wire(tf.cast(part, tf.int32), d) if kind == C.INDEX else [tf.convert_to_tensor(part)]
-    return wire
-
-
-def _from_wire(c, wire, d):
-    """Inverse of ``_to_wire``."""
-    parts = []
-    for kind, _ in c.layout(d):
-        parts.append(_index_from_wire(*wire[:2]) if kind == C.INDEX else wire[0])
-        wire = wire[2:] if kind == C.INDEX else wire[1:]
-    return parts
-
-
 def pack(c, parts, d):
     """The parts of compressor c on d elements as one 1-D uint8 tensor: the bytes that travel."""
-    wire = _to_wire(c, parts, d)
+    wire = [tf.convert_to_tensor(p) for p in to_wire(c, parts, d, _index_to_wire)]
     order = _packing_order([p.dtype for p in wire])
     return tf.concat([_as_bytes(wire[i]) for i in order], axis=0)
 
@@ -362,7 +346,7 @@ def unpack(c, data, d, value_dtype):
             parts[i] = tf.bitcast(tf.reshape(chunk, [n]), dtype)
         else:
             parts[i] = tf.bitcast(tf.reshape(chunk, [n, dtype.size]), dtype)
-    return _from_wire(c, parts, d)
+    return from_wire(c, parts, d, _index_from_wire)
 
 
 def compute_dtype(dtype):

@@ -21,7 +21,7 @@ import threading
 import torch
 
 from .. import compressors as C
-from ..kernels import registries
+from ..kernels import from_wire, registries, to_wire
 from ..seeds import as_pair, second_stage
 from . import fused
 
@@ -649,7 +649,7 @@ def step_packed(c, g, e_in=None, e_out=None, seed=0, out=None):
                 at += 2 if kind == C.INDEX else 1
             done = _step_fused(lib, inner, lam, g, e_in, e_out, seed, into)
             if done is not None:
-                for target, part in zip(wire, _to_wire(c, into, d)):
+                for target, part in zip(wire, to_wire(c, into, d, _index_to_wire)):
                     if target is not part:
                         target.copy_(part)
                 return packed, done[1]
@@ -841,23 +841,6 @@ def _index_from_wire(low, below):
     return (block.to(torch.int32) * C.INDEX_BLOCK).add_(low.to(torch.int32) & 0xFFFF)
 
 
-def _to_wire(c, parts, d):
-    """The parts (in ``c.layout(d)`` order) as the parts that travel (in ``c.wire_layout(d)`` order)."""
-    wire = []
-    for (kind, _), part in zip(c.layout(d), parts):
-        wire += _index_to_wire(part, d) if kind == C.INDEX else [part]
-    return wire
-
-
-def _from_wire(c, wire, d):
-    """Inverse of ``_to_wire``."""
-    parts = []
-    for kind, _ in c.layout(d):
-        parts.append(_index_from_wire(*wire[:2]) if kind == C.INDEX else wire[0])
-        wire = wire[2:] if kind == C.INDEX else wire[1:]
-    return parts
-
-
 def _wire_views(c, d, value_dtype, data):
     """The parts that travel as views into the packed bytes ``data`` (copies only where ``data`` itself starts
     unaligned, as rows of an allgather can)."""
@@ -879,7 +862,7 @@ def _wire_views(c, d, value_dtype, data):
 def pack(c, parts, d):
     """The parts of compressor c on d elements as one uint8 tensor: the bytes that travel (a view, not a copy,
     of a single part)."""
-    wire = _to_wire(c, parts, d)
+    wire = to_wire(c, parts, d, _index_to_wire)
     if len(wire) == 1:
         return wire[0].contiguous().view(torch.uint8)
     order = _packing_order([p.dtype for p in wire])
@@ -888,7 +871,7 @@ def pack(c, parts, d):
 
 def unpack(c, data, d, value_dtype):
     """Inverse of ``pack``: views into ``data`` where the parts travel as they are."""
-    return _from_wire(c, _wire_views(c, d, value_dtype, data), d)
+    return from_wire(c, _wire_views(c, d, value_dtype, data), d, _index_from_wire)
 
 
 def _view(data, dtype):
