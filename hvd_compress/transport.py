@@ -147,9 +147,15 @@ def traffic(transport, config, d, n, value_itemsize=4):
 
 def exact_bytes(d, nnz, value_itemsize=4):
     """Bytes of an exact slice of d elements with nnz nonzeros as the sharded transport sends it without a
-    server compressor: an int32 header, then the nonzeros (int32 index + value each) or all d values,
-    whichever is smaller."""
-    return 4 + min(d * value_itemsize, nnz * (4 + value_itemsize))
+    server compressor: an int32 header, then the nonzeros (their indices as a sparsifier's travel, see
+    ``Compressor.wire_layout``, and values) or all d values, whichever is smaller."""
+    return 4 + min(d * value_itemsize, sparse_exact_bytes(d, nnz, value_itemsize))
+
+
+def sparse_exact_bytes(d, nnz, value_itemsize):
+    """Bytes of nnz nonzeros of an exact slice of d elements, after its header: the index blocks' counts, the
+    values, the indices' low 16 bits."""
+    return 4 * max(C.index_blocks(d) - 1, 0) + nnz * (2 + value_itemsize)
 
 
 def step_seconds(transport, config, d, n, link, value_itemsize=4, table=None, call_seconds=None):

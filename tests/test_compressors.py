@@ -224,9 +224,11 @@ def test_exact_slices_round_trip_sparse_or_dense(dtype):
     """The sharded transport's exact downlink: nonzeros where smaller, else dense; sizes as the formula says."""
     from hvd_compress.transport import exact_bytes
     g = torch.Generator().manual_seed(1)
+    B = C.INDEX_BLOCK   # a slice across blocks of 2^16 elements, one of them without a nonzero
     slices = [torch.zeros(0, dtype=dtype), torch.randn(7, generator=g, dtype=dtype),
               torch.zeros(50, dtype=dtype), torch.zeros(50, dtype=dtype).index_fill_(0, torch.tensor([3, 40]), -2.5),
-              torch.randn(3, generator=g, dtype=dtype)]
+              torch.randn(3, generator=g, dtype=dtype),
+              torch.zeros(3 * B + 5, dtype=dtype).index_fill_(0, torch.tensor([0, B - 1, B, 3 * B + 4]), 1.5)]
     packed = [K.pack_exact(v) for v in slices]
     for v, data in zip(slices, packed):
         itemsize = v.element_size()

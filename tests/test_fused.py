@@ -339,10 +339,10 @@ def test_indices_from_the_wire_as_torch_expands_them():
         idx = torch.randperm(d, generator=gen)[:k].sort().values.to(torch.int32)
         if d > 2 ** 17:   # a block without an index
             idx = idx[(idx < 2 ** 16) | (idx >= 2 ** 17)]
-        low, below = K._index_to_wire(idx, d)
-        got = K._index_from_wire(low, below)
+        low, below = K.index_to_wire(idx, d)
+        got = K.index_from_wire(low, below)
         with fused.disabled():
-            want = K._index_from_wire(low, below)
+            want = K.index_from_wire(low, below)
         assert got.dtype == want.dtype == torch.int32 and torch.equal(got, want) and torch.equal(got, idx), d
 
 

@@ -139,6 +139,21 @@ def test_indices_travel_as_in_torch():
             assert back[0].numpy().tolist() == idx and np.array_equal(back[1].numpy(), values)
 
 
+def test_exact_slices_travel_as_in_torch():
+    """The sharded transport's exact slices (nonzeros or dense): the bytes PyTorch writes, and back."""
+    from hvd_compress.tensorflow import ops as TO
+    B, rng = 2 ** 16, np.random.default_rng(8)
+    for np_dtype, tf_dtype in ((np.float32, tf.float32), (np.float64, tf.float64)):
+        sparse = np.zeros(3 * B + 5, np_dtype)
+        sparse[[0, B - 1, B, 3 * B + 4]] = [1.5, -2.0, 3.0, 0.25]
+        for v in (sparse, rng.standard_normal(7).astype(np_dtype), np.zeros(50, np_dtype)):
+            theirs = PK.pack_exact(torch.from_numpy(v)).numpy()
+            ours = TO.pack_exact(tf.constant(v))
+            _assert_bitwise(ours.numpy(), theirs, f"{v.size} {np_dtype.__name__}")
+            assert int(TO.exact_length(ours, 0, v.size, v.itemsize)) == theirs.size
+            _assert_bitwise(TO.unpack_exact(ours, v.size, tf.zeros([v.size], tf_dtype)).numpy(), v, "unpack")
+
+
 def test_bit_packing_matches_torch():
     rng = np.random.default_rng(1)
     for d in (1, 7, 8, 9, 17, 100):

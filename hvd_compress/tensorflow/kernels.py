@@ -300,7 +300,7 @@ def _as_bytes(part):
     return tf.reshape(tf.bitcast(part, tf.uint8), [-1])
 
 
-def _index_to_wire(idx, d):
+def index_to_wire(idx, d):
     """Increasing int32 indices into d elements as they travel (``Compressor.wire_layout``): their low 16 bits
     (int16), and how many lie below the end of each block of 2^16 elements but the last (int32)."""
     idx = tf.cast(idx, tf.int32)
@@ -312,9 +312,9 @@ def _index_to_wire(idx, d):
     return [low, tf.cumsum(counts)[:blocks - 1]]
 
 
-def _index_from_wire(low, below):
-    """The int32 indices of ``_index_to_wire``: the j-th one lies in the block of how many ``below`` are <= j."""
-    k = low.shape[0]
+def index_from_wire(low, below):
+    """The int32 indices of ``index_to_wire``: the j-th one lies in the block of how many ``below`` are <= j."""
+    k = tf.shape(low)[0]   # static in a payload, not in an exact slice (data-dependent count)
     starts = tf.tensor_scatter_nd_add(tf.zeros([k + 1], tf.int32), tf.reshape(below, [-1, 1]), tf.ones_like(below))
     block = tf.cumsum(starts)[:k]
     return block * C.INDEX_BLOCK + tf.bitwise.bitwise_and(tf.cast(low, tf.int32), 0xFFFF)
@@ -322,7 +322,7 @@ def _index_from_wire(low, below):
 
 def pack(c, parts, d):
     """The parts of compressor c on d elements as one 1-D uint8 tensor: the bytes that travel."""
-    wire = [tf.convert_to_tensor(p) for p in to_wire(c, parts, d, _index_to_wire)]
+    wire = [tf.convert_to_tensor(p) for p in to_wire(c, parts, d, index_to_wire)]
     order = _packing_order([p.dtype for p in wire])
     return tf.concat([_as_bytes(wire[i]) for i in order], axis=0)
 
@@ -346,7 +346,7 @@ def unpack(c, data, d, value_dtype):
             parts[i] = tf.bitcast(tf.reshape(chunk, [n]), dtype)
         else:
             parts[i] = tf.bitcast(tf.reshape(chunk, [n, dtype.size]), dtype)
-    return from_wire(c, parts, d, _index_from_wire)
+    return from_wire(c, parts, d, index_from_wire)
 
 
 def compute_dtype(dtype):

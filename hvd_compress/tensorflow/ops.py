@@ -5,6 +5,8 @@ import numpy as np
 import tensorflow as tf
 import horovod.tensorflow as hvd
 
+from .. import compressors as C
+from .. import transport as T
 from . import kernels as K
 
 
@@ -50,12 +52,15 @@ def _from_bytes(data, n, dtype):
 
 
 def pack_exact(v):
-    """The PyTorch plug-in's ``pack_exact`` bytes: int32 header, then the nonzeros (count; int32 indices,
-    values) or all of v (-1), whichever is smaller."""
+    """The PyTorch plug-in's ``pack_exact`` bytes: int32 header, then the nonzeros (count; the counts of the
+    indices' blocks, the values, the indices' low 16 bits) or all of v (-1), whichever is smaller."""
     idx = tf.cast(tf.where(tf.not_equal(v, 0))[:, 0], tf.int32)
     count, size, itemsize = tf.size(idx), numel(v), v.dtype.size
-    return tf.cond(count * (4 + itemsize) < size * itemsize,
-                   lambda: tf.concat([_bytes(tf.reshape(count, [1])), _bytes(idx), _bytes(tf.gather(v, idx))], 0),
+
+    def sparse():
+        low, below = K.index_to_wire(idx, size)
+        return tf.concat([_bytes(tf.reshape(count, [1])), _bytes(below), _bytes(tf.gather(v, idx)), _bytes(low)], 0)
+    return tf.cond(T.sparse_exact_bytes(size, count, itemsize) < size * itemsize, sparse,
                    lambda: tf.concat([_bytes(tf.constant([-1], tf.int32)), _bytes(v)], 0))
 
 
@@ -65,15 +70,19 @@ def _count(data, offset):
 
 def exact_length(data, offset, size, itemsize):
     count = _count(data, offset)
-    return 4 + tf.where(count < 0, size * itemsize, count * (4 + itemsize))
+    return 4 + tf.where(count < 0, size * itemsize, T.sparse_exact_bytes(size, count, itemsize))
 
 
 def unpack_exact(data, size, out):
     count, dtype = _count(data, 0), out.dtype
 
     def sparse():
-        idx = _from_bytes(data[4:4 + 4 * count], count, tf.int32)
-        values = _from_bytes(data[4 + 4 * count:4 + count * (4 + dtype.size)], count, dtype)
+        nbelow = max(C.index_blocks(size) - 1, 0)
+        below = _from_bytes(data[4:4 + 4 * nbelow], nbelow, tf.int32)
+        start = 4 + 4 * nbelow
+        values = _from_bytes(data[start:start + count * dtype.size], count, dtype)
+        start = start + count * dtype.size
+        idx = K.index_from_wire(_from_bytes(data[start:start + 2 * count], count, tf.int16), below)
         return tf.tensor_scatter_nd_update(tf.zeros([size], dtype), tf.reshape(idx, [-1, 1]), values)
     return tf.cond(count < 0, lambda: _from_bytes(data[4:4 + size * dtype.size], size, dtype), sparse)
 

@@ -21,6 +21,7 @@ import threading
 import torch
 
 from .. import compressors as C
+from .. import transport as T
 from ..kernels import from_wire, registries, to_wire
 from ..seeds import as_pair, second_stage
 from . import fused
@@ -649,7 +650,7 @@ def step_packed(c, g, e_in=None, e_out=None, seed=0, out=None):
                 at += 2 if kind == C.INDEX else 1
             done = _step_fused(lib, inner, lam, g, e_in, e_out, seed, into)
             if done is not None:
-                for target, part in zip(wire, to_wire(c, into, d, _index_to_wire)):
+                for target, part in zip(wire, to_wire(c, into, d, index_to_wire)):
                     if target is not part:
                         target.copy_(part)
                 return packed, done[1]
@@ -821,7 +822,7 @@ def _packing_order(dtypes):
     return sorted(range(len(dtypes)), key=lambda i: -dtypes[i].itemsize)
 
 
-def _index_to_wire(idx, d):
+def index_to_wire(idx, d):
     """Increasing int32 indices into d elements as they travel (``Compressor.wire_layout``): their low 16 bits
     (int16), and how many lie below the end of each block of 2^16 elements but the last (int32)."""
     low = (((idx + 32768) & 0xFFFF) - 32768).to(torch.int16)
@@ -829,8 +830,8 @@ def _index_to_wire(idx, d):
     return [low, torch.searchsorted(idx, ends).to(torch.int32)]
 
 
-def _index_from_wire(low, below):
-    """The int32 indices of ``_index_to_wire``: the j-th one lies in the block of how many ``below`` are <= j."""
+def index_from_wire(low, below):
+    """The int32 indices of ``index_to_wire``: the j-th one lies in the block of how many ``below`` are <= j."""
     k = low.numel()
     lib = _fused_lib(low, below)
     if lib is not None:
@@ -862,7 +863,7 @@ def _wire_views(c, d, value_dtype, data):
 def pack(c, parts, d):
     """The parts of compressor c on d elements as one uint8 tensor: the bytes that travel (a view, not a copy,
     of a single part)."""
-    wire = to_wire(c, parts, d, _index_to_wire)
+    wire = to_wire(c, parts, d, index_to_wire)
     if len(wire) == 1:
         return wire[0].contiguous().view(torch.uint8)
     order = _packing_order([p.dtype for p in wire])
@@ -871,7 +872,7 @@ def pack(c, parts, d):
 
 def unpack(c, data, d, value_dtype):
     """Inverse of ``pack``: views into ``data`` where the parts travel as they are."""
-    return from_wire(c, _wire_views(c, d, value_dtype, data), d, _index_from_wire)
+    return from_wire(c, _wire_views(c, d, value_dtype, data), d, index_from_wire)
 
 
 def _view(data, dtype):
@@ -882,11 +883,14 @@ def _view(data, dtype):
 
 def pack_exact(v):
     """A slice of an exact average as bytes (``hvd_compress.transport.exact_bytes``): an int32 header,
-    then its nonzeros (header = their count; int32 indices, then values), or all of it (header = -1)
-    when that is not larger. The average of n sparse payloads is sparse: this keeps it exact and small."""
-    idx = torch.nonzero(v).squeeze(1)
-    if idx.numel() * (4 + v.element_size()) < v.numel() * v.element_size():
-        parts = [idx.to(torch.int32), v[idx]]
+    then its nonzeros (header = their count; the counts of the indices' blocks, the values, the indices' low
+    16 bits, as a sparsifier's travel), or all of it (header = -1) when that is not larger. The average of n
+    sparse payloads is sparse: this keeps it exact and small."""
+    idx = torch.nonzero(v).squeeze(1).to(torch.int32)
+    d, itemsize = v.numel(), v.element_size()
+    if T.sparse_exact_bytes(d, idx.numel(), itemsize) < d * itemsize:
+        low, below = index_to_wire(idx, d)
+        parts = [below, v.index_select(0, idx), low]
     else:
         idx, parts = None, [v]
     header = torch.tensor([-1 if idx is None else idx.numel()], dtype=torch.int32, device=v.device)
@@ -904,10 +908,14 @@ def unpack_exact(data, sizes, dtype):
             out[start:start + size] = _view(data[offset:offset + size * itemsize], dtype)
             offset += size * itemsize
         else:
-            idx = _view(data[offset:offset + 4 * count], torch.int32)
-            values = _view(data[offset + 4 * count:offset + count * (4 + itemsize)], dtype)
-            out[start + idx.long()] = values
-            offset += count * (4 + itemsize)
+            nbelow = max(C.index_blocks(size) - 1, 0)
+            below = _view(data[offset:offset + 4 * nbelow], torch.int32)
+            offset += 4 * nbelow
+            values = _view(data[offset:offset + count * itemsize], dtype)
+            offset += count * itemsize
+            low = _view(data[offset:offset + 2 * count], torch.int16)
+            offset += 2 * count
+            out[start + index_from_wire(low, below).long()] = values
         start += size
     if offset != data.numel():
         raise ValueError(f"exact slices of {data.numel()} bytes, parsed {offset}")

@@ -10,6 +10,7 @@ import time
 import torch
 import horovod.torch as hvd
 
+from .. import transport as T
 from . import kernels as K
 
 POLL_S = 5e-5   # between polls of a collective's handle (see wait)
@@ -48,7 +49,7 @@ def unpack_exact(data, size, out):
 def exact_length(data, offset, size, itemsize):
     """Bytes of the ``kernels.pack_exact`` slice of ``size`` elements at ``offset``, from its int32 header."""
     count = int(data[offset:offset + 4].clone().view(torch.int32).item())
-    return 4 + (size * itemsize if count < 0 else count * (4 + itemsize))
+    return 4 + (size * itemsize if count < 0 else T.sparse_exact_bytes(size, count, itemsize))
 
 
 def mark_not_finite(stats, count):
