@@ -21,9 +21,10 @@ _FIXED_ITEMSIZE = {INT32: 4, UINT8: 1, INT8: 1, INT16: 2, BF16: 2}
 INDEX_BLOCK = 2 ** 16   # an index travels as its low 16 bits; the counts of each block of 2^16 elements give the rest
 
 
-def index_blocks(d):
-    """How many blocks of INDEX_BLOCK elements a tensor of d elements spans."""
-    return -(-d // INDEX_BLOCK)
+def index_counts(d):
+    """How many block counts travel with indices into d elements: one per block of INDEX_BLOCK elements the
+    tensor spans, but the last."""
+    return max(-(-d // INDEX_BLOCK) - 1, 0)
 
 
 def _itemsize(kind, value_itemsize):
@@ -48,7 +49,7 @@ class Compressor:
         block of 2^16 elements but the last (INT32, cumulative): 2 bytes per index instead of 4, lossless."""
         wire = []
         for kind, n in self.layout(d):
-            wire += [(INT16, n), (INT32, max(index_blocks(d) - 1, 0))] if kind == INDEX else [(kind, n)]
+            wire += [(INT16, n), (INT32, index_counts(d))] if kind == INDEX else [(kind, n)]
         return wire
 
     def wire_bytes(self, d, value_itemsize=4):

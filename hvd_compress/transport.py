@@ -155,7 +155,7 @@ def exact_bytes(d, nnz, value_itemsize=4):
 def sparse_exact_bytes(d, nnz, value_itemsize):
     """Bytes of nnz nonzeros of an exact slice of d elements, after its header: the index blocks' counts, the
     values, the indices' low 16 bits."""
-    return 4 * max(C.index_blocks(d) - 1, 0) + nnz * (2 + value_itemsize)
+    return 4 * C.index_counts(d) + nnz * (2 + value_itemsize)
 
 
 def step_seconds(transport, config, d, n, link, value_itemsize=4, table=None, call_seconds=None):

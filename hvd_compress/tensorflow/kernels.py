@@ -305,11 +305,11 @@ def index_to_wire(idx, d):
     (int16), and how many lie below the end of each block of 2^16 elements but the last (int32)."""
     idx = tf.cast(idx, tf.int32)
     low = tf.cast(tf.bitwise.bitwise_and(idx + 32768, 0xFFFF) - 32768, tf.int16)
-    blocks = C.index_blocks(d)
-    if blocks <= 1:
+    n = C.index_counts(d)
+    if not n:
         return [low, tf.zeros([0], tf.int32)]
-    counts = tf.math.unsorted_segment_sum(tf.ones_like(idx), idx // C.INDEX_BLOCK, blocks)
-    return [low, tf.cumsum(counts)[:blocks - 1]]
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(idx), idx // C.INDEX_BLOCK, n + 1)
+    return [low, tf.cumsum(counts)[:n]]
 
 
 def index_from_wire(low, below):

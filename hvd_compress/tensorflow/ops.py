@@ -77,7 +77,7 @@ def unpack_exact(data, size, out):
     count, dtype = _count(data, 0), out.dtype
 
     def sparse():
-        nbelow = max(C.index_blocks(size) - 1, 0)
+        nbelow = C.index_counts(size)
         below = _from_bytes(data[4:4 + 4 * nbelow], nbelow, tf.int32)
         start = 4 + 4 * nbelow
         values = _from_bytes(data[start:start + count * dtype.size], count, dtype)

@@ -826,7 +826,7 @@ def index_to_wire(idx, d):
     """Increasing int32 indices into d elements as they travel (``Compressor.wire_layout``): their low 16 bits
     (int16), and how many lie below the end of each block of 2^16 elements but the last (int32)."""
     low = (((idx + 32768) & 0xFFFF) - 32768).to(torch.int16)
-    ends = torch.arange(1, C.index_blocks(d), dtype=torch.int32, device=idx.device) * C.INDEX_BLOCK
+    ends = torch.arange(1, C.index_counts(d) + 1, dtype=torch.int32, device=idx.device) * C.INDEX_BLOCK
     return [low, torch.searchsorted(idx, ends).to(torch.int32)]
 
 
@@ -908,7 +908,7 @@ def unpack_exact(data, sizes, dtype):
             out[start:start + size] = _view(data[offset:offset + size * itemsize], dtype)
             offset += size * itemsize
         else:
-            nbelow = max(C.index_blocks(size) - 1, 0)
+            nbelow = C.index_counts(size)
             below = _view(data[offset:offset + 4 * nbelow], torch.int32)
             offset += 4 * nbelow
             values = _view(data[offset:offset + count * itemsize], dtype)
