@@ -12,8 +12,8 @@ import time
 
 def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
     """The examples' flags; ``progress_bar`` only names the bar in ``--no-progress``'s help; ``transport``
-    adds --transport, --link-gbps, --dense-below, --momentum-correction, --no-momentum-masking, --nesterov and
-    --clip ("tensorflow"), and with True also the PyTorch plug-in's --bucket-mb and --warmup."""
+    adds --transport, --link-gbps, --dense-below, --momentum-correction, --no-momentum-masking, --nesterov,
+    --warmup and --clip ("tensorflow"), and with True also the PyTorch plug-in's --bucket-mb."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compressor", default="topk:0.01", help='worker compressor spec, e.g. "topk:0.01", '
                    '"none", "natural", "sign", "topk:0.01+natural", "topk:0.01+bf16"')
@@ -39,12 +39,12 @@ def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
         p.add_argument("--clip", type=float, default=0.0,
                        help="local gradient clipping: each rank clips each gradient tensor to norm "
                             "CLIP / sqrt(ranks) before compressing (Deep Gradient Compression; 0: none)")
-    if transport is True:
-        p.add_argument("--bucket-mb", type=float, default=64,
-                       help="dense gradient MiB per bucket of compressed tensors (one collective each)")
         p.add_argument("--warmup", type=int, default=0,
                        help="steps over which the sparsifier's ratio falls from 25%% to its own (Deep Gradient "
                             "Compression's warm-up; 0: none)")
+    if transport is True:
+        p.add_argument("--bucket-mb", type=float, default=64,
+                       help="dense gradient MiB per bucket of compressed tensors (one collective each)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--lr", type=float, default=0.05)
@@ -66,12 +66,12 @@ def uses_hvd_compress(args):
 
 
 def momentum_split(args, use_hc):
-    """Where the momentum goes: (the optimizer's momentum and nesterov, the Compression's momentum correction
-    and clipping options). With --momentum-correction it moves into the Compression, and the optimizer runs
-    without it."""
+    """Where the momentum goes: (the optimizer's momentum and nesterov, the Compression's momentum correction,
+    warm-up and clipping options). With --momentum-correction it moves into the Compression, and the optimizer
+    runs without it."""
     correction = use_hc and args.momentum_correction
     return ({"momentum": 0.0 if correction else args.momentum, "nesterov": args.nesterov and not correction},
-            {"momentum": args.momentum if correction else 0.0, "clip": args.clip,
+            {"momentum": args.momentum if correction else 0.0, "clip": args.clip, "warmup": args.warmup,
              "momentum_masking": args.momentum_masking, "nesterov": args.nesterov and correction})
 
 

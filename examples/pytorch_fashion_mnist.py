@@ -109,8 +109,7 @@ def main():
         compression = hc.Compression(args.compressor or None, error_feedback=args.error_feedback,
                                      server=args.server or None, named_parameters=model.named_parameters(),
                                      transport=args.transport, link_gbps=args.link_gbps,
-                                     dense_below=args.dense_below, bucket_mb=args.bucket_mb,
-                                     warmup=args.warmup, **in_compression)
+                                     dense_below=args.dense_below, bucket_mb=args.bucket_mb, **in_compression)
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                              compression=compression)
     else:

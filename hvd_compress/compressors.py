@@ -106,7 +106,11 @@ class _Sparsifier(Compressor):
     def __init__(self, ratio=None, k=None):
         self.ratio, self.k = _check_ratio_k(ratio, k)
 
+    k_of = None   # a rule d -> k that replaces ratio= and k= (see in_force_by)
+
     def k_for(self, d):
+        if self.k_of is not None:
+            return self.k_of(d)
         if self.k is not None:
             if self.k > d:
                 raise ValueError(f"{self!r}: k={self.k} is larger than the tensor's {d} elements")
@@ -461,27 +465,34 @@ def _warming(c, warmup, step):
         return c
     if first == "dense":   # 1-bit Adam's warm-up: uncompressed
         return Identity()
-    final = _sparsifier_of(c).ratio
-    return _with_ratio(c, max(final, first * (final / first) ** (step / steps)))
+    final = sparsifier_of(c).ratio
+    return _with_sparsifier(c, ratio=max(final, first * (final / first) ** (step / steps)))
 
 
-def _sparsifier_of(c):
-    return _sparsifier_of(c.compressor) if isinstance(c, Scaled) else c.first if isinstance(c, Compose) else c
+def sparsifier_of(c):
+    """The sparsifier of a compressor that sparsifies (itself, a composition's first stage, a scaled one's)."""
+    return sparsifier_of(c.compressor) if isinstance(c, Scaled) else c.first if isinstance(c, Compose) else c
 
 
 def ratio_of(c):
     """The ratio= of a compressor's sparsifier (None for other compressors, or one given by k=)."""
-    return _sparsifier_of(c).ratio if c.sparsifies else None
+    return sparsifier_of(c).ratio if c.sparsifies else None
 
 
-def _with_ratio(c, ratio):
-    """A copy of c whose sparsifier keeps ``ratio`` of the coordinates."""
+def in_force_by(c, k_of):
+    """A copy of c whose sparsifier keeps ``k_of(d)`` of d coordinates, where k_of may return a framework's
+    scalar tensor: in TensorFlow the warm-up's ratio in force depends on the step, a value in the graph."""
+    return _with_sparsifier(c, k_of=k_of)
+
+
+def _with_sparsifier(c, **attributes):
+    """A copy of c whose sparsifier has the given attributes (ratio=, k_of=)."""
     if isinstance(c, Scaled):
-        return Scaled(_with_ratio(c.compressor, ratio), c.lam)
+        return Scaled(_with_sparsifier(c.compressor, **attributes), c.lam)
     if isinstance(c, Compose):
-        return Compose(_with_ratio(c.first, ratio), c.second)
+        return Compose(_with_sparsifier(c.first, **attributes), c.second)
     copy = object.__new__(type(c))
-    copy.__dict__.update(c.__dict__, ratio=ratio)
+    copy.__dict__.update(c.__dict__, **attributes)
     return copy
 
 
@@ -499,7 +510,7 @@ def check_warmup(warmup, worker):
         return steps, first
     if isinstance(first, bool) or not isinstance(first, (int, float)) or not 0 < first <= 1:
         raise ValueError(f"the warm-up's first ratio must be a number in (0, 1] or \"dense\", got {first!r}")
-    if not worker.sparsifies or _sparsifier_of(worker).ratio is None:
+    if not worker.sparsifies or sparsifier_of(worker).ratio is None:
         raise ValueError(f"warmup={warmup!r} needs a sparsifier given by ratio= (e.g. topk:0.01), got {worker!r}")
     return steps, float(first)
 

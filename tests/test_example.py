@@ -24,16 +24,19 @@ def test_example_trains_compressed_with_identical_replicas(tmp_path):
 
 
 def test_tensorflow_example_with_momentum_correction(tmp_path):
-    """The TensorFlow loop with Nesterov's momentum correction without factor masking and local clipping: the
-    optimizer's momentum moves into the Compression, and replicas stay identical."""
+    """The TensorFlow loop with Nesterov's momentum correction without factor masking, the warm-up and local
+    clipping: the optimizer's momentum moves into the Compression, and replicas stay identical."""
     out = tmp_path / "run.json"
     proc = launch(2, ROOT / "examples" / "tensorflow_fashion_mnist.py", "--compressor", "topk:0.05",
                   "--error-feedback", "--momentum-correction", "--no-momentum-masking", "--nesterov", "--clip", "5",
-                  "--dense-below", "0", "--epochs", "1", "--train-limit", "3000", "--test-limit", "1000",
+                  "--warmup", "10", "--dense-below", "0", "--epochs", "1", "--train-limit", "3000", "--test-limit", "1000",
                   "--no-progress", "--check-replicas", "--json", out)
     assert proc.returncode == 0, proc.stdout[-5000:]
     assert "replicas identical: True" in proc.stdout
-    assert "momentum_correction on (no factor masking)  nesterov" in proc.stdout, proc.stdout[-3000:]
+    assert "momentum_correction on (no factor masking)  nesterov  warmup 10 steps" in proc.stdout, proc.stdout[-3000:]
     last = json.loads(out.read_text())["epochs"][-1]
-    assert 0.075 <= last["ratio"] < 0.0751   # TopK 5%: 6 bytes per kept element, plus 5 per tensor and step
+    # TopK 5% costs 0.075 of dense (6 bytes per kept element) plus 5 bytes per tensor and step; the warm-up's
+    # first 10 of the 23 steps keep 25% falling to 5%
+    assert last["last_step_stats"]["worker_ratio"] == 0.05
+    assert 0.09 < last["ratio"] < 0.14
     assert last["test_acc"] > 0.5          # ten classes: chance is 0.1

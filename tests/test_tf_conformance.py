@@ -363,6 +363,30 @@ def test_unpack_of_unknown_length_in_graph():
                         name)
 
 
+@pytest.mark.parametrize("name", [name for name, c in ALL.items() if c.sparsifies and _fixed_k(c) is None])
+def test_k_given_in_the_graph_gives_the_same_bytes(name):
+    """A warm-up's sparsifier keeps k(d) coordinates with k a tensor (``compressors.in_force_by``): the payload's
+    parts and the composition's second stage have no static length then, and the bytes and C(x) are those of the
+    compressor with that k, across index blocks of 2^16 elements too."""
+    from hvd_compress.compressors import in_force_by, sparsifier_of
+    c = ALL[name]
+
+    @tf.function(jit_compile=False)
+    def compress(x, k):
+        warming = in_force_by(c, lambda d: k)
+        d = x.shape[0]
+        data = TK.pack(warming, TK.encode(warming, x, (KEY, 2)), d)
+        return data, TK.decode(warming, TK.unpack(warming, data, d, x.dtype), d, (KEY, 2), x.dtype)
+
+    for d in (50, 140_000):
+        x = tf.constant(_vector(d, np.float32, seed=8))
+        k = sparsifier_of(c).k_for(d)
+        data, out = compress(x, tf.constant(k))
+        _assert_bitwise(data.numpy(), TK.pack(c, TK.encode(c, x, (KEY, 2)), d).numpy(), f"{name} d={d}")
+        _assert_bitwise(out.numpy(), TK.apply(c, x, (KEY, 2)).numpy(), f"{name} d={d}")
+        assert len(data.numpy()) == c.wire_bytes(d)
+
+
 def test_xla_draws_match_eager():
     """The random streams (and TopK's index order) do not depend on XLA."""
     x = tf.constant(_vector(100, np.float32, seed=6))

@@ -49,10 +49,18 @@ MOMENTUM = [
     {**DS, "id": "momentum=0.9/no masking/sign", "momentum": 0.9, "momentum_masking": False, "compressor": "sign"},
     {**DS, "id": "clip=4/momentum=0.9/nesterov", "clip": 4.0, "momentum": 0.9, "nesterov": True},
     {**DS, "id": "clip=4/sharded/dense_below=16", "clip": 4.0, "transport": "sharded", "dense_below": 16},
+    # warm-up of the ratio: 0.9 -> 0.3 over 8 of the 12 steps (the payloads' lengths change every step), with the
+    # server's Top-k 50% warming alike; sharded with Rand-k, the allreduce of shared Rand-k, a composition
+    {**DS, "id": "warmup=8/momentum=0.9", "warmup": [8, 0.9], "momentum": 0.9},
+    {**DS, "id": "warmup=8/sharded/randk", "warmup": [8, 0.9], "compressor": "randk:0.3", "transport": "sharded"},
+    {**DS, "id": "warmup=8/randk:0.3,shared", "warmup": [8, 0.9], "compressor": "randk:0.3,shared"},
+    {**DS, "id": "warmup=8/topk:0.3+natural/no server", "warmup": [8, 0.9], "compressor": "topk:0.3+natural",
+     "server": None},
 ]
 # the first with per-variable step counts that differ (the head's gradient is None on odd steps)
 CHECKPOINTS = [{**DS, "id": "ckpt/topk-ds", "checkpoint": True, "extra_every_step": False},
-               {**DS, "id": "ckpt/momentum=0.9/nesterov", "momentum": 0.9, "nesterov": True, "checkpoint": True},
+               {**DS, "id": "ckpt/momentum=0.9/nesterov/warmup=16", "momentum": 0.9, "nesterov": True,
+                "warmup": [16, 0.9], "checkpoint": True},   # resumed in the middle of the warm-up
                {**DS, "id": "ckpt/randk-ef-qsgd-server/sharded", "compressor": "randk:0.3", "server": "qsgd:4",
                 "transport": "sharded", "checkpoint": True}]
 # Tracing a step function per case is most of this file's time (about 2 s a trace). By default: on 2 ranks every
@@ -70,7 +78,7 @@ else:
         MOMENTUM
     CASES_3 = [c for c in CASES if "/doublesqueeze" in c["id"]] + \
         [c for c in SHARDED if "/doublesqueeze" in c["id"] and c["id"].startswith(FEW)] + \
-        MOMENTUM[:2] + MOMENTUM[-2:]
+        MOMENTUM[:2] + MOMENTUM[-6:]
 # Grappler, TensorFlow's graph optimizer, is much of a step function's first call: on 3 ranks it is off (the
 # launch took 117-121 s instead of 141-158). The 2-rank launch checks every case with its rewrites, as users run.
 CASES_3 = [{**c, "grappler": False} for c in CASES_3]
@@ -133,6 +141,9 @@ def test_matches_simulation_and_replicas_identical(request, n, case):
     else:
         assert how == {case.get("transport") or ("allreduce" if ",shared" in case["compressor"] or
                                                  case["compressor"] == "none" else "allgather")}, how
+    if case.get("warmup"):   # the warm-up is over: the ratios in force are the compressors' own
+        assert stats["worker_ratio"] == 0.3 and stats["server_ratio"] == (0.5 if case["server"] else None)
+        assert stats["total_bytes_sent"] > case["steps"] * stats["bytes_sent"]   # the first payloads were larger
 
 
 def test_process_set_of_2_of_3_ranks_equals_the_simulation_of_2(tmp_path):

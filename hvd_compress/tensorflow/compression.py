@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 import horovod.tensorflow as hvd
 
+from .. import compressors as C
 from .. import options
 from .. import transport as T
 from ..bucket import Bucket, Pending, plan
@@ -75,10 +76,13 @@ class Compression(CompressionBase, tf.Module):
             ``hvd.DistributedGradientTape(process_set=...)`` or ``hvd.DistributedOptimizer(process_set=...)``
             (None: every rank). Every collective of this object runs on it, ranks are counted within it
             (``root_rank=0`` is its first rank), and a gradient reduced on another set is refused.
-        momentum, momentum_masking, nesterov, clip: Deep Gradient Compression's momentum correction (with
-            factor masking unless momentum_masking=False; Nesterov's form with nesterov=True) and local gradient
-            clipping, as in the PyTorch plug-in (its docstring). The optimizer must then have no momentum of its
-            own: a Keras optimizer that has is refused at the first step. The warm-up is PyTorch's only so far.
+        momentum, momentum_masking, nesterov, warmup, clip: Deep Gradient Compression's momentum correction
+            (with factor masking unless momentum_masking=False; Nesterov's form with nesterov=True), warm-up of
+            the sparsifier's ratio and local gradient clipping, as in the PyTorch plug-in (its docstring). The
+            optimizer must then have no momentum of its own: a Keras optimizer that has is refused at the first
+            step. During the warm-up k changes from step to step, and so does the length of the payloads: the
+            step function must not be compiled by XLA then (Horovod's ops are not anyway). 1-bit Adam's warm-up,
+            ``warmup=(steps, "dense")``, is PyTorch's only so far.
         nonfinite: what a step does when some rank's gradient holds NaN or Inf. "skip" (as stock Horovod,
             whose averaged gradient is then non-finite too): that variable's gradient, and those reduced
             after it, are NaN on every rank, so that a loss-scaling optimizer skips the step; no buffer of
@@ -95,7 +99,7 @@ class Compression(CompressionBase, tf.Module):
 
     def __init__(self, compressor, error_feedback=False, server=None, variables=None, root_rank=0, seed=0,
                  transport=None, link_gbps=None, dense_below=1024, nonfinite="skip", process_set=None,
-                 momentum=0.0, clip=0.0, momentum_masking=True, nesterov=False):
+                 momentum=0.0, warmup=0, clip=0.0, momentum_masking=True, nesterov=False):
         super().__init__(name="hvd_compress")
         if process_set is not None and not process_set.included():
             raise ValueError(f"this rank ({hvd.rank()}) is not in the process set {process_set.ranks}: "
@@ -106,7 +110,10 @@ class Compression(CompressionBase, tf.Module):
             raise ValueError("transport 'hierarchical' is in the PyTorch plug-in only so far; in TensorFlow use "
                              "'allgather', 'allreduce', 'sharded', 'dense' or 'auto'")
         self.config, self._link = options.config_of(compressor, error_feedback, server, transport, link_gbps,
-                                                    momentum, 0, clip, momentum_masking, nesterov)
+                                                    momentum, warmup, clip, momentum_masking, nesterov)
+        if self.config.warmup[1] == "dense":
+            raise ValueError(f"warmup={warmup!r}: the dense warm-up (1-bit Adam's) is in the PyTorch plug-in only "
+                             f"so far; in TensorFlow use warmup=steps or (steps, first ratio)")
         self.dense_below, self.nonfinite = options.check(dense_below, nonfinite)
         if variables is None:
             raise ValueError("Compression needs variables=model.trainable_variables (in the order Horovod "
@@ -157,7 +164,8 @@ class Compression(CompressionBase, tf.Module):
         self.sent = tf.Variable(tf.zeros([count], tf.int64), trainable=False, name="bytes_sent")
         self.sent_total = tf.Variable(tf.zeros([count], tf.int64), trainable=False, name="bytes_sent_total")
         self._index_of = horovod.GradientOrder(self.shapes)
-        self._now = None   # (step, server buffer, worker buffer) in force for the variable being compressed
+        self._now = None   # (step, server buffer, worker buffer, velocity) in force for the variable being compressed
+        self._compressors = None   # (worker, server) in force for it (see _in_force)
 
     # ---- Horovod's Compressor interface ------------------------------------------------------------------
 
@@ -182,6 +190,7 @@ class Compression(CompressionBase, tf.Module):
             u_in = _in_force(undone, self.velocity_before[i], self.velocity[i]) if self.velocity else None
             self._now = (step, _in_force(undone, self.server_error_before[i], self.server_error[i])
                          if self.server_error else None, e_in, u_in)
+            self._compressors = self._in_force(step)
         x, velocity = self._precondition(g, u_in)   # with momentum, x is u (Nesterov: g + m u)
         p = Pending(name, how, tensor.shape, tensor.dtype, 0, work=x, velocity=velocity)
         ctx = (i, global_step, p, self._now)
@@ -262,10 +271,32 @@ class Compression(CompressionBase, tf.Module):
     # ---- what the shared transports ask of the step (see hvd_compress/bucket.py) ------------------------------
 
     def worker(self):
-        return self.config.worker
+        return self._compressors[0]
 
     def server(self):
-        return self.config.server
+        return self._compressors[1]
+
+    def _in_force(self, step):
+        """The worker and server compressors at ``step``, a value in the graph: during a warm-up, sparsifiers
+        whose k for d elements is looked up in a table of the warm-up's steps (``Config.worker_at`` and
+        ``server_at``), so that payloads shrink step by step as in PyTorch (their length is not static)."""
+        steps = self.config.warmup[0]
+        if not steps:
+            return self.config.worker, self.config.server
+        at = tf.minimum(step, steps)
+
+        def warming(c, schedule):
+            if c is None or C.ratio_of(c) is None:
+                return c
+            tables = {}
+
+            def k_of(d):
+                if d not in tables:
+                    ks = [C.sparsifier_of(schedule(t)).k_for(d) for t in range(steps + 1)]
+                    tables[d] = tf.gather(tf.constant(ks, tf.int32), at)
+                return tables[d]
+            return C.in_force_by(c, k_of)
+        return warming(self.config.worker, self.config.worker_at), warming(self.config.server, self.config.server_at)
 
     def _seed_step(self):
         return self._now[0]

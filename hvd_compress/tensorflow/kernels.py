@@ -1,8 +1,10 @@
 """TensorFlow kernels: encode / decode of every compressor, and payload packing into real bytes.
 
 The same functions, payload parts and byte format as ``hvd_compress/torch/kernels.py``, in pure TensorFlow ops:
-everything traces inside ``tf.function`` (and XLA) with static shapes. ``d`` is always a Python int taken from
-a tensor's static shape; no tensor value decides a Python branch.
+everything traces inside ``tf.function`` (and XLA) with static shapes, ``d`` a Python int taken from a tensor's
+static shape. Except during a warm-up, where a sparsifier's k is a scalar tensor (``compressors.in_force_by``)
+and so are the lengths that follow from it (the kept values, a composition's second stage, the payload's
+parts). No tensor value decides a Python branch.
 
 A seed is an integer or a (key, step) pair (see ``hvd_compress.seeds``); ``step`` may be a scalar integer
 tensor (a ``tf.Variable``'s value in a graph). Random draws are stateless (Philox, the same on every device)
@@ -66,10 +68,10 @@ def _random_indices(d, k, seed):
 
 
 def _numel(x):
+    """x's number of elements: a Python int where the shape is static, else a scalar tensor (a warm-up's
+    payloads: k changes from step to step)."""
     d = x.shape.num_elements()
-    if d is None:
-        raise ValueError(f"hvd_compress needs tensors of a static shape, got shape {x.shape}")
-    return d
+    return d if d is not None else tf.size(x)
 
 
 # ---- bit packing ----------------------------------------------------------------------------------------
@@ -113,7 +115,8 @@ def _randk_encode(c, x, seed):
     idx = _randk_indices(c, d, seed)
     values = tf.gather(x, idx)
     if c.unbiased:
-        values = values * tf.constant(d / c.k_for(d), x.dtype)
+        # d / k rounded in float64 as Python divides, then to x's dtype (k may be a tensor: see _numel)
+        values = values * tf.cast(_div(tf.cast(d, tf.float64), tf.cast(c.k_for(d), tf.float64)), x.dtype)
     return [values] if c.shared else [idx, values]
 
 
@@ -189,7 +192,7 @@ def _natural_decode(c, parts, d, seed, dtype):
 
 def _sign_encode(c, x, seed):
     d = _numel(x)
-    return [tf.reshape(_div(tf.reduce_sum(tf.abs(x)), tf.constant(d, x.dtype)), [1]), pack_bits(x < 0)]
+    return [tf.reshape(_div(tf.reduce_sum(tf.abs(x)), tf.cast(d, x.dtype)), [1]), pack_bits(x < 0)]
 
 
 def _sign_decode(c, parts, d, seed):
@@ -204,7 +207,7 @@ def _onebit_encode(c, x, seed):
     zeros = tf.zeros_like(x)
     neg_sum = tf.reduce_sum(tf.where(negative, -x, zeros))
     pos_sum = tf.reduce_sum(tf.where(negative, zeros, x))
-    means = tf.stack([_div(pos_sum, tf.cast(tf.maximum(d - n_neg, 1), x.dtype)),
+    means = tf.stack([_div(pos_sum, tf.cast(tf.maximum(tf.cast(d, tf.int64) - n_neg, 1), x.dtype)),
                       _div(neg_sum, tf.cast(tf.maximum(n_neg, 1), x.dtype))])
     return [means, pack_bits(negative)]
 
@@ -333,7 +336,7 @@ def unpack(c, data, d, value_dtype):
     lengths = [n for _, n in c.wire_layout(d)]
     data = tf.reshape(data, [-1])
     total = sum(n * dt.size for n, dt in zip(lengths, dtypes))
-    if data.shape[0] is not None and data.shape[0] != total:
+    if isinstance(total, int) and data.shape[0] is not None and data.shape[0] != total:
         raise ValueError(f"payload of {data.shape[0]} bytes, expected {total} for {c!r} on {d} elements")
     order, parts = _packing_order(dtypes), [None] * len(dtypes)
     # one split with static sizes: static shapes even where data's length is not, and few ops to trace

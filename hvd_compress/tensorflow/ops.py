@@ -163,7 +163,8 @@ def allreduce_mean(t, name, process_set):
 
 
 def alltoall(t, splits, name, process_set):
-    return hvd.alltoall(t, splits=tf.constant(splits, tf.int32), name=name, process_set=process_set)[0]
+    # (splits may be tensors: a warm-up's payload lengths change from step to step)
+    return hvd.alltoall(t, splits=tf.convert_to_tensor(splits, tf.int32), name=name, process_set=process_set)[0]
 
 
 def broadcast(t, root, name, process_set):

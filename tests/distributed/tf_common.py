@@ -50,7 +50,7 @@ def train_reference(case, n, steps, start=0, variables=None, sim=None):
     link = Link.gbit(case["link_gbps"]) if case.get("link_gbps") else None
     sim = sim or Simulation(case["compressor"], case.get("error_feedback", False), case.get("server"), n=n,
                             transport=case.get("transport"), link=link, dense_below=case.get("dense_below", 0),
-                            **momentum_options(case))
+                            **dgc_options(case))
     names = names_of(variables)
     for step in range(start, start + steps):
         grads = []
@@ -64,9 +64,9 @@ def train_reference(case, n, steps, start=0, variables=None, sim=None):
     return variables
 
 
-def momentum_options(case):
-    """Deep Gradient Compression's options of a case (momentum correction, local clipping), as given."""
-    return {key: case[key] for key in ("momentum", "momentum_masking", "nesterov", "clip") if key in case}
+def dgc_options(case):
+    """Deep Gradient Compression's options of a case (momentum correction, warm-up, local clipping), as given."""
+    return {key: case[key] for key in ("momentum", "momentum_masking", "nesterov", "warmup", "clip") if key in case}
 
 
 def compression_of(case, variables, **kwargs):
@@ -75,7 +75,7 @@ def compression_of(case, variables, **kwargs):
     return htc.Compression(case["compressor"], error_feedback=case.get("error_feedback", False),
                            server=case.get("server"), variables=variables, transport=case.get("transport"),
                            link_gbps=case.get("link_gbps"), dense_below=case.get("dense_below", 0),
-                           **momentum_options(case), **kwargs)
+                           **dgc_options(case), **kwargs)
 
 
 def train_distributed(case, steps, start=0, variables=None, compression=None, process_set=None):

@@ -53,6 +53,33 @@ def direct_calls_equal_simulation():
     return compression.stats()["steps"] == 3
 
 
+def warmup_payloads_shrink_step_by_step():
+    """warmup=(4, 0.9): each step's update equals the simulation's, its bytes are those of the ratio in force
+    (``Config.worker_at``: the payload of every variable, its finiteness flag and the 4-byte marker), and
+    ``stats()`` reports that ratio."""
+    variables = make_variables()
+    compression = htc.Compression("topk:0.3", error_feedback=True, variables=variables, dense_below=0,
+                                  warmup=(4, 0.9))
+    sim = Simulation("topk:0.3", error_feedback=True, n=1, warmup=(4, 0.9))
+    names, sizes = names_of(variables), [int(np.prod(v.shape)) for v in variables]
+    for step in range(6):
+        x, y = batch(step, 0)
+        with tf.GradientTape() as tape:
+            loss = loss_of(variables, x, y, True)
+        grads = tape.gradient(loss, variables)
+        sent = [compression.compress(g) for g in grads]
+        got = [compression.decompress(hvd.allreduce(m, op=hvd.Average), ctx) for m, ctx in sent]
+        expected = sim.step([dict(zip(names, grads))])
+        if not all(np.array_equal(g.numpy(), expected[n].numpy()) for g, n in zip(got, names)):
+            return f"step {step}: differs from the simulation"
+        worker, stats = compression.config.worker_at(step), compression.stats()
+        if stats["bytes_sent"] != sum(worker.wire_bytes(d, 8) + 1 + 4 for d in sizes):
+            return f"step {step}: {stats['bytes_sent']} bytes sent, expected those of {worker!r}"
+        if stats["worker_ratio"] != worker.ratio:
+            return f"step {step}: worker_ratio {stats['worker_ratio']}, in force {worker.ratio}"
+    return compression.stats()["worker_ratio"] == 0.3
+
+
 def tf_checkpoint_round_trip(tmp):
     """Compression is a tf.Module: tf.train.Checkpoint saves and restores this rank's buffers and steps."""
     variables = make_variables()
@@ -95,6 +122,7 @@ def main():
     checks = {
         "one_process_skips_compression": one_process_skips_compression(),
         "direct_calls_equal_simulation": direct_calls_equal_simulation(),
+        "warmup_payloads_shrink_step_by_step": warmup_payloads_shrink_step_by_step(),
         "tf_checkpoint_round_trip": tf_checkpoint_round_trip(sys.argv[1]),
         "keras3_refused": refuses(keras3_variables, ValueError, "TF_USE_LEGACY_KERAS=1"),
         "no_variables": refuses(lambda: htc.Compression("topk:0.1"), ValueError, "needs variables="),
@@ -102,6 +130,8 @@ def main():
                                 TypeError, "gradients must be floating point"),
         "bad_spec": refuses(lambda: htc.Compression("topk:2.5", variables=make_variables()), ValueError,
                             "ratio must be a number in (0, 1], got 2.5"),
+        "dense_warmup": refuses(lambda: htc.Compression("topk:0.1", variables=make_variables(), warmup=(3, "dense")),
+                                ValueError, "the dense warm-up (1-bit Adam's) is in the PyTorch plug-in only"),
         "k_too_big": refuses(lambda: htc.Compression("topk:k=7", variables=make_variables(), dense_below=0).compress(
             tf.zeros([4])), ValueError, "k=7 is larger than the tensor's 4 elements"),
     }
