@@ -10,6 +10,7 @@ Class constants follow the first seed's table (Beznosikov et al., "On biased com
 learning"): ``U(zeta)`` unbiased with E||C(x)||^2 <= zeta ||x||^2, ``B1(alpha, beta)``, ``B2(gamma, beta)``
 and ``B3(delta)``. Constants of random compressors hold in expectation.
 """
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -106,7 +107,7 @@ class _Sparsifier(Compressor):
     def __init__(self, ratio=None, k=None):
         self.ratio, self.k = _check_ratio_k(ratio, k)
 
-    k_of = None   # a rule d -> k that replaces ratio= and k= (see in_force_by)
+    k_of = None   # a rule d -> k that replaces ratio= and k= (see with_k_of)
 
     def k_for(self, d):
         if self.k_of is not None:
@@ -459,6 +460,23 @@ class Config:
         return _warming(self.server, self.warmup, step)
 
 
+    def in_force_by(self, look_up):
+        """The worker and server compressors at a step that only a framework knows (in TensorFlow, a value in
+        the graph), for a warm-up of the ratio: sparsifiers that keep, of d coordinates, ``look_up(ks)``, ks
+        being their k at each step of the warm-up and then their own (look_up picks the step's, e.g. with a
+        gather in the graph); without a warm-up, the compressors themselves."""
+        steps = self.warmup[0]
+        if not steps:
+            return self.worker, self.server
+
+        def warming(c, schedule):
+            if c is None or ratio_of(c) is None:
+                return c
+            return with_k_of(c, functools.lru_cache(None)(
+                lambda d: look_up([sparsifier_of(schedule(t)).k_for(d) for t in range(steps + 1)])))
+        return warming(self.worker, self.worker_at), warming(self.server, self.server_at)
+
+
 def _warming(c, warmup, step):
     steps, first = warmup
     if step >= steps:
@@ -479,9 +497,9 @@ def ratio_of(c):
     return sparsifier_of(c).ratio if c.sparsifies else None
 
 
-def in_force_by(c, k_of):
+def with_k_of(c, k_of):
     """A copy of c whose sparsifier keeps ``k_of(d)`` of d coordinates, where k_of may return a framework's
-    scalar tensor: in TensorFlow the warm-up's ratio in force depends on the step, a value in the graph."""
+    scalar tensor (``Config.in_force_by``)."""
     return _with_sparsifier(c, k_of=k_of)
 
 

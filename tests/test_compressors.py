@@ -876,6 +876,26 @@ def test_warmup_holds_for_the_server_pass():
     assert isinstance(dense.server_at(9), Identity) and dense.server_at(10) is onebit
     assert Config(worker, True, None, warmup=check_warmup(100, worker)).server_at(0) is None
 
+
+def test_warmup_at_a_step_a_framework_looks_up():
+    """``Config.in_force_by``: the compressors whose k, for any d, is what ``look_up`` picks of the schedule's
+    (TensorFlow gathers it at the step in its graph): the k of ``worker_at`` / ``server_at`` at that step."""
+    from hvd_compress.compressors import Config, check_warmup, parse, sparsifier_of
+    worker = parse("topk:0.01+natural")
+    for server in [parse("0.5*randk:0.02"), parse("onebit"), None]:
+        config = Config(worker, True, server, warmup=check_warmup(20, worker))
+        for step in (0, 7, 19, 20, 25):
+            in_force = config.in_force_by(lambda ks: ks[min(step, 20)])
+            for c, expected in zip(in_force, (config.worker_at(step), config.server_at(step))):
+                if expected is None or not expected.sparsifies:
+                    assert c is (server if expected is not None else None)
+                    continue
+                assert type(c) is type(expected)
+                for d in (1, 50, 1000, 70_000):
+                    assert sparsifier_of(c).k_for(d) == sparsifier_of(expected).k_for(d)
+                    assert c.wire_layout(d) == expected.wire_layout(d)
+    assert Config(worker, True, None).in_force_by(None) == (worker, None)
+
 def test_a_wrapped_compressor_keeps_its_seed():
     """seed= of a RandK inside Scaled or Compose changes the draws as it does alone (it was ignored)."""
     from hvd_compress.compressors import Compose, Natural, RandK, Scaled

@@ -365,15 +365,15 @@ def test_unpack_of_unknown_length_in_graph():
 
 @pytest.mark.parametrize("name", [name for name, c in ALL.items() if c.sparsifies and _fixed_k(c) is None])
 def test_k_given_in_the_graph_gives_the_same_bytes(name):
-    """A warm-up's sparsifier keeps k(d) coordinates with k a tensor (``compressors.in_force_by``): the payload's
+    """A warm-up's sparsifier keeps k(d) coordinates with k a tensor (``compressors.with_k_of``): the payload's
     parts and the composition's second stage have no static length then, and the bytes and C(x) are those of the
     compressor with that k, across index blocks of 2^16 elements too."""
-    from hvd_compress.compressors import in_force_by, sparsifier_of
+    from hvd_compress.compressors import sparsifier_of, with_k_of
     c = ALL[name]
 
     @tf.function(jit_compile=False)
     def compress(x, k):
-        warming = in_force_by(c, lambda d: k)
+        warming = with_k_of(c, lambda d: k)
         d = x.shape[0]
         data = TK.pack(warming, TK.encode(warming, x, (KEY, 2)), d)
         return data, TK.decode(warming, TK.unpack(warming, data, d, x.dtype), d, (KEY, 2), x.dtype)

@@ -41,7 +41,6 @@ import numpy as np
 import tensorflow as tf
 import horovod.tensorflow as hvd
 
-from .. import compressors as C
 from .. import options
 from .. import transport as T
 from ..bucket import Bucket, Pending, plan
@@ -277,26 +276,10 @@ class Compression(CompressionBase, tf.Module):
         return self._compressors[1]
 
     def _in_force(self, step):
-        """The worker and server compressors at ``step``, a value in the graph: during a warm-up, sparsifiers
-        whose k for d elements is looked up in a table of the warm-up's steps (``Config.worker_at`` and
-        ``server_at``), so that payloads shrink step by step as in PyTorch (their length is not static)."""
-        steps = self.config.warmup[0]
-        if not steps:
-            return self.config.worker, self.config.server
-        at = tf.minimum(step, steps)
-
-        def warming(c, schedule):
-            if c is None or C.ratio_of(c) is None:
-                return c
-            tables = {}
-
-            def k_of(d):
-                if d not in tables:
-                    ks = [C.sparsifier_of(schedule(t)).k_for(d) for t in range(steps + 1)]
-                    tables[d] = tf.gather(tf.constant(ks, tf.int32), at)
-                return tables[d]
-            return C.in_force_by(c, k_of)
-        return warming(self.config.worker, self.config.worker_at), warming(self.config.server, self.config.server_at)
+        """The worker and server compressors at ``step``, a value in the graph: during a warm-up, their k is
+        looked up there, so that payloads shrink step by step as in PyTorch (their length is not static)."""
+        at = tf.minimum(step, self.config.warmup[0])
+        return self.config.in_force_by(lambda ks: tf.gather(tf.constant(ks, tf.int32), at))
 
     def _seed_step(self):
         return self._now[0]

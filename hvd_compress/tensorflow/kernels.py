@@ -2,7 +2,7 @@
 
 The same functions, payload parts and byte format as ``hvd_compress/torch/kernels.py``, in pure TensorFlow ops:
 everything traces inside ``tf.function`` (and XLA) with static shapes, ``d`` a Python int taken from a tensor's
-static shape. Except during a warm-up, where a sparsifier's k is a scalar tensor (``compressors.in_force_by``)
+static shape. Except during a warm-up, where a sparsifier's k is a scalar tensor (``compressors.with_k_of``)
 and so are the lengths that follow from it (the kept values, a composition's second stage, the payload's
 parts). No tensor value decides a Python branch.
 
