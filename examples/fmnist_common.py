@@ -20,7 +20,7 @@ def parse_args(description, argv=None, progress_bar="tqdm", transport=False):
     p.add_argument("--error-feedback", action="store_true", help="keep and re-add the compression error")
     p.add_argument("--server", default="", help='compressor spec for the server pass ("" = none)')
     if transport:
-        choices = ["allgather", "allreduce", "sharded", "dense", "auto"] + (["hierarchical"] if transport is True else [])
+        choices = ["allgather", "allreduce", "sharded", "dense", "hierarchical", "auto"]
         p.add_argument("--transport", default=None, choices=choices,
                        help="how payloads travel (default: allreduce if summable, else allgather; hierarchical: "
                             "exact inside a node, compressed between nodes)")

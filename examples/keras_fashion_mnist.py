@@ -2,8 +2,8 @@
 
     horovodrun -np 2 python examples/keras_fashion_mnist.py --compressor topk:0.01 --error-feedback
 
-The Keras twin of examples/pytorch_fashion_mnist.py: same flags (but for the PyTorch plug-in's --bucket-mb
-and hierarchical transport), same model, same sharding, same output.
+The Keras twin of examples/pytorch_fashion_mnist.py: same flags (but for the PyTorch plug-in's --bucket-mb),
+same model, same sharding, same output.
 Gradients are combined by ``horovod.tensorflow.keras.DistributedOptimizer`` on tf-keras (the default here),
 or by ``hvd_compress.keras.DistributedOptimizer`` on Keras 3 (run with ``TF_USE_LEGACY_KERAS=0``). With
 ``--compressor none`` (no error feedback, no server pass) hvd_compress is not used at all: the run is Horovod's
@@ -62,7 +62,8 @@ class EpochReport(tf.keras.callbacks.Callback):
 
 def main():
     args = parse_args(__doc__, progress_bar="Keras", transport="tensorflow")
-    hvd.init()
+    # the hierarchical transport adds a process set per node and per local rank at its first step
+    hvd.init(process_sets="dynamic" if args.transport == "hierarchical" else None)
     device = setup_devices(hvd_tf)
     tf.keras.utils.set_random_seed(args.seed)     # same initial weights everywhere (broadcast anyway)
     rank0 = hvd.rank() == 0

@@ -3,8 +3,7 @@
     horovodrun -np 2 python examples/tensorflow_fashion_mnist.py --compressor topk:0.01 --error-feedback
 
 The TensorFlow twin of examples/pytorch_fashion_mnist.py: same flags (but for the PyTorch plug-in's
---bucket-mb and hierarchical transport), same model, same sharding, same output. Gradients are
-combined by ``hvd.DistributedGradientTape`` inside a ``tf.function`` training step.
+--bucket-mb), same model, same sharding, same output. Gradients are combined by ``hvd.DistributedGradientTape`` inside a ``tf.function`` training step.
 With ``--compressor none`` (no error feedback, no server pass) hvd_compress is not used at all: the run is
 Horovod's own dense fp32 allreduce, the baseline the compressed runs are compared with.
 """
@@ -68,7 +67,8 @@ def train_epoch(train_step, optimizer, n, epoch, steps, args, progress):
 
 def main():
     args = parse_args(__doc__, transport="tensorflow")
-    hvd.init()
+    # the hierarchical transport adds a process set per node and per local rank at its first step
+    hvd.init(process_sets="dynamic" if args.transport == "hierarchical" else None)
     device = setup_devices(hvd)
     tf.keras.utils.set_random_seed(args.seed)     # same initial weights everywhere (broadcast anyway)
     rank0 = hvd.rank() == 0

@@ -366,8 +366,9 @@ class Hierarchical(_Transport):
             bucket.inner.transport.encode(across, q, e_in, e_out)
             slices.append(q)
         flags = ops.wait(ops.allgather(ops.flags([q.stats for q in slices]), f"hc.f.{bucket.id}", nodes.local))
-        for p, q, bad in zip(members, slices, ops.count_flags(ops.rows(flags, nodes.local_size), len(slices))):
-            q.stats = ops.mark_not_finite(q.stats, bad)
+        bad = ops.count_flags(ops.rows(flags, nodes.local_size), len(slices))
+        for j, (p, q) in enumerate(zip(members, slices)):
+            q.stats = ops.mark_not_finite(q.stats, bad[j])
             p.stats, p.worker_error = q.stats, q.worker_error
         bucket.inner.reset()
         bucket.inner.launched = slices

@@ -146,6 +146,63 @@ def test_matches_simulation_and_replicas_identical(request, n, case):
         assert stats["total_bytes_sent"] > case["steps"] * stats["bytes_sent"]   # the first payloads were larger
 
 
+def _node_cases():
+    """transport="hierarchical" on 2 nodes x 2 ranks (the PyTorch plug-in's node cases): every compressor with
+    DoubleSqueeze, Top-k with error feedback, sign plain, and the options around it; 6 steps."""
+    node, steps = {"transport": "hierarchical", "local_size": 2, "extra_every_step": True}, 6
+    cases = [{**c, **node, "id": c["id"] + "/hierarchical"} for c in cases_of_every_compressor_and_mode(steps)
+             if "k=" not in c["compressor"] and ("server" in c or c["id"] in ("topk:0.3/ef", "sign/plain"))]
+    ds = {**DS, **node, "steps": steps}
+    return cases + [
+        {**ds, "id": "hierarchical/dense_below=16", "dense_below": 16},
+        {**ds, "id": "hierarchical/warmup=3/randk", "warmup": [3, 0.9], "compressor": "randk:0.3"},
+        {**ds, "id": "hierarchical/momentum=0.9/no masking/clip=4", "momentum": 0.9, "momentum_masking": False,
+         "clip": 4.0},
+    ]
+
+
+NODE_CASES = _node_cases()
+NODE_CHECKPOINT = {**DS, "id": "ckpt/hierarchical", "transport": "hierarchical", "local_size": 2, "checkpoint": True}
+
+
+@pytest.fixture(scope="module")
+def tf_two_nodes(tmp_path_factory):
+    """One launch on two "nodes" of 2 ranks on this machine (Horovod's local ranks; dynamic process sets)."""
+    out = tmp_path_factory.mktemp("tfnodes")
+    (out / "cases.json").write_text(json.dumps(NODE_CASES + [NODE_CHECKPOINT]))
+    proc = launch(4, DISTRIBUTED / "tf_worker.py", out / "cases.json", out, hosts="localhost:2,127.0.0.1:2",
+                  env={"HOROVOD_DYNAMIC_PROCESS_SETS": "1"}, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    ranks = []
+    for r in range(4):
+        with open(out / f"rank{r}.pkl", "rb") as f:
+            ranks.append(pickle.load(f))
+    return ranks, result_line(proc)
+
+
+@pytest.mark.parametrize("case", NODE_CASES, ids=[c["id"] for c in NODE_CASES])
+def test_hierarchical_on_two_nodes_matches_simulation(tf_two_nodes, case):
+    from tf_common import names_of, train_reference
+    ranks, _ = tf_two_nodes
+    reference = train_reference(case, 4, case["steps"])
+    for name, v in zip(names_of(reference), reference):
+        for r in range(1, 4):
+            assert np.array_equal(ranks[r][case["id"]][name], ranks[0][case["id"]][name]), f"rank {r}: {name}"
+        err = np.abs(ranks[0][case["id"]][name] - v.numpy()).max()
+        assert err <= 1e-9 * max(1.0, np.abs(v.numpy()).max()), f"{name}: off by {err}"
+    stats = ranks[0][case["id"]]["_stats"]
+    assert set(stats["transports"].values()) == ({"hierarchical", "dense"} if case.get("dense_below") else
+                                                 {"hierarchical"}), stats["transports"]
+    assert stats.keys() == TORCH_STATS_KEYS and stats["steps"] == case["steps"]
+
+
+def test_hierarchical_checkpoint_resumes_equal(tf_two_nodes):
+    """state_dict() at step 10 (each rank's slice of its error buffers, the server slices of node 0's ranks),
+    loaded on every rank, then 10 steps: equal to 20 straight."""
+    _, report = tf_two_nodes
+    assert report == {NODE_CHECKPOINT["id"]: {"parameters_equal": True, "error_buffers_equal": True}}
+
+
 def test_process_set_of_2_of_3_ranks_equals_the_simulation_of_2(tmp_path):
     """hvd.DistributedGradientTape(process_set=) on ranks 1 and 2 of 3: the Compression takes the tape's set at
     the first step, every collective runs on it (allgather and allreduce payloads, the root's broadcast from

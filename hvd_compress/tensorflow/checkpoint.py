@@ -9,7 +9,7 @@ from .. import agreement
 def state_dict(comp):
     comp._settle()
     server = {n: comp._server_part(n, d.numpy()) for n, d in zip(comp.names, comp.server_error)}
-    mine = ({n: e.numpy() for n, e in zip(comp.names, comp.worker_error)},
+    mine = ({n: e.numpy()[comp._worker_slice(n)] for n, e in zip(comp.names, comp.worker_error)},
             {n: d for n, d in server.items() if d is not None},
             {n: u.numpy() for n, u in zip(comp.names, comp.velocity)})
     everyone, server_error = comp._gather_state(mine)
@@ -24,8 +24,10 @@ def load_state_dict(comp, state):
     agreement.check_state(state, comp.fingerprint(), comp.size())
     comp._load_plan(state)
     comp._bound = False   # buckets formed again at the next step
-    for name, e in zip(comp.names, comp.worker_error):
-        e.assign(state["worker_error"][comp.rank()][name])
+    for name, e in zip(comp.names, comp.worker_error):   # hierarchical: this rank's slice, the rest zero
+        value = np.zeros(e.shape, e.dtype.as_numpy_dtype)
+        value[comp._worker_slice(name)] = state["worker_error"][comp.rank()][name]
+        e.assign(value)
     for name, u in zip(comp.names, comp.velocity):
         u.assign(state["velocity"][comp.rank()][name])
     for name, d in zip(comp.names, comp.server_error):   # this rank's part, the rest zero

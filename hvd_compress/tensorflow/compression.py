@@ -67,7 +67,7 @@ class Compression(CompressionBase, tf.Module):
         root_rank: the rank whose server payload every rank applies.
         seed: base of the seeds of random compressors.
         transport, link_gbps, dense_below: as in the PyTorch plug-in: how payloads travel ("allgather",
-            "allreduce", "sharded", "dense", "auto"; not yet "hierarchical"; None: allreduce for summable
+            "allreduce", "sharded", "dense", "hierarchical", "auto"; None: allreduce for summable
             payloads, else allgather),
             the link "auto" prices them with (None: measured at the first step), and the size under which a
             variable's gradient travels uncompressed in Horovod's allreduce (0: compress every variable).
@@ -105,9 +105,6 @@ class Compression(CompressionBase, tf.Module):
                              f"create the Compression on the set's ranks only")
         self.process_set = process_set   # None until the first step takes the tape's or optimizer's
         self._bound = False
-        if transport == "hierarchical":
-            raise ValueError("transport 'hierarchical' is in the PyTorch plug-in only so far; in TensorFlow use "
-                             "'allgather', 'allreduce', 'sharded', 'dense' or 'auto'")
         self.config, self._link = options.config_of(compressor, error_feedback, server, transport, link_gbps,
                                                     momentum, warmup, clip, momentum_masking, nesterov)
         if self.config.warmup[1] == "dense":
@@ -197,10 +194,12 @@ class Compression(CompressionBase, tf.Module):
             p.bytes_sent = self.sizes[name] * tensor.dtype.size
             return (tensor if x is g else tf.reshape(tf.cast(x, tensor.dtype), tensor.shape)), ctx
         bucket = self._buckets[name]
+        mine = None if e_in is None else e_in[self._worker_slice(name)]   # hierarchical: this rank's slice
         try:
-            bucket.transport.encode(self, p, e_in, True if e_in is not None else None)
+            bucket.transport.encode(self, p, mine, True if e_in is not None else None)
         except ValueError as err:
-            where = f" (one of its {self.size()} slices, transport 'sharded')" if how == "sharded" else ""
+            slices = {"sharded": self.size(), "hierarchical": self.nodes and self.nodes.local_size}.get(how)
+            where = f" (one of its {slices} slices, transport {how!r})" if slices else ""
             raise ValueError(f"variable {name!r}{where}: {err}") from None
         if self.config.momentum and self.config.momentum_masking:   # factor masking: the sent coordinates leave u
             p.velocity = tf.where(tf.equal(p.worker_error, x + e_in), p.velocity, tf.zeros_like(p.velocity))
@@ -250,12 +249,10 @@ class Compression(CompressionBase, tf.Module):
                     return tf.identity(update)
             norms = [p.stats[0], p.stats[1], tf.constant(0.0, tf.float64)]
             if self.config.error_feedback:
-                assigns += [self.worker_error_before[i].assign(e_in), self.worker_error[i].assign(p.worker_error)]
+                new = _placed(e_in, self._worker_slice(name), p.worker_error)
+                assigns += [self.worker_error_before[i].assign(e_in), self.worker_error[i].assign(new)]
             if p.server_error is not None:
-                new = p.server_error
-                if p.transport == "sharded":   # this rank's slice of d
-                    part = self._server_slice(name)
-                    new = tf.concat([d_in[:part.start], new, d_in[part.stop:]], 0)
+                new = _placed(d_in, self._server_slice(name), p.server_error)
                 assigns += [self.server_error_before[i].assign(d_in), self.server_error[i].assign(new)]
                 norms[2] = p.server_stats[0]
             assigns.append(self.last[i].assign(tf.stack(norms)))
@@ -298,10 +295,19 @@ class Compression(CompressionBase, tf.Module):
         return (g + self.config.momentum * velocity if self.config.nesterov else velocity), velocity
 
     def _server_slice(self, name):
-        """Where this rank's part of a server buffer lies in it (sharded: its slice)."""
+        """Where this rank's part of a server buffer lies in it (sharded: its slice; hierarchical: that of its
+        local rank)."""
         if self._transports.get(name) == "sharded":
             b = T.bounds(self.sizes[name], self.size())
             return slice(b[self.rank()], b[self.rank() + 1])
+        return self._worker_slice(name)
+
+    def _worker_slice(self, name):
+        """Where this rank's part of a worker buffer lies in it (hierarchical: the slice of the node's average
+        that its local rank compresses)."""
+        if self._transports.get(name) == "hierarchical":
+            b, j = T.bounds(self.sizes[name], self.nodes.local_size), self.nodes.local_rank
+            return slice(b[j], b[j + 1])
         return slice(None)
 
     def _spare_buffer(self, kind, name, like):
@@ -403,6 +409,13 @@ class Compression(CompressionBase, tf.Module):
                 "total_bytes_sent": int(sent_total.sum()),
                 "total_dense_bytes": sum(b * s for b, s in zip(dense, steps)),
                 "buckets": [[n] for n in self._buckets]}
+
+
+def _placed(whole, part, piece):
+    """``whole`` with ``piece`` in its ``part`` (a slice; all of it: piece itself)."""
+    if part == slice(None):
+        return piece
+    return tf.concat([whole[:part.start], piece, whole[part.stop:]], 0)
 
 
 def _in_force(undone, before, now):

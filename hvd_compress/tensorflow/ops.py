@@ -6,6 +6,7 @@ import tensorflow as tf
 import horovod.tensorflow as hvd
 
 from .. import compressors as C
+from .. import nodes
 from .. import transport as T
 from . import kernels as K
 
@@ -85,6 +86,11 @@ def unpack_exact(data, size, out):
         idx = K.index_from_wire(_from_bytes(data[start:start + 2 * count], count, tf.int16), below)
         return tf.tensor_scatter_nd_update(tf.zeros([size], dtype), tf.reshape(idx, [-1, 1]), values)
     return tf.cond(count < 0, lambda: _from_bytes(data[4:4 + size * dtype.size], size, dtype), sparse)
+
+
+def mark_not_finite(stats, count):
+    """A piece's stats, marked not finite where ``count`` (of ranks whose piece was not) is nonzero."""
+    return tf.stack([stats[0], stats[1], tf.minimum(stats[2], tf.cast(tf.equal(count, 0), stats.dtype))])
 
 
 def combine_stats(stats):
@@ -186,6 +192,13 @@ def slowest(values, name, process_set):
 
 def global_process_set():
     return hvd.global_process_set
+
+
+def barrier_at_exit():
+    nodes.barrier_at_exit(lambda: hvd.allreduce(tf.constant(0.0), name="hc.exit_barrier"))
+
+
+node_place, process_sets = nodes.place, nodes.process_sets
 
 
 def allgather_now(array, name, process_set):

@@ -1,15 +1,14 @@
 """What the shared transports (``hvd_compress/bucket.py``) need from PyTorch: the kernels and Horovod's
 asynchronous collectives. ``out=`` arguments are written in place and returned; new errors go into the
 preallocated buffer given as ``e_out`` (the spare half of a double buffer)."""
-import atexit
 import functools
 import os
-import sys
 import time
 
 import torch
 import horovod.torch as hvd
 
+from .. import nodes
 from .. import transport as T
 from . import kernels as K
 
@@ -225,54 +224,10 @@ def global_process_set():
 
 
 def barrier_at_exit():
-    """At the interpreter's exit (before Horovod's own shutdown, registered earlier), wait for every rank,
-    unless an uncaught exception ends this one. Needed once some collectives run on a node's ranks only: the
-    ranks of a node that finishes its last step first would otherwise shut Horovod down under the others,
-    still in that step's last node-local collective."""
-    if getattr(barrier_at_exit, "registered", False):
-        return
-    barrier_at_exit.registered = True
-    failed, previous = [], sys.excepthook
-
-    def hook(*args):
-        failed.append(True)
-        previous(*args)
-
-    def barrier():
-        if not failed and hvd.is_initialized():
-            hvd.barrier()
-
-    sys.excepthook = hook
-    atexit.register(barrier)
+    nodes.barrier_at_exit(hvd.barrier)
 
 
-def node_place():
-    """(this rank's node, its local rank, whether Horovod runs with dynamic process sets), as Horovod knows
-    them."""
-    return hvd.cross_rank(), hvd.local_rank(), os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS") == "1"
-
-
-def process_sets(rank_lists, dynamic):
-    """Horovod's process sets of these ranks: the global one, one registered already (``hvd.init(process_sets=
-    [...])``), or a new one, added on every rank in this order; ``dynamic``: whether every rank runs with
-    dynamic process sets (known alike on every rank, so that all refuse alike)."""
-    from horovod.common.process_sets import ProcessSet, _basics
-    known = {tuple(sorted(ranks)): id for id, ranks in _basics._get_process_set_ids_and_ranks().items()}
-    missing = [ranks for ranks in rank_lists if tuple(sorted(ranks)) not in known]
-    if missing and not dynamic:
-        raise ValueError(f"transport 'hierarchical' needs process sets of ranks {missing}: start Horovod with "
-                         f"hvd.init(process_sets='dynamic') on every rank (or HOROVOD_DYNAMIC_PROCESS_SETS=1), or "
-                         f"register them at hvd.init(process_sets=[...])")
-    made = {}
-    for ranks in rank_lists:
-        key = tuple(sorted(ranks))
-        if key not in made:
-            if key in known:
-                made[key] = hvd.global_process_set if known[key] == 0 else ProcessSet(list(key))
-                made[key].process_set_id = known[key]
-            else:
-                made[key] = hvd.add_process_set(list(key))
-    return [made[tuple(sorted(ranks))] for ranks in rank_lists]
+node_place, process_sets = nodes.place, nodes.process_sets
 
 
 def allgather_now(array, name, process_set):

@@ -50,7 +50,7 @@ def train_reference(case, n, steps, start=0, variables=None, sim=None):
     link = Link.gbit(case["link_gbps"]) if case.get("link_gbps") else None
     sim = sim or Simulation(case["compressor"], case.get("error_feedback", False), case.get("server"), n=n,
                             transport=case.get("transport"), link=link, dense_below=case.get("dense_below", 0),
-                            **dgc_options(case))
+                            local_size=case.get("local_size", 1), **dgc_options(case))
     names = names_of(variables)
     for step in range(start, start + steps):
         grads = []
