@@ -464,9 +464,10 @@ class Config:
         """The worker and server compressors at a step that only a framework knows (in TensorFlow, a value in
         the graph), for a warm-up of the ratio: sparsifiers that keep, of d coordinates, ``look_up(ks)``, ks
         being their k at each step of the warm-up and then their own (look_up picks the step's, e.g. with a
-        gather in the graph); without a warm-up, the compressors themselves."""
+        gather in the graph); without a warm-up of the ratio, the compressors themselves (a dense warm-up is the
+        framework's to switch to)."""
         steps = self.warmup[0]
-        if not steps:
+        if not steps or self.warmup[1] == "dense":
             return self.worker, self.server
 
         def warming(c, schedule):

@@ -49,6 +49,8 @@ MOMENTUM = [
     {**DS, "id": "momentum=0.9/no masking/sign", "momentum": 0.9, "momentum_masking": False, "compressor": "sign"},
     {**DS, "id": "clip=4/momentum=0.9/nesterov", "clip": 4.0, "momentum": 0.9, "nesterov": True},
     {**DS, "id": "clip=4/sharded/dense_below=16", "clip": 4.0, "transport": "sharded", "dense_below": 16},
+]
+WARMUP = [
     # warm-up of the ratio: 0.9 -> 0.3 over 8 of the 12 steps (the payloads' lengths change every step), with the
     # server's Top-k 50% warming alike; sharded with Rand-k, the allreduce of shared Rand-k, a composition
     {**DS, "id": "warmup=8/momentum=0.9", "warmup": [8, 0.9], "momentum": 0.9},
@@ -56,6 +58,10 @@ MOMENTUM = [
     {**DS, "id": "warmup=8/randk:0.3,shared", "warmup": [8, 0.9], "compressor": "randk:0.3,shared"},
     {**DS, "id": "warmup=8/topk:0.3+natural/no server", "warmup": [8, 0.9], "compressor": "topk:0.3+natural",
      "server": None},
+    # 1-bit Adam's warm-up: 8 steps uncompressed (server pass included), then the compressors (a tf.cond)
+    {**DS, "id": "warmup=8,dense", "warmup": [8, "dense"]},
+    {**DS, "id": "warmup=8,dense/sharded/natural", "warmup": [8, "dense"], "compressor": "natural",
+     "transport": "sharded"},
 ]
 # the first with per-variable step counts that differ (the head's gradient is None on odd steps)
 CHECKPOINTS = [{**DS, "id": "ckpt/topk-ds", "checkpoint": True, "extra_every_step": False},
@@ -70,15 +76,15 @@ CHECKPOINTS = [{**DS, "id": "ckpt/topk-ds", "checkpoint": True, "extra_every_ste
 # n-rank path), sharded for the same four, and four of the options' cases. HVD_COMPRESS_TF_MATRIX=all: every
 # compressor x mode x transport on 2 and 3 ranks (README, Tests).
 if os.environ.get("HVD_COMPRESS_TF_MATRIX") == "all":
-    CASES_2 = CASES + SHARDED + TRANSPORTS + MOMENTUM
-    CASES_3 = CASES + SHARDED + TRANSPORTS + MOMENTUM
+    CASES_2 = CASES + SHARDED + TRANSPORTS + MOMENTUM + WARMUP
+    CASES_3 = CASES + SHARDED + TRANSPORTS + MOMENTUM + WARMUP
 else:
     FEW = ("topk:0.3/", "randk:0.3,shared/", "sign/", "natural/")   # sharded by default: these compressors
     CASES_2 = CASES + [c for c in SHARDED if "/ef/" not in c["id"] and c["id"].startswith(FEW)] + TRANSPORTS + \
-        MOMENTUM
+        MOMENTUM + WARMUP
     CASES_3 = [c for c in CASES if "/doublesqueeze" in c["id"]] + \
         [c for c in SHARDED if "/doublesqueeze" in c["id"] and c["id"].startswith(FEW)] + \
-        MOMENTUM[:2] + MOMENTUM[-6:]
+        MOMENTUM[:2] + MOMENTUM[-2:] + WARMUP
 # Grappler, TensorFlow's graph optimizer, is much of a step function's first call: on 3 ranks it is off (the
 # launch took 117-121 s instead of 141-158). The 2-rank launch checks every case with its rewrites, as users run.
 CASES_3 = [{**c, "grappler": False} for c in CASES_3]
@@ -142,7 +148,8 @@ def test_matches_simulation_and_replicas_identical(request, n, case):
         assert how == {case.get("transport") or ("allreduce" if ",shared" in case["compressor"] or
                                                  case["compressor"] == "none" else "allgather")}, how
     if case.get("warmup"):   # the warm-up is over: the ratios in force are the compressors' own
-        assert stats["worker_ratio"] == 0.3 and stats["server_ratio"] == (0.5 if case["server"] else None)
+        assert stats["worker_ratio"] == (None if case["compressor"] == "natural" else 0.3)
+        assert stats["server_ratio"] == (0.5 if case["server"] else None)
         assert stats["total_bytes_sent"] > case["steps"] * stats["bytes_sent"]   # the first payloads were larger
 
 

@@ -81,7 +81,7 @@ class Compression(CompressionBase, tf.Module):
             optimizer must then have no momentum of its own: a Keras optimizer that has is refused at the first
             step. During the warm-up k changes from step to step, and so does the length of the payloads: the
             step function must not be compiled by XLA then (Horovod's ops are not anyway). 1-bit Adam's warm-up,
-            ``warmup=(steps, "dense")``, is PyTorch's only so far.
+            ``warmup=(steps, "dense")``, sends the first steps uncompressed, as in PyTorch.
         nonfinite: what a step does when some rank's gradient holds NaN or Inf. "skip" (as stock Horovod,
             whose averaged gradient is then non-finite too): that variable's gradient, and those reduced
             after it, are NaN on every rank, so that a loss-scaling optimizer skips the step; no buffer of
@@ -107,9 +107,6 @@ class Compression(CompressionBase, tf.Module):
         self._bound = False
         self.config, self._link = options.config_of(compressor, error_feedback, server, transport, link_gbps,
                                                     momentum, warmup, clip, momentum_masking, nesterov)
-        if self.config.warmup[1] == "dense":
-            raise ValueError(f"warmup={warmup!r}: the dense warm-up (1-bit Adam's) is in the PyTorch plug-in only "
-                             f"so far; in TensorFlow use warmup=steps or (steps, first ratio)")
         self.dense_below, self.nonfinite = options.check(dense_below, nonfinite)
         if variables is None:
             raise ValueError("Compression needs variables=model.trainable_variables (in the order Horovod "
@@ -273,9 +270,14 @@ class Compression(CompressionBase, tf.Module):
         return self._compressors[1]
 
     def _in_force(self, step):
-        """The worker and server compressors at ``step``, a value in the graph: during a warm-up, their k is
-        looked up there, so that payloads shrink step by step as in PyTorch (their length is not static)."""
-        at = tf.minimum(step, self.config.warmup[0])
+        """The worker and server compressors at ``step``, a value in the graph: during a warm-up of the ratio,
+        their k is looked up there, so that payloads shrink step by step as in PyTorch (their length is not
+        static); with a dense warm-up, ``ops.Either`` of the warm-up's compressors and the configured ones."""
+        steps, first = self.config.warmup
+        if first == "dense":
+            return tuple(c and ops.Either(step < steps, at(0), c) for c, at in
+                         ((self.config.worker, self.config.worker_at), (self.config.server, self.config.server_at)))
+        at = tf.minimum(step, steps)
         return self.config.in_force_by(lambda ks: tf.gather(tf.constant(ks, tf.int32), at))
 
     def _seed_step(self):

@@ -11,9 +11,51 @@ from .. import transport as T
 from . import kernels as K
 
 
+class Either:
+    """The compressor in force during a dense warm-up (``warmup=(steps, "dense")``): ``warm`` (uncompressed)
+    while ``flag``, a boolean in the graph, holds, else ``c``. The kernels below choose between the two with a
+    ``tf.cond``; the transports' collectives stay outside the conds, the same on every rank whichever is in
+    force (with Horovod's ops inside a cond's branches, steps of several variables hung)."""
+
+    def __init__(self, flag, warm, c):
+        self.flag, self.warm, self.c = flag, warm, c
+
+    def wire_bytes(self, d, value_itemsize=4):
+        return tf.where(self.flag, self.warm.wire_bytes(d, value_itemsize), self.c.wire_bytes(d, value_itemsize))
+
+    def layout(self, d):   # (checks d for both)
+        self.warm.layout(d)
+        return self.c.layout(d)
+
+
+def _either(c, run):
+    """run(c): a tuple of tensors or None; for an Either, each tensor chosen in the graph (None where both
+    give None)."""
+    if not isinstance(c, Either):
+        return run(c)
+    absent = []
+
+    def branch(chosen):
+        def run_chosen():
+            out = run(chosen)
+            absent[:] = [t is None for t in out]
+            return [tf.zeros([0]) if t is None else t for t in out]
+        return run_chosen
+    out = tf.cond(c.flag, branch(c.warm), branch(c.c))
+    return tuple(None if none else t for t, none in zip(out, absent))
+
+
 def step(c, x, e_in, e_out, seed):
     """(parts, stats, new error) with x = g + e_in: the PyTorch kernels' contract (stats = float64
-    [||x - C(x)||^2, ||x||^2, 1.0 if x is finite else 0.0]), the new error only where e_out is given."""
+    [||x - C(x)||^2, ||x||^2, 1.0 if x is finite else 0.0]), the new error only where e_out is given. For an
+    Either, parts is the first part alone (the values, all a transport reads of parts)."""
+    if isinstance(c, Either):
+        first, stats, left = _either(c, lambda c: _step(c, x, e_in, e_out, seed, first_part=True))
+        return [first], stats, left
+    return _step(c, x, e_in, e_out, seed)
+
+
+def _step(c, x, e_in, e_out, seed, first_part=False):
     if e_in is not None:
         x = x + e_in
     d = numel(x)
@@ -22,26 +64,30 @@ def step(c, x, e_in, e_out, seed):
     stats = tf.stack([tf.reduce_sum(tf.square(tf.cast(left, tf.float64))),
                       tf.reduce_sum(tf.square(tf.cast(x, tf.float64))),
                       tf.cast(tf.reduce_all(tf.math.is_finite(x)), tf.float64)])
-    return parts, stats, (left if e_out is not None else None)
+    return parts[0] if first_part else parts, stats, (left if e_out is not None else None)
 
 
 def packed_step(comp, c, key, x, e_in, e_out, seed):
-    parts, stats, left = step(c, x, e_in, e_out, seed)
-    return K.pack(c, parts, numel(x)), stats, left
+    def packed(c):
+        parts, stats, left = _step(c, x, e_in, e_out, seed)
+        return K.pack(c, parts, numel(x)), stats, left
+    return _either(c, packed)
 
 
 def decode_mean(c, rows, d, seed, out):
     """(sum_j decode(row_j)) / n, summed in rank order on every rank (bit-identical replicas)."""
-    total = None
-    for row in rows:
-        decoded = K.decode(c, K.unpack(c, row, d, out.dtype), d, seed, out.dtype)
-        total = decoded if total is None else total + decoded
-    # a true division: in a graph, Grappler turns "/ n" into "* (1/n)", one ulp off the simulation's
-    return tf.math.divide_no_nan(total, tf.constant(len(rows), out.dtype))
+    def mean(c):
+        total = None
+        for row in rows:
+            decoded = K.decode(c, K.unpack(c, row, d, out.dtype), d, seed, out.dtype)
+            total = decoded if total is None else total + decoded
+        # a true division: in a graph, Grappler turns "/ n" into "* (1/n)", one ulp off the simulation's
+        return (tf.math.divide_no_nan(total, tf.constant(len(rows), out.dtype)),)
+    return _either(c, mean)[0]
 
 
 def decode_values(c, values, d, seed, out):
-    return K.decode(c, [values], d, seed, out.dtype)
+    return _either(c, lambda c: (K.decode(c, [values], d, seed, out.dtype),))[0]
 
 
 def _bytes(t):

@@ -130,8 +130,6 @@ def main():
                                 TypeError, "gradients must be floating point"),
         "bad_spec": refuses(lambda: htc.Compression("topk:2.5", variables=make_variables()), ValueError,
                             "ratio must be a number in (0, 1], got 2.5"),
-        "dense_warmup": refuses(lambda: htc.Compression("topk:0.1", variables=make_variables(), warmup=(3, "dense")),
-                                ValueError, "the dense warm-up (1-bit Adam's) is in the PyTorch plug-in only"),
         "k_too_big": refuses(lambda: htc.Compression("topk:k=7", variables=make_variables(), dense_below=0).compress(
             tf.zeros([4])), ValueError, "k=7 is larger than the tensor's 4 elements"),
     }
