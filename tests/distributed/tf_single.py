@@ -34,21 +34,25 @@ def one_process_skips_compression():
     return same and compression.stats()["steps"] == 0 and compression.stats()["total_bytes_sent"] == 0
 
 
+def direct_step_equals_simulation(compression, sim, variables, step):
+    """One step by direct compress() / decompress() calls: whether every update equals the simulation's."""
+    x, y = batch(step, 0)
+    with tf.GradientTape() as tape:
+        loss = loss_of(variables, x, y, True)
+    grads = tape.gradient(loss, variables)
+    sent = [compression.compress(g) for g in grads]
+    got = [compression.decompress(hvd.allreduce(m, op=hvd.Average), ctx) for m, ctx in sent]
+    expected = sim.step([dict(zip(names_of(variables), grads))])
+    return all(np.array_equal(g.numpy(), expected[n].numpy()) for g, n in zip(got, names_of(variables)))
+
+
 def direct_calls_equal_simulation():
     variables = make_variables()
     compression = htc.Compression("randk:0.4", error_feedback=True, server="natural", variables=variables,
                                   dense_below=0)
     sim = Simulation("randk:0.4", error_feedback=True, server="natural", n=1)
-    names = names_of(variables)
     for step in range(3):
-        x, y = batch(step, 0)
-        with tf.GradientTape() as tape:
-            loss = loss_of(variables, x, y, True)
-        grads = tape.gradient(loss, variables)
-        sent = [compression.compress(g) for g in grads]
-        got = [compression.decompress(hvd.allreduce(m, op=hvd.Average), ctx) for m, ctx in sent]
-        expected = sim.step([dict(zip(names, grads))])
-        if not all(np.array_equal(g.numpy(), expected[n].numpy()) for g, n in zip(got, names)):
+        if not direct_step_equals_simulation(compression, sim, variables, step):
             return f"step {step}: differs from the simulation"
     return compression.stats()["steps"] == 3
 
@@ -61,16 +65,9 @@ def warmup_payloads_shrink_step_by_step():
     compression = htc.Compression("topk:0.3", error_feedback=True, variables=variables, dense_below=0,
                                   warmup=(4, 0.9))
     sim = Simulation("topk:0.3", error_feedback=True, n=1, warmup=(4, 0.9))
-    names, sizes = names_of(variables), [int(np.prod(v.shape)) for v in variables]
+    sizes = [int(np.prod(v.shape)) for v in variables]
     for step in range(6):
-        x, y = batch(step, 0)
-        with tf.GradientTape() as tape:
-            loss = loss_of(variables, x, y, True)
-        grads = tape.gradient(loss, variables)
-        sent = [compression.compress(g) for g in grads]
-        got = [compression.decompress(hvd.allreduce(m, op=hvd.Average), ctx) for m, ctx in sent]
-        expected = sim.step([dict(zip(names, grads))])
-        if not all(np.array_equal(g.numpy(), expected[n].numpy()) for g, n in zip(got, names)):
+        if not direct_step_equals_simulation(compression, sim, variables, step):
             return f"step {step}: differs from the simulation"
         worker, stats = compression.config.worker_at(step), compression.stats()
         if stats["bytes_sent"] != sum(worker.wire_bytes(d, 8) + 1 + 4 for d in sizes):
