@@ -3,7 +3,8 @@
     horovodrun -np 2 python examples/tensorflow_fashion_mnist.py --compressor topk:0.01 --error-feedback
 
 The TensorFlow twin of examples/pytorch_fashion_mnist.py: same flags (but for the PyTorch plug-in's
---bucket-mb), same model, same sharding, same output. Gradients are combined by ``hvd.DistributedGradientTape`` inside a ``tf.function`` training step.
+--bucket-mb), same model, same sharding, same output. Gradients are combined by
+``hvd.DistributedGradientTape`` inside a ``tf.function`` training step.
 With ``--compressor none`` (no error feedback, no server pass) hvd_compress is not used at all: the run is
 Horovod's own dense fp32 allreduce, the baseline the compressed runs are compared with.
 """

@@ -459,7 +459,6 @@ class Config:
             return self.server
         return _warming(self.server, self.warmup, step)
 
-
     def in_force_by(self, look_up):
         """The worker and server compressors at a step that only a framework knows (in TensorFlow, a value in
         the graph), for a warm-up of the ratio: sparsifiers that keep, of d coordinates, ``look_up(ks)``, ks

@@ -29,8 +29,8 @@ def test_tensorflow_example_with_momentum_correction(tmp_path):
     out = tmp_path / "run.json"
     proc = launch(2, ROOT / "examples" / "tensorflow_fashion_mnist.py", "--compressor", "topk:0.05",
                   "--error-feedback", "--momentum-correction", "--no-momentum-masking", "--nesterov", "--clip", "5",
-                  "--warmup", "10", "--dense-below", "0", "--epochs", "1", "--train-limit", "3000", "--test-limit", "1000",
-                  "--no-progress", "--check-replicas", "--json", out)
+                  "--warmup", "10", "--dense-below", "0", "--epochs", "1", "--train-limit", "3000",
+                  "--test-limit", "1000", "--no-progress", "--check-replicas", "--json", out)
     assert proc.returncode == 0, proc.stdout[-5000:]
     assert "replicas identical: True" in proc.stdout
     assert "momentum_correction on (no factor masking)  nesterov  warmup 10 steps" in proc.stdout, proc.stdout[-3000:]

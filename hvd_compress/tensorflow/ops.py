@@ -15,7 +15,7 @@ class Either:
     """The compressor in force during a dense warm-up (``warmup=(steps, "dense")``): ``warm`` (uncompressed)
     while ``flag``, a boolean in the graph, holds, else ``c``. The kernels below choose between the two with a
     ``tf.cond``; the transports' collectives stay outside the conds, the same on every rank whichever is in
-    force (with Horovod's ops inside a cond's branches, steps of several variables hung)."""
+    force (a run with whole exchanges, Horovod's ops included, in the branches of one cond hung)."""
 
     def __init__(self, flag, warm, c):
         self.flag, self.warm, self.c = flag, warm, c
