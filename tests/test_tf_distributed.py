@@ -75,11 +75,12 @@ CHECKPOINTS = [{**DS, "id": "ckpt/topk-ds", "checkpoint": True, "extra_every_ste
 # slice), the other transports and Deep Gradient Compression's options; on 3 ranks the DoubleSqueeze mode (every
 # n-rank path), sharded for the same four, and four of the options' cases. HVD_COMPRESS_TF_MATRIX=all: every
 # compressor x mode x transport on 2 and 3 ranks (README, Tests).
-if os.environ.get("HVD_COMPRESS_TF_MATRIX") == "all":
+EVERY = os.environ.get("HVD_COMPRESS_TF_MATRIX") == "all"
+FEW = ("topk:0.3/", "randk:0.3,shared/", "sign/", "natural/")   # by default sharded (and hierarchical): these
+if EVERY:
     CASES_2 = CASES + SHARDED + TRANSPORTS + MOMENTUM + WARMUP
     CASES_3 = CASES + SHARDED + TRANSPORTS + MOMENTUM + WARMUP
 else:
-    FEW = ("topk:0.3/", "randk:0.3,shared/", "sign/", "natural/")   # sharded by default: these compressors
     CASES_2 = CASES + [c for c in SHARDED if "/ef/" not in c["id"] and c["id"].startswith(FEW)] + TRANSPORTS + \
         MOMENTUM + WARMUP
     CASES_3 = [c for c in CASES if "/doublesqueeze" in c["id"]] + \
@@ -154,11 +155,13 @@ def test_matches_simulation_and_replicas_identical(request, n, case):
 
 
 def _node_cases():
-    """transport="hierarchical" on 2 nodes x 2 ranks (the PyTorch plug-in's node cases): every compressor with
-    DoubleSqueeze, Top-k with error feedback, sign plain, and the options around it; 6 steps."""
-    node, steps = {"transport": "hierarchical", "local_size": 2, "extra_every_step": True}, 6
+    """transport="hierarchical" on 2 nodes x 2 ranks: the four compressors of FEW with DoubleSqueeze (every
+    compressor with HVD_COMPRESS_TF_MATRIX=all), Top-k with error feedback, sign plain, and the options around
+    it; 6 steps, Grappler off (as on 3 ranks)."""
+    node, steps = {"transport": "hierarchical", "local_size": 2, "extra_every_step": True, "grappler": False}, 6
     cases = [{**c, **node, "id": c["id"] + "/hierarchical"} for c in cases_of_every_compressor_and_mode(steps)
-             if "k=" not in c["compressor"] and ("server" in c or c["id"] in ("topk:0.3/ef", "sign/plain"))]
+             if "k=" not in c["compressor"] and ("server" in c and (EVERY or c["id"].startswith(FEW))
+                                                 or c["id"] in ("topk:0.3/ef", "sign/plain"))]
     ds = {**DS, **node, "steps": steps}
     return cases + [
         {**ds, "id": "hierarchical/dense_below=16", "dense_below": 16},
