@@ -896,6 +896,7 @@ def test_warmup_at_a_step_a_framework_looks_up():
                     assert c.wire_layout(d) == expected.wire_layout(d)
     assert Config(worker, True, None).in_force_by(None) == (worker, None)
 
+
 def test_a_wrapped_compressor_keeps_its_seed():
     """seed= of a RandK inside Scaled or Compose changes the draws as it does alone (it was ignored)."""
     from hvd_compress.compressors import Compose, Natural, RandK, Scaled

@@ -58,7 +58,7 @@ WARMUP = [
     {**DS, "id": "warmup=8/randk:0.3,shared", "warmup": [8, 0.9], "compressor": "randk:0.3,shared"},
     {**DS, "id": "warmup=8/topk:0.3+natural/no server", "warmup": [8, 0.9], "compressor": "topk:0.3+natural",
      "server": None},
-    # 1-bit Adam's warm-up: 8 steps uncompressed (server pass included), then the compressors (a tf.cond)
+    # 1-bit Adam's warm-up: 8 steps uncompressed (server pass included), then the compressors (ops.Either)
     {**DS, "id": "warmup=8,dense", "warmup": [8, "dense"]},
     {**DS, "id": "warmup=8,dense/sharded/natural", "warmup": [8, "dense"], "compressor": "natural",
      "transport": "sharded"},
@@ -73,8 +73,8 @@ CHECKPOINTS = [{**DS, "id": "ckpt/topk-ds", "checkpoint": True, "extra_every_ste
 # compressor x mode on the built-in transport, sharded for four compressors (sparse, summable, bits, codes) in
 # the modes that take its two paths (plain: the exact average travels; DoubleSqueeze: the server pass on each
 # slice), the other transports and Deep Gradient Compression's options; on 3 ranks the DoubleSqueeze mode (every
-# n-rank path), sharded for the same four, and four of the options' cases. HVD_COMPRESS_TF_MATRIX=all: every
-# compressor x mode x transport on 2 and 3 ranks (README, Tests).
+# n-rank path), sharded for the same four, four of the options' cases and the warm-ups. HVD_COMPRESS_TF_MATRIX=all:
+# every compressor x mode x transport on 2 and 3 ranks (README, Tests).
 EVERY = os.environ.get("HVD_COMPRESS_TF_MATRIX") == "all"
 FEW = ("topk:0.3/", "randk:0.3,shared/", "sign/", "natural/")   # by default sharded (and hierarchical): these
 if EVERY:
