@@ -67,7 +67,7 @@ def _random_indices(d, k, seed):
     return tf.sort(tf.math.top_k(_uniform(d, tf.float64, seed), k, sorted=False).indices)
 
 
-def _numel(x):
+def numel(x):
     """x's number of elements: a Python int where the shape is static, else a scalar tensor (a warm-up's
     payloads: k changes from step to step)."""
     d = x.shape.num_elements()
@@ -78,7 +78,7 @@ def _numel(x):
 
 def pack_bits(bits):
     """bool tensor of d -> uint8 tensor of ceil(d/8), 8 flags per byte (little-endian bit order)."""
-    d = _numel(bits)
+    d = numel(bits)
     padded = tf.pad(tf.cast(tf.reshape(bits, [-1]), tf.int32), [[0, (d + 7) // 8 * 8 - d]])
     weights = tf.constant([1, 2, 4, 8, 16, 32, 64, 128], tf.int32)
     return tf.cast(tf.reduce_sum(tf.reshape(padded, [-1, 8]) * weights, axis=1), tf.uint8)
@@ -102,7 +102,7 @@ def _scatter(idx, values, d):
 def _topk_encode(c, x, seed):
     # indices in increasing order: top_k(sorted=False) orders them one way in TensorFlow's kernel and
     # another under XLA, and the order decides which random draw a Compose's second stage spends on which value
-    idx = tf.sort(tf.math.top_k(tf.abs(x), c.k_for(_numel(x)), sorted=False).indices)
+    idx = tf.sort(tf.math.top_k(tf.abs(x), c.k_for(numel(x)), sorted=False).indices)
     return [idx, tf.gather(x, idx)]
 
 
@@ -111,11 +111,11 @@ def _randk_indices(c, d, seed):
 
 
 def _randk_encode(c, x, seed):
-    d = _numel(x)
+    d = numel(x)
     idx = _randk_indices(c, d, seed)
     values = tf.gather(x, idx)
     if c.unbiased:
-        # d / k rounded in float64 as Python divides, then to x's dtype (k may be a tensor: see _numel)
+        # d / k rounded in float64 as Python divides, then to x's dtype (k may be a tensor: see numel)
         values = values * tf.cast(_div(tf.cast(d, tf.float64), tf.cast(c.k_for(d), tf.float64)), x.dtype)
     return [values] if c.shared else [idx, values]
 
@@ -171,7 +171,7 @@ def _natural_encode(c, x, seed):
     if c.deterministic:
         up = fraction >= 2 ** (mbits - 1)                  # mantissa >= 0.75 in frexp's terms (ties go up)
     else:                                                  # P(up) = (|x| - low) / low: unbiased
-        up = _uniform(_numel(x), x.dtype, seed) < tf.cast(fraction, x.dtype) * tf.constant(2.0 ** -mbits, x.dtype)
+        up = _uniform(numel(x), x.dtype, seed) < tf.cast(fraction, x.dtype) * tf.constant(2.0 ** -mbits, x.dtype)
     exp = low_exp + tf.cast(up, tf.int32)
     top = tf.reduce_max(tf.where(nonzero, exp, tf.fill(tf.shape(exp), tf.constant(tf.int32.min, tf.int32))))
     top = tf.where(tf.reduce_any(nonzero), top, tf.zeros_like(top))
@@ -191,7 +191,7 @@ def _natural_decode(c, parts, d, seed, dtype):
 
 
 def _sign_encode(c, x, seed):
-    d = _numel(x)
+    d = numel(x)
     return [tf.reshape(_div(tf.reduce_sum(tf.abs(x)), tf.cast(d, x.dtype)), [1]), pack_bits(x < 0)]
 
 
@@ -201,7 +201,7 @@ def _sign_decode(c, parts, d, seed):
 
 
 def _onebit_encode(c, x, seed):
-    d = _numel(x)
+    d = numel(x)
     negative = x < 0
     n_neg = tf.reduce_sum(tf.cast(negative, tf.int64))
     zeros = tf.zeros_like(x)
@@ -224,7 +224,7 @@ def _qsgd_encode(c, x, seed):
     norm = peak * tf.sqrt(tf.reduce_sum(tf.square(_div(x, peak))))
     scaled = _div(tf.abs(x), tf.where(norm > 0, norm, tf.ones_like(norm))) * tf.constant(c.levels, x.dtype)
     lower = tf.floor(scaled)
-    level = lower + tf.cast(_uniform(_numel(x), x.dtype, seed) < scaled - lower, x.dtype)
+    level = lower + tf.cast(_uniform(numel(x), x.dtype, seed) < scaled - lower, x.dtype)
     signed = tf.cast(tf.where(x < 0, -level, level), tf.int8 if c.levels <= 127 else tf.int16)
     return [tf.reshape(norm, [1]), signed]
 
@@ -364,7 +364,7 @@ def apply(c, x, seed=0):
     """C(x) for a tensor of any (static) shape, returned in x's dtype."""
     x = tf.convert_to_tensor(x)
     flat = tf.reshape(tf.cast(x, compute_dtype(x.dtype)), [-1])
-    d = _numel(x)
+    d = numel(x)
     out = decode(c, encode(c, flat, seed), d, seed, flat.dtype)
     return tf.reshape(tf.cast(out, x.dtype), x.shape)
 

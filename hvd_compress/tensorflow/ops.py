@@ -49,13 +49,17 @@ def step(c, x, e_in, e_out, seed):
     """(parts, stats, new error) with x = g + e_in: the PyTorch kernels' contract (stats = float64
     [||x - C(x)||^2, ||x||^2, 1.0 if x is finite else 0.0]), the new error only where e_out is given. For an
     Either, parts is the first part alone (the values, all a transport reads of parts)."""
-    if isinstance(c, Either):
-        first, stats, left = _either(c, lambda c: _step(c, x, e_in, e_out, seed, first_part=True))
-        return [first], stats, left
-    return _step(c, x, e_in, e_out, seed)
+    if not isinstance(c, Either):
+        return _step(c, x, e_in, e_out, seed)
+
+    def first_part(c):
+        parts, stats, left = _step(c, x, e_in, e_out, seed)
+        return parts[0], stats, left
+    first, stats, left = _either(c, first_part)
+    return [first], stats, left
 
 
-def _step(c, x, e_in, e_out, seed, first_part=False):
+def _step(c, x, e_in, e_out, seed):
     if e_in is not None:
         x = x + e_in
     d = numel(x)
@@ -64,7 +68,7 @@ def _step(c, x, e_in, e_out, seed, first_part=False):
     stats = tf.stack([tf.reduce_sum(tf.square(tf.cast(left, tf.float64))),
                       tf.reduce_sum(tf.square(tf.cast(x, tf.float64))),
                       tf.cast(tf.reduce_all(tf.math.is_finite(x)), tf.float64)])
-    return parts[0] if first_part else parts, stats, (left if e_out is not None else None)
+    return parts, stats, (left if e_out is not None else None)
 
 
 def packed_step(comp, c, key, x, e_in, e_out, seed):
@@ -168,9 +172,7 @@ def flat(t):
     return tf.reshape(t, [-1])
 
 
-def numel(t):
-    d = t.shape.num_elements()
-    return d if d is not None else tf.size(t)
+numel = K.numel
 
 
 def itemsize(t):
