@@ -331,8 +331,7 @@ class Hierarchical(_Transport):
 
     def error_part(self, comp, work):
         """The part of a tensor this rank keeps an error buffer for: its slice."""
-        b = T.bounds(comp.ops.numel(work), comp.nodes.local_size)
-        return work[b[comp.nodes.local_rank]:b[comp.nodes.local_rank + 1]]
+        return work[comp._slice_of("hierarchical", comp.ops.numel(work))]
 
     def encode(self, comp, p, e_in, e_out):
         """Only check the slices (every rank alike, so a refusal is every rank's); x is known after the

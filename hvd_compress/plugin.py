@@ -81,17 +81,23 @@ class CompressionBase:
                 server[name] = self.ops.concat_state(pieces)
         return everyone, server
 
+    def _slice_of(self, how, d):
+        """The slice of a tensor of d elements that is this rank's under transport ``how``: of the ranks
+        ("sharded"), of its node's ranks ("hierarchical"), or all of it."""
+        if how == "sharded":
+            b, j = T.bounds(d, self.size()), self.rank()
+        elif how == "hierarchical":
+            b, j = T.bounds(d, self.nodes.local_size), self.nodes.local_rank
+        else:
+            return slice(None)
+        return slice(b[j], b[j + 1])
+
     def _server_part(self, name, whole):
         """This rank's part of a saved server buffer: the root's whole one, a slice of it (sharded, and
         hierarchical on the ranks that run its server passes), or None."""
         how = self._transports.get(name)
-        if how == "sharded":
-            b = T.bounds(len(whole), self.size())
-            return whole[b[self.rank()]:b[self.rank() + 1]]
-        if how == "hierarchical":
-            b, j = T.bounds(len(whole), self.nodes.local_size), self.nodes.local_rank
-            return whole[b[j]:b[j + 1]] if self.rank() in self.nodes.servers else None
-        return whole if self.rank() == self.root_rank else None
+        holds = {"sharded": True, "hierarchical": self.nodes and self.rank() in self.nodes.servers}
+        return whole[self._slice_of(how, len(whole))] if holds.get(how, self.rank() == self.root_rank) else None
 
     def _saved_link(self):
         return self._link and (self._link.bandwidth, self._link.latency)

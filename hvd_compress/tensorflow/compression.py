@@ -42,7 +42,6 @@ import tensorflow as tf
 import horovod.tensorflow as hvd
 
 from .. import options
-from .. import transport as T
 from ..bucket import Bucket, Pending, plan
 from ..plugin import CompressionBase
 from . import checkpoint, horovod
@@ -299,18 +298,13 @@ class Compression(CompressionBase, tf.Module):
     def _server_slice(self, name):
         """Where this rank's part of a server buffer lies in it (sharded: its slice; hierarchical: that of its
         local rank)."""
-        if self._transports.get(name) == "sharded":
-            b = T.bounds(self.sizes[name], self.size())
-            return slice(b[self.rank()], b[self.rank() + 1])
-        return self._worker_slice(name)
+        return self._slice_of(self._transports.get(name), self.sizes[name])
 
     def _worker_slice(self, name):
         """Where this rank's part of a worker buffer lies in it (hierarchical: the slice of the node's average
         that its local rank compresses)."""
-        if self._transports.get(name) == "hierarchical":
-            b, j = T.bounds(self.sizes[name], self.nodes.local_size), self.nodes.local_rank
-            return slice(b[j], b[j + 1])
-        return slice(None)
+        how = self._transports.get(name)
+        return self._slice_of(how, self.sizes[name]) if how == "hierarchical" else slice(None)
 
     def _spare_buffer(self, kind, name, like):
         return True   # TensorFlow: the new buffer is a new tensor, assigned when the step commits
