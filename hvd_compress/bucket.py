@@ -344,8 +344,7 @@ class Hierarchical(_Transport):
 
     def start(self, comp, bucket, members):
         bucket.sizes = [comp.ops.numel(p.work) for p in members]
-        bucket.handle = comp.ops.allreduce_mean(comp.ops.cat([p.work for p in members], keep=bucket),
-                                                f"hc.n.{bucket.id}", comp.nodes.local)
+        bucket.handle = comp.ops.node_mean([p.work for p in members], f"hc.n.{bucket.id}", comp.nodes, bucket)
 
     def receive(self, comp, bucket):
         """The node's average; this rank's slice of it compressed and exchanged between nodes; per tensor,
@@ -356,12 +355,15 @@ class Hierarchical(_Transport):
         if bucket.inner is None or bucket.inner.names != tuple(names):
             bucket.across = _Across(comp, {key: p.name for key, p in zip(names, members)})
             bucket.inner = Bucket(f"{bucket.id}.x", names, inner)
-        across, average, offset, slices = bucket.across, bucket.take(ops, "handle"), 0, []
-        for p, key, size in zip(members, names, bucket.sizes):
-            whole = average[offset:offset + size]
+        ranges, offset = [], 0
+        for size in bucket.sizes:
+            mine = comp._slice_of("hierarchical", size)
+            ranges.append((offset + mine.start, offset + mine.stop))
             offset += size
+        across, slices = bucket.across, []
+        for p, key, work in zip(members, names, ops.node_mean_of(bucket.take(ops, "handle"), ranges)):
             e_in, e_out = p.errors
-            q = Pending(key, inner, None, p.grad_dtype, 0, work=self.error_part(comp, whole))
+            q = Pending(key, inner, None, p.grad_dtype, 0, work=work)
             bucket.inner.transport.encode(across, q, e_in, e_out)
             slices.append(q)
         flags = ops.wait(ops.allgather(ops.flags([q.stats for q in slices]), f"hc.f.{bucket.id}", nodes.local))
@@ -415,7 +417,7 @@ class Bucket:
     def __init__(self, id, names, transport):
         self.id, self.names, self.kind = id, tuple(names), transport
         self.transport = TRANSPORTS[transport]
-        self.send = None
+        self.send = self.node_rows = None   # kept from step to step (node_rows: hierarchical, in shared memory)
         self.across = self.inner = None   # hierarchical: the exchange between nodes
         self.reset()
 

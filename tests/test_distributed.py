@@ -156,6 +156,7 @@ def _node_cases():
         {**ds, "id": "hierarchical/warmup=3/randk", "warmup": [3, 0.9], "compressor": "randk:0.3"},
         {**ds, "id": "hierarchical/clip=5", "clip": 5.0},
         {**ds, "id": "hierarchical/momentum=0.9/no masking", "momentum": 0.9, "momentum_masking": False},
+        {**ds, "id": "hierarchical/node average by Horovod", "env": {"HVD_COMPRESS_NODE_MEMORY": "0"}},
         {**ds, "id": "hierarchical/state_dict at 3, resumed", "resume_at": 3},
         {**ds, "id": "hierarchical/state_dict at 3, resumed, randk no server", "resume_at": 3,
          "compressor": "randk:0.3", "server": None},
@@ -175,7 +176,10 @@ def two_nodes_run(tmp_path_factory):
 @pytest.mark.parametrize("case", NODE_CASES, ids=[c["id"] for c in NODE_CASES])
 def test_hierarchical_on_two_nodes_matches_simulation(two_nodes_run, case):
     check_against_simulation(*two_nodes_run, case)
-    assert set(two_nodes_run[1][0][case["id"]]["_stats"]["transports"].values()) <= {"hierarchical", "dense"}
+    result = two_nodes_run[1][0][case["id"]]
+    assert set(result["_stats"]["transports"].values()) <= {"hierarchical", "dense"}
+    # CPU tensors: each node averages in shared memory unless told not to (then Horovod's allreduce)
+    assert result["_node_rows"] == [case.get("env") is None] * len(result["_stats"]["buckets"])
 
 
 STAGED_IDS = ["topk:0.3/doublesqueeze", "randk:0.3,shared/doublesqueeze", "sign/ef/sharded",

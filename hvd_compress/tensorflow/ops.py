@@ -216,6 +216,16 @@ def allreduce_mean(t, name, process_set):
     return hvd.allreduce(t, op=hvd.Average, name=name, process_set=process_set)
 
 
+def node_mean(tensors, name, nodes, keep):
+    """The exact average of a bucket's tensors over this rank's node (Horovod's allreduce; the PyTorch
+    plug-in averages CPU tensors in shared memory)."""
+    return allreduce_mean(cat(tensors), name, nodes.local)
+
+
+def node_mean_of(average, ranges):
+    return [average[a:b] for a, b in ranges]
+
+
 def alltoall(t, splits, name, process_set):
     # (splits may be tensors: a warm-up's payload lengths change from step to step)
     return hvd.alltoall(t, splits=tf.convert_to_tensor(splits, tf.int32), name=name, process_set=process_set)[0]

@@ -11,6 +11,7 @@ import horovod.torch as hvd
 from .. import nodes
 from .. import transport as T
 from . import kernels as K
+from . import node_memory
 
 POLL_S = 5e-5   # between polls of a collective's handle (see wait)
 
@@ -193,10 +194,33 @@ def broadcast(t, root, name, process_set):
     return _start(hvd.broadcast_async_, t, root, name=name, process_set=process_set, in_place=True)
 
 
+def node_mean(tensors, name, nodes, keep):
+    """Start the exact average of a bucket's tensors over this rank's node: in shared memory for CPU tensors
+    (``node_memory``), else Horovod's allreduce of their concatenation."""
+    rows = None
+    if tensors[0].device.type == "cpu":
+        rows = node_memory.rows_for(keep, tensors, nodes, name,
+                                    lambda failed, key: slowest([float(failed)], key, nodes.local)[0] > 0)
+    if rows is None:
+        return allreduce_mean(cat(tensors, keep=keep), name, nodes.local)
+    torch.cat(tensors, out=rows[nodes.local_rank])
+    return node_memory.Written(rows, allreduce_mean(torch.zeros(1), name, nodes.local), nodes.local_rank)
+
+
+def node_mean_of(average, ranges):
+    """This rank's (start, stop) ranges of the node's average (``wait`` of ``node_mean``'s handle)."""
+    if isinstance(average, node_memory.Written):
+        return average.mean_of(ranges)
+    return [average[a:b] for a, b in ranges]
+
+
 def wait(handle):
     """The collective's result. Polled with short sleeps: ``hvd.synchronize`` alone spins on sched_yield, and
     where ranks share cores (4 Gloo ranks on 2 cores: a tiny allreduce took 21-50 ms, 5.7 ms polled) the
     spinning ranks starve the background threads that move the data."""
+    if isinstance(handle, node_memory.Written):
+        wait(handle.barrier)
+        return handle
     staging = handle if isinstance(handle, _Staged) else None
     if staging is not None:
         handle = staging.handle

@@ -37,6 +37,9 @@ CONFIGS = [
      "label": "Top-k 1% + EF, flat (sharded)"},
     {"name": "topk1%+EF hierarchical", "kind": "hc", "spec": "topk:0.01", "error_feedback": True,
      "transport": "hierarchical", "label": "Top-k 1% + EF, hierarchical"},
+    {"name": "topk1%+EF hierarchical, Horovod inside nodes", "kind": "hc", "spec": "topk:0.01", "error_feedback": True,
+     "transport": "hierarchical", "env": {"HVD_COMPRESS_NODE_MEMORY": "0"},
+     "label": "Top-k 1% + EF, hierarchical (node average by Horovod's allreduce)"},
     {"name": "DoubleSqueeze topk1% hierarchical", "kind": "hc", "spec": "topk:0.01", "error_feedback": True,
      "server": "topk:0.01", "transport": "hierarchical", "label": "DoubleSqueeze Top-k 1%, hierarchical"},
 ]

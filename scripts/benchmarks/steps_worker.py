@@ -248,6 +248,7 @@ def main():
             write()
             continue
         entry["compression"] = shown
+        os.environ.update(config.get("env", {}))   # e.g. HVD_COMPRESS_NODE_MEMORY=0, for this configuration only
         timer = Timed(compression)
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=plan["lr"]),
@@ -281,6 +282,8 @@ def main():
             entry.update(error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-3000:])
             log(f"{name}: FAILED {entry['error']}")
         report["configs"][name] = entry
+        for key in config.get("env", {}):
+            del os.environ[key]
         del model, opt, compression, timer
         write()
     barrier()

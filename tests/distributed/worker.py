@@ -24,6 +24,7 @@ def main(cases_path, out_dir):
     results = {"_where": {"host": socket.gethostname(), "local": (hvd.local_rank(), hvd.local_size()),
                           "cross": (hvd.cross_rank(), hvd.cross_size())}}
     for case in cases:
+        os.environ.update(case.get("env", {}))   # for this case only
         if case.get("resume_at"):   # state_dict() there, then a fresh model and Compression load it and go on
             model, compression = train_distributed(case, case["resume_at"])
             state, weights = compression.state_dict(), model.state_dict()
@@ -37,6 +38,10 @@ def main(cases_path, out_dir):
             model, compression = train_distributed(case, case["steps"])
         results[case["id"]] = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
         results[case["id"]]["_stats"] = compression.stats()
+        # hierarchical: which buckets the node averaged in shared memory
+        results[case["id"]]["_node_rows"] = [b.node_rows is not None for b in compression._buckets]
+        for key in case.get("env", {}):
+            del os.environ[key]
     torch.save(results, os.path.join(out_dir, f"rank{hvd.rank()}.pt"))
 
 
