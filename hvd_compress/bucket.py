@@ -360,8 +360,9 @@ class Hierarchical(_Transport):
             mine = comp._slice_of("hierarchical", size)
             ranges.append((offset + mine.start, offset + mine.stop))
             offset += size
-        across, slices = bucket.across, []
-        for p, key, work in zip(members, names, ops.node_mean_of(bucket.take(ops, "handle"), ranges)):
+        across, slices, bucket.ranges = bucket.across, [], ranges
+        bucket.average = bucket.take(ops, "handle")
+        for p, key, work in zip(members, names, ops.node_mean_of(bucket.average, ranges)):
             e_in, e_out = p.errors
             q = Pending(key, inner, None, p.grad_dtype, 0, work=work)
             bucket.inner.transport.encode(across, q, e_in, e_out)
@@ -389,6 +390,13 @@ class Hierarchical(_Transport):
         for p, q in zip(members, slices):
             p.bytes_sent += q.bytes_sent
             p.server_stats, p.server_error = q.server_stats, q.server_error
+        shared = ops.node_share(bucket.average, [q.update for q in slices], bucket.ranges, [p.work for p in members],
+                                f"hc.u.{bucket.id}", nodes)
+        bucket.average = None
+        if shared:   # averaged in shared memory: there the node's slices of the update met, and p.work holds them
+            for p in members:
+                p.update = p.work
+            return
         # the update of a slice is the average of a few sparse payloads (or one server payload): sent exact,
         # as its nonzeros where that is smaller, as the sharded transport does
         gathered = ops.wait(ops.allgather(ops.cat([ops.pack_exact(q.update) for q in slices]), f"hc.u.{bucket.id}",
@@ -424,8 +432,8 @@ class Bucket:
     def reset(self):
         """Forget the step (the send buffer is kept for the next one)."""
         self.arrived, self.launched = 0, None
-        self.handle = self.handle2 = self.received = None
-        self.sizes = self.sizes2 = None
+        self.handle = self.handle2 = self.received = self.average = None
+        self.sizes = self.sizes2 = self.ranges = None
 
     def take(self, ops, which):
         """Wait for one of the bucket's collectives and forget its handle (nothing is left in flight)."""

@@ -26,26 +26,41 @@ def enabled():
 
 
 class Written:
-    """This rank's row is written; once ``barrier`` (a collective of the node) is done, every row is."""
-    __slots__ = ("rows", "barrier", "local_rank")
+    """This rank's row is written; once ``barrier`` (a collective of the node) is done, every row is. Row L
+    (after the L ranks' rows) holds the node's average, then its update: slice j of it is local rank j's."""
+    __slots__ = ("rows", "barrier")
 
-    def __init__(self, rows, barrier, local_rank):
-        self.rows, self.barrier, self.local_rank = rows, barrier, local_rank
+    def __init__(self, rows, barrier):
+        self.rows, self.barrier = rows, barrier
 
     def mean_of(self, ranges):
-        """The node's average on each (start, stop) of this rank (in row 0, which only the rank owning a
-        range reads there): the rows summed in local-rank order, then divided, as the simulation does."""
-        rows, out = self.rows, []
+        """The node's average on each (start, stop) of this rank, in row L: the rows summed in local-rank
+        order, then divided, as the simulation does."""
+        rows, size, out = self.rows, self.rows.shape[0] - 1, []
         for a, b in ranges:
-            acc = rows[0, a:b]
-            for j in range(1, rows.shape[0]):
-                acc.add_(rows[j, a:b])
-            out.append(acc.div_(rows.shape[0]))
+            acc = rows[size, a:b]
+            if size == 1:
+                acc.copy_(rows[0, a:b])
+            else:
+                torch.add(rows[0, a:b], rows[1, a:b], out=acc)
+                for j in range(2, size):
+                    acc.add_(rows[j, a:b])
+                acc.div_(size)
+            out.append(acc)
         return out
+
+    def share(self, updates, ranges):
+        """This rank's slices of the update into row L (where they are not already: the transports decode
+        in place), before the barrier after which every rank reads the whole row."""
+        for update, (a, b) in zip(updates, ranges):
+            target = self.rows[-1, a:b]
+            if update.data_ptr() != target.data_ptr():
+                target.copy_(update)
+        return self.rows[-1]
 
 
 def rows_for(bucket, tensors, nodes, name, agree):
-    """The bucket's shared rows (local size x its elements), made at its first step or when its size
+    """The bucket's shared rows (local size + 1 rows of its elements), made at its first step or when its size
     changes; None where the node's ranks cannot share them (then Horovod's allreduce averages). ``agree(
     failed, name)``: whether any rank of the node failed (a collective of the node)."""
     size, dtype = sum(t.numel() for t in tensors), tensors[0].dtype
@@ -57,7 +72,7 @@ def rows_for(bucket, tensors, nodes, name, agree):
         return None
     _made[0] += 1
     path = f"/dev/shm/hvdc-{token}-{_made[0]}"
-    bucket.node_rows = rows = _map(path, (nodes.local_size, size), dtype, nodes, name, agree)
+    bucket.node_rows = rows = _map(path, (nodes.local_size + 1, size), dtype, nodes, name, agree)
     if rows is None:
         _tokens[nodes.local.process_set_id] = None
     return rows
@@ -92,7 +107,7 @@ def _map(path, shape, dtype, nodes, name, agree):
     try:
         if agree(reason is not None, f"{name}.mapped"):
             reason = reason or "another rank of this node could not map its segment"
-        elif agree(any(rows[j, 0] != j + 1 for j in range(shape[0])), f"{name}.shared"):
+        elif agree(any(rows[j, 0] != j + 1 for j in range(nodes.local_size)), f"{name}.shared"):
             reason = "the ranks Horovod places on this node do not share /dev/shm"
     finally:
         try:

@@ -204,7 +204,7 @@ def node_mean(tensors, name, nodes, keep):
     if rows is None:
         return allreduce_mean(cat(tensors, keep=keep), name, nodes.local)
     torch.cat(tensors, out=rows[nodes.local_rank])
-    return node_memory.Written(rows, allreduce_mean(torch.zeros(1), name, nodes.local), nodes.local_rank)
+    return node_memory.Written(rows, allreduce_mean(torch.zeros(1), name, nodes.local))
 
 
 def node_mean_of(average, ranges):
@@ -212,6 +212,21 @@ def node_mean_of(average, ranges):
     if isinstance(average, node_memory.Written):
         return average.mean_of(ranges)
     return [average[a:b] for a, b in ranges]
+
+
+def node_share(average, updates, ranges, outs, name, nodes):
+    """After a shared-memory average: the bucket's whole update, once every local rank's slices of it
+    (``updates`` on ``ranges``) are in, copied into ``outs`` (its tensors, back to back); False after Horovod's
+    average (the transport then allgathers)."""
+    if not isinstance(average, node_memory.Written):
+        return False
+    whole = average.share(updates, ranges)
+    wait(allreduce_mean(torch.zeros(1), name, nodes.local))
+    offset = 0
+    for out in outs:
+        out.copy_(whole[offset:offset + out.numel()])
+        offset += out.numel()
+    return True
 
 
 def wait(handle):
