@@ -327,7 +327,8 @@ class Hierarchical(_Transport):
     of the node's average (its error buffer is that slice's), the ranks of one local rank exchange these
     payloads as allgather or allreduce does between ranks (the server pass on the first node's rank), and
     each node allgathers its L slices of the update (exact, sparse where that is smaller). Only one node's
-    payloads (+ the server's) leave it."""
+    payloads (+ the server's) leave it. Where the framework's ops can (``ops.node_mean``, ``node_share``:
+    PyTorch's CPU tensors), both node phases go through shared memory instead of Horovod's collectives."""
 
     def error_part(self, comp, work):
         """The part of a tensor this rank keeps an error buffer for: its slice."""

@@ -17,7 +17,8 @@ Transports of one gradient tensor of d elements on n ranks (P: worker payload by
                rank j of every node compresses slice j of its node's average (L slices; error buffer: that
                slice's), the nodes exchange these payloads among the ranks of the same local rank as
                allgather / allreduce would (the server pass on node 0's rank of each slice), and each node
-               allgathers its L slices of the update. What leaves a node ~ one node's payload P (+ S),
+               allgathers its L slices of the update (PyTorch's CPU tensors: both node phases through shared
+               memory instead, ``torch/node_memory.py``). What leaves a node ~ one node's payload P (+ S),
                against L P for a flat transport; inside the node ~ 2 * 4d.
 
 allgather and allreduce give the same update; sharded compresses slice by slice (TopK keeps the top
