@@ -426,7 +426,8 @@ class Bucket:
     def __init__(self, id, names, transport):
         self.id, self.names, self.kind = id, tuple(names), transport
         self.transport = TRANSPORTS[transport]
-        self.send = self.node_rows = None   # kept from step to step (node_rows: hierarchical, in shared memory)
+        # kept from step to step (node_rows: hierarchical, in shared memory; False where its node cannot)
+        self.send = self.node_rows = None
         self.across = self.inner = None   # hierarchical: the exchange between nodes
         self.reset()
 

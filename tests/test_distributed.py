@@ -157,6 +157,9 @@ def _node_cases():
         {**ds, "id": "hierarchical/clip=5", "clip": 5.0},
         {**ds, "id": "hierarchical/momentum=0.9/no masking", "momentum": 0.9, "momentum_masking": False},
         {**ds, "id": "hierarchical/node average by Horovod", "env": {"HVD_COMPRESS_NODE_MEMORY": "0"}},
+        # rank 1 cannot make the segment: node 0 falls back to Horovod's allreduce, node 1 keeps shared memory
+        {**ds, "id": "hierarchical/node 0 cannot share memory", "node_rows": {0: False, 2: True},
+         "env_on_rank": {"1": {"HVD_COMPRESS_NODE_MEMORY_DIR": "/nonexistent"}}},
         {**ds, "id": "hierarchical/state_dict at 3, resumed", "resume_at": 3},
         {**ds, "id": "hierarchical/state_dict at 3, resumed, randk no server", "resume_at": 3,
          "compressor": "randk:0.3", "server": None},
@@ -178,8 +181,9 @@ def test_hierarchical_on_two_nodes_matches_simulation(two_nodes_run, case):
     check_against_simulation(*two_nodes_run, case)
     result = two_nodes_run[1][0][case["id"]]
     assert set(result["_stats"]["transports"].values()) <= {"hierarchical", "dense"}
-    # CPU tensors: each node averages in shared memory unless told not to (then Horovod's allreduce)
-    assert result["_node_rows"] == [case.get("env") is None] * len(result["_stats"]["buckets"])
+    # CPU tensors: each node averages in shared memory unless told not to or it cannot (then Horovod's allreduce)
+    for rank, shared in case.get("node_rows", {0: case.get("env") is None}).items():
+        assert two_nodes_run[1][rank][case["id"]]["_node_rows"] == [shared] * len(result["_stats"]["buckets"])
 
 
 STAGED_IDS = ["topk:0.3/doublesqueeze", "randk:0.3,shared/doublesqueeze", "sign/ef/sharded",

@@ -1,11 +1,13 @@
-"""A node's exact average of CPU tensors through shared memory (the hierarchical transport's first phase).
+"""The hierarchical transport's two phases inside a node, for CPU tensors, through shared memory.
 
 Each local rank writes its bucket into its row of a segment in /dev/shm that the node's ranks map, a 4-byte
 allreduce inside the node says that every row is written, and each rank then averages only its slices,
-reading the other rows where they lie. Horovod's allreduce inside a node moves every byte through sockets
-(Gloo) or the MPI library's buffers: 0.3-0.75 s for 100 MB on 2 ranks sharing 2 cores, where this reads and
-writes memory once. CGX averages inside a node through shared memory too. ``HVD_COMPRESS_NODE_MEMORY=0``
-turns it off (Horovod's allreduce then, as for tensors on a GPU)."""
+reading the other rows where they lie, into one more row; there the exchange between nodes decodes its slices
+of the update, and after another 4-byte allreduce every rank copies the whole row. Horovod's collectives
+inside a node move every byte through sockets (Gloo) or the MPI library's buffers: 0.3-0.75 s for averaging
+100 MB on 2 ranks sharing 2 cores, where this reads and writes memory once. CGX averages inside a node through
+shared memory too. ``HVD_COMPRESS_NODE_MEMORY=0`` turns it off (Horovod's collectives then, as for tensors on
+a GPU); ``HVD_COMPRESS_NODE_MEMORY_DIR`` names another directory than /dev/shm (a memory file system)."""
 import os
 import secrets
 import warnings
@@ -13,7 +15,7 @@ import warnings
 import torch
 import horovod.torch as hvd
 
-_tokens = {}      # process set id of a node -> the name its segments share, or None where refused
+_tokens = {}      # process set id of a node -> the name its segments share
 _made = [0]       # segments made by this process (every local rank makes them in the same order)
 
 
@@ -36,16 +38,16 @@ class Written:
     def mean_of(self, ranges):
         """The node's average on each (start, stop) of this rank, in row L: the rows summed in local-rank
         order, then divided, as the simulation does."""
-        rows, size, out = self.rows, self.rows.shape[0] - 1, []
+        rows, ranks, out = self.rows, self.rows.shape[0] - 1, []
         for a, b in ranges:
-            acc = rows[size, a:b]
-            if size == 1:
+            acc = rows[ranks, a:b]
+            if ranks == 1:
                 acc.copy_(rows[0, a:b])
             else:
                 torch.add(rows[0, a:b], rows[1, a:b], out=acc)
-                for j in range(2, size):
+                for j in range(2, ranks):
                     acc.add_(rows[j, a:b])
-                acc.div_(size)
+                acc.div_(ranks)
             out.append(acc)
         return out
 
@@ -61,20 +63,20 @@ class Written:
 
 def rows_for(bucket, tensors, nodes, name, agree):
     """The bucket's shared rows (local size + 1 rows of its elements), made at its first step or when its size
-    changes; None where the node's ranks cannot share them (then Horovod's allreduce averages). ``agree(
-    failed, name)``: whether any rank of the node failed (a collective of the node)."""
+    changes; None where the node's ranks cannot share them (then Horovod's allreduce averages; the bucket
+    remembers it as ``node_rows = False``). ``agree(failed, name)``: whether any rank of the node failed (a
+    collective of the node)."""
     size, dtype = sum(t.numel() for t in tensors), tensors[0].dtype
     rows = bucket.node_rows
+    if rows is False or not enabled():
+        return None
     if rows is not None and rows.shape[1] == size and rows.dtype == dtype:
         return rows
-    token = _token(nodes, name) if enabled() else None
-    if token is None:
-        return None
     _made[0] += 1
-    path = f"/dev/shm/hvdc-{token}-{_made[0]}"
-    bucket.node_rows = rows = _map(path, (nodes.local_size + 1, size), dtype, nodes, name, agree)
-    if rows is None:
-        _tokens[nodes.local.process_set_id] = None
+    path = os.path.join(os.environ.get("HVD_COMPRESS_NODE_MEMORY_DIR", "/dev/shm"),
+                        f"hvdc-{_token(nodes, name)}-{_made[0]}")
+    rows = _map(path, (nodes.local_size + 1, size), dtype, nodes, name, agree)
+    bucket.node_rows = False if rows is None else rows
     return rows
 
 
@@ -102,8 +104,8 @@ def _map(path, shape, dtype, nodes, name, agree):
             os.close(fd)
         rows = torch.from_file(path, shared=True, size=shape[0] * shape[1], dtype=dtype).view(shape)
         rows[nodes.local_rank, 0] = nodes.local_rank + 1
-    except OSError as error:
-        reason = f"cannot reserve {nbytes} bytes in {path} ({error})"
+    except (OSError, RuntimeError) as error:   # RuntimeError: torch's mmap
+        reason = f"cannot map {nbytes} bytes of {path} ({error})"
     try:
         if agree(reason is not None, f"{name}.mapped"):
             reason = reason or "another rank of this node could not map its segment"
@@ -112,7 +114,7 @@ def _map(path, shape, dtype, nodes, name, agree):
     finally:
         try:
             os.unlink(path)
-        except FileNotFoundError:   # another local rank unlinked it first
+        except OSError:   # another local rank unlinked it first, or it was never made
             pass
     if reason is not None:
         warnings.warn(f"hvd_compress, transport 'hierarchical': {reason}; the node's average goes through "

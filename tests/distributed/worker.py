@@ -24,7 +24,8 @@ def main(cases_path, out_dir):
     results = {"_where": {"host": socket.gethostname(), "local": (hvd.local_rank(), hvd.local_size()),
                           "cross": (hvd.cross_rank(), hvd.cross_size())}}
     for case in cases:
-        os.environ.update(case.get("env", {}))   # for this case only
+        env = {**case.get("env", {}), **case.get("env_on_rank", {}).get(str(hvd.rank()), {})}
+        os.environ.update(env)   # for this case only
         if case.get("resume_at"):   # state_dict() there, then a fresh model and Compression load it and go on
             model, compression = train_distributed(case, case["resume_at"])
             state, weights = compression.state_dict(), model.state_dict()
@@ -39,8 +40,8 @@ def main(cases_path, out_dir):
         results[case["id"]] = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
         results[case["id"]]["_stats"] = compression.stats()
         # hierarchical: which buckets the node averaged in shared memory
-        results[case["id"]]["_node_rows"] = [b.node_rows is not None for b in compression._buckets]
-        for key in case.get("env", {}):
+        results[case["id"]]["_node_rows"] = [isinstance(b.node_rows, torch.Tensor) for b in compression._buckets]
+        for key in env:
             del os.environ[key]
     torch.save(results, os.path.join(out_dir, f"rank{hvd.rank()}.pt"))
 
