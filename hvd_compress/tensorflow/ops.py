@@ -227,7 +227,7 @@ def node_mean_of(average, ranges):
 
 
 def node_share(average, updates, ranges, outs, name, nodes):
-    return None   # the transport allgathers the node's slices of the update
+    return False   # the transport allgathers the node's slices of the update
 
 
 def alltoall(t, splits, name, process_set):
