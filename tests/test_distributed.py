@@ -186,6 +186,25 @@ def test_hierarchical_on_two_nodes_matches_simulation(two_nodes_run, case):
         assert two_nodes_run[1][rank][case["id"]]["_node_rows"] == [shared] * len(result["_stats"]["buckets"])
 
 
+# 3 ranks per node: the node's average sums three rows, in local-rank order in shared memory as in the simulation
+THREE_PER_NODE = [{**c, "local_size": 3, "id": c["id"] + "/3 per node"} for c in NODE_CASES
+                  if c["id"] in ("topk:0.3/doublesqueeze/hierarchical", "randk:0.3,shared/doublesqueeze/hierarchical",
+                                 "sign/plain/hierarchical", "hierarchical/float32")]
+
+
+@pytest.fixture(scope="module")
+def three_per_node_run(tmp_path_factory):
+    return run_worker(6, THREE_PER_NODE, tmp_path_factory.mktemp("nodes3"), hosts="localhost:3,127.0.0.1:3",
+                      timeout=900, env={"HOROVOD_DYNAMIC_PROCESS_SETS": "1"})
+
+
+@pytest.mark.parametrize("case", THREE_PER_NODE, ids=[c["id"] for c in THREE_PER_NODE])
+def test_hierarchical_with_three_ranks_per_node_matches_simulation(three_per_node_run, case):
+    check_against_simulation(*three_per_node_run, case)
+    assert three_per_node_run[1][0][case["id"]]["_node_rows"] == [True] * len(three_per_node_run[1][0][case["id"]][
+        "_stats"]["buckets"])
+
+
 STAGED_IDS = ["topk:0.3/doublesqueeze", "randk:0.3,shared/doublesqueeze", "sign/ef/sharded",
               "natural/doublesqueeze/sharded", "transport=auto", "dense_below=16", "momentum=0.9/dense_below=16",
               "bucket_mb=1e-4/sharded"]
