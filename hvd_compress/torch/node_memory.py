@@ -15,10 +15,6 @@ import warnings
 import torch
 import horovod.torch as hvd
 
-_tokens = {}      # process set id of a node -> the name its segments share
-_made = [0]       # segments made by this process (every local rank makes them in the same order)
-
-
 def enabled():
     value = os.environ.get("HVD_COMPRESS_NODE_MEMORY", "1").strip().lower()
     if value not in ("0", "1", "false", "true"):
@@ -72,22 +68,18 @@ def rows_for(bucket, tensors, nodes, name, agree):
         return None
     if rows is not None and rows.shape[1] == size and rows.dtype == dtype:
         return rows
-    _made[0] += 1
-    path = os.path.join(os.environ.get("HVD_COMPRESS_NODE_MEMORY_DIR", "/dev/shm"),
-                        f"hvdc-{_token(nodes, name)}-{_made[0]}")
+    path = os.path.join(os.environ.get("HVD_COMPRESS_NODE_MEMORY_DIR", "/dev/shm"), f"hvdc-{_token(nodes, name)}")
     rows = _map(path, (nodes.local_size + 1, size), dtype, nodes, name, agree)
     bucket.node_rows = False if rows is None else rows
     return rows
 
 
 def _token(nodes, name):
-    """The node's name for its segments: local rank 0's random one (once per node's process set)."""
-    key = nodes.local.process_set_id
-    if key not in _tokens:
-        mine = torch.frombuffer(bytearray(secrets.token_hex(8).encode()), dtype=torch.uint8)
-        every = hvd.allgather(mine, name=f"{name}.token", process_set=nodes.local).view(nodes.local_size, -1)
-        _tokens[key] = bytes(every[0].tolist()).decode()
-    return _tokens[key]
+    """A new segment's name: local rank 0's random one, told to the node's ranks (nothing kept between
+    segments, so ranks that joined later, as elastic Horovod adds them, name it alike)."""
+    mine = torch.frombuffer(bytearray(secrets.token_hex(8).encode()), dtype=torch.uint8)
+    every = hvd.allgather(mine, name=f"{name}.token", process_set=nodes.local).view(nodes.local_size, -1)
+    return bytes(every[0].tolist()).decode()
 
 
 def _map(path, shape, dtype, nodes, name, agree):
