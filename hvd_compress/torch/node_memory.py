@@ -15,6 +15,7 @@ import warnings
 import torch
 import horovod.torch as hvd
 
+
 def enabled():
     value = os.environ.get("HVD_COMPRESS_NODE_MEMORY", "1").strip().lower()
     if value not in ("0", "1", "false", "true"):
