@@ -92,10 +92,20 @@ def _rows(c, d, dtype, n):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [1, 7, 1000, 4099, 300_000])   # 4099: 8 at a time, then a tail of 3
 def test_decode_mean_is_the_torch_formula(spec, dtype, d):
+    _check_decode_mean(spec, dtype, d, (1, 2, 3, 4, 5, 9))   # 1-4 rows: the C kernel's register paths
+
+
+@pytest.mark.parametrize("spec", ["sign", "onebit", "natural", "natural:det", "qsgd:4", "qsgd:200", "0.5*sign"])
+def test_decode_mean_past_the_caches(spec):
+    """An output large enough for streaming stores (8 MB), 2 and 4 rows."""
+    _check_decode_mean(spec, torch.float32, 2_100_003, (2, 4))
+
+
+def _check_decode_mean(spec, dtype, d, row_counts):
     c = C.parse(spec)
     if not _encodable(c, d, dtype):
         return
-    for n in (1, 2, 3):
+    for n in row_counts:
         rows = _rows(c, d, dtype, n)
         decoded = [K.decode(c, K.unpack(c, row, d, dtype), d, SEED, dtype) for row in rows]
         total = decoded[0]

@@ -688,6 +688,114 @@ static inline void FN(finish)(const T *acc, T *out, int64_t m, T div, int nt) {
     else for (; j < m; j++) out[j] = acc[j] / div;
 }
 
+#if defined(__AVX2__) && IS_FLOAT
+/* ---- decode_mean of a few rows in registers: each 8 outputs are summed from the rows (in row order) and
+   finished (FN(finish)'s rule) without the L1 buffers, then stored once. For bits rows, up to 4, the 2^rows
+   possible means are a table of 16 floats computed once, which each element's flags index. */
+#define FEW_ROWS 8
+typedef struct { int pow2, nt; T div, rec; } FN(fin_t);
+static inline FN(fin_t) FN(fin_of_div)(T div, T *out, int64_t n) {
+    FN(fin_t) f; int ex;
+    f.pow2 = frexp(div, &ex) == (T)0.5 && ex > -60 && ex < 60;
+    f.div = div; f.rec = (T)1 / div;
+    f.nt = use_nt(out, n * (int64_t)sizeof(T));
+    return f;
+}
+static inline T FN(fin1)(T a, const FN(fin_t) *f) { return f->pow2 ? a * f->rec : a / f->div; }
+static inline __m256 FN(fin8)(__m256 a, const FN(fin_t) *f) {
+    return f->pow2 ? _mm256_mul_ps(a, _mm256_set1_ps(f->rec)) : _mm256_div_ps(a, _mm256_set1_ps(f->div));
+}
+
+static void FN(mean_bits_few)(const uint8_t *const *rows, const T *vpos, const T *vneg, int nrows, int64_t n,
+                              T *out, T div) {
+    const FN(fin_t) f = FN(fin_of_div)(div, out, n);
+    T tab[16] = {0};
+    for (int c = 0; c < (1 << nrows); c++) {
+        T s = (c & 1) ? vneg[0] : vpos[0];
+        for (int r = 1; r < nrows; r++) s = s + (((c >> r) & 1) ? vneg[r] : vpos[r]);
+        tab[c] = FN(fin1)(s, &f);
+    }
+    const __m256 lo = _mm256_loadu_ps(tab), hi = _mm256_loadu_ps(tab + 8);
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i idx = _mm256_setzero_si256();   /* lane l: bit r = flag l of row r */
+        for (int r = 0; r < nrows; r++)
+            idx = _mm256_or_si256(idx, _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(rows[r][i >> 3] << r), lanes),
+                                                        _mm256_set1_epi32(1 << r)));
+        __m256 v = _mm256_permutevar8x32_ps(lo, idx);
+        if (nrows == 4) v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+        put8(out + i, v, f.nt);
+    }
+    for (; i < n; i++) {
+        int c = 0;
+        for (int r = 0; r < nrows; r++) c |= ((rows[r][i >> 3] >> (i & 7)) & 1) << r;
+        out[i] = tab[c];
+    }
+    nt_done(f.nt);
+}
+
+/* out[i .. i + 8) = the finished sum over rows of VAL8(r) (an __m256 of row r's 8 values at i); VAL1(r) one
+   value at i for the tail */
+#define MEAN_FEW(VAL8, VAL1) do { \
+    const FN(fin_t) f = FN(fin_of_div)(div, out, n); \
+    int64_t i = 0; \
+    for (; i + 8 <= n; i += 8) { \
+        __m256 a = VAL8(0); \
+        for (int r = 1; r < nrows; r++) a = _mm256_add_ps(a, VAL8(r)); \
+        put8(out + i, FN(fin8)(a, &f), f.nt); \
+    } \
+    for (; i < n; i++) { \
+        T a = VAL1(0); \
+        for (int r = 1; r < nrows; r++) a = a + VAL1(r); \
+        out[i] = FN(fin1)(a, &f); \
+    } \
+    nt_done(f.nt); } while (0)
+
+/* Natural: the value of 8 code bytes (see table_chunk) */
+static inline __m256 FN(table8)(const uint8_t *c8, const T *table, __m256i base, int arith) {
+    __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)c8));
+    if (!arith) return _mm256_i32gather_ps(table, c, 4);
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i mag = _mm256_and_si256(c, _mm256_set1_epi32(127)), be = _mm256_sub_epi32(base, mag);
+    __m256i nz = _mm256_cmpgt_epi32(mag, zero);
+    __m256i okv = _mm256_and_si256(_mm256_cmpgt_epi32(be, zero), _mm256_cmpgt_epi32(_mm256_set1_epi32(255), be));
+    if (_mm256_movemask_epi8(_mm256_andnot_si256(okv, nz))) return _mm256_i32gather_ps(table, c, 4);
+    return _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(nz, _mm256_slli_epi32(be, 23)),
+                                               _mm256_slli_epi32(_mm256_srli_epi32(c, 7), 31)));
+}
+static void FN(mean_table_few)(const uint8_t *const *rows, const T *tables, const int64_t *tops, int arith, int nrows,
+                               int64_t n, T *out, T div) {
+    __m256i base[FEW_ROWS];
+    for (int r = 0; r < nrows; r++) base[r] = _mm256_set1_epi32((int)(tops[r] + 1 + BIAS));
+#define TABLE8(r) FN(table8)(rows[r] + i, tables + 256 * (r), base[r], arith)
+#define TABLE1(r) tables[256 * (r) + rows[r][i]]
+    MEAN_FEW(TABLE8, TABLE1);
+#undef TABLE8
+#undef TABLE1
+}
+
+/* QSGD: ((norm * q) / levels) * lam of 8 levels q (times 1 / levels where levels is a power of two) */
+static inline __m256 FN(qsgd8)(const void *row, int wide, int64_t i, T norm, __m256 vl, __m256 vrec, int pow2,
+                               __m256 vlam) {
+    __m256i q = wide ? _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)((const int16_t *)row + i)))
+                     : _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)row + i)));
+    __m256 nq = _mm256_mul_ps(_mm256_set1_ps(norm), _mm256_cvtepi32_ps(q));
+    return _mm256_mul_ps(pow2 ? _mm256_mul_ps(nq, vrec) : _mm256_div_ps(nq, vl), vlam);
+}
+static void FN(mean_qsgd_few)(const void *const *rows, int wide, const T *norms, T levels, T lam, int nrows, int64_t n,
+                              T *out, T div) {
+    int lexp; const int pow2 = frexp(levels, &lexp) == (T)0.5;
+    const __m256 vl = _mm256_set1_ps(levels), vrec = _mm256_set1_ps((T)1 / levels), vlam = _mm256_set1_ps(lam);
+#define Q8(r) FN(qsgd8)(rows[r], wide, i, norms[r], vl, vrec, pow2, vlam)
+#define Q1(r) (((norms[r] * (T)(wide ? ((const int16_t *)rows[r])[i] : ((const int8_t *)rows[r])[i])) / levels) * lam)
+    MEAN_FEW(Q8, Q1);
+#undef Q8
+#undef Q1
+}
+#undef MEAN_FEW
+#endif
+
 #define MEAN_ROWS(...) do { \
     T acc[CHUNK], tmp[CHUNK]; \
     const int nt = use_nt(out, n * (int64_t)sizeof(T)); \
@@ -715,6 +823,9 @@ static inline void FN(bits_chunk)(const uint8_t *b8, T vp, T vn, int64_t m, T *d
         for (; j < m; j++) dst[j] = ((b8[j >> 3] >> (j & 7)) & 1) ? vn : vp;
 }
 void FN(mean_bits)(const uint8_t *const *rows, const T *vpos, const T *vneg, int nrows, int64_t n, T *out, T div) {
+#if defined(__AVX2__) && IS_FLOAT
+    if (nrows >= 1 && nrows <= 4) { FN(mean_bits_few)(rows, vpos, vneg, nrows, n, out, div); return; }
+#endif
     MEAN_ROWS(FN(bits_chunk)(rows[r] + (i >> 3), vpos[r], vneg[r], m, dst));
 }
 
@@ -754,6 +865,9 @@ static inline void FN(table_chunk)(const uint8_t *c8, const T *table, int64_t to
 }
 void FN(mean_table)(const uint8_t *const *rows, const T *tables, const int64_t *tops, int arith, int nrows, int64_t n,
                     T *out, T div) {
+#if defined(__AVX2__) && IS_FLOAT
+    if (nrows >= 1 && nrows <= FEW_ROWS) { FN(mean_table_few)(rows, tables, tops, arith, nrows, n, out, div); return; }
+#endif
     MEAN_ROWS(FN(table_chunk)(rows[r] + i, tables + 256 * r, tops[r], arith, m, dst));
 }
 
@@ -780,6 +894,9 @@ static inline void FN(qsgd_chunk)(const void *row, int wide, T norm, T levels, T
 }
 void FN(mean_qsgd)(const void *const *rows, int wide, const T *norms, T levels, T lam, int nrows, int64_t n, T *out,
                    T div) {
+#if defined(__AVX2__) && IS_FLOAT
+    if (nrows >= 1 && nrows <= FEW_ROWS) { FN(mean_qsgd_few)(rows, wide, norms, levels, lam, nrows, n, out, div); return; }
+#endif
     MEAN_ROWS(FN(qsgd_chunk)(rows[r], wide, norms[r], levels, lam, i, m, dst));
 }
 #undef MEAN_ROWS
