@@ -412,3 +412,75 @@ def test_composition_with_a_non_finite_x(spec, bad):
     tparts, tstats = _torch_path(K.step, c, g, e, e_ref, SEED)
     assert all(_equal(a, b) for a, b in zip(parts, tparts)) and _equal(e_out, e_ref)
     assert stats[2] == 0 and tstats[2] == 0
+
+
+@pytest.mark.parametrize("spec", ["sign", "onebit", "0.5*sign", "0.25*onebit"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [7, 1000, 300_001])
+def test_deferred_correction_is_the_exact_error(spec, dtype, d):
+    """defer=True (the plug-in's steps): e_out holds x and owes its correction to the next step, which takes it
+    while it loads; three steps give the payloads, statistics and (settled) errors of the exact steps, bit for bit,
+    with double buffers as the plug-in keeps them."""
+    c = C.parse(spec)
+    exact = [torch.zeros(d, dtype=dtype), torch.empty(d, dtype=dtype)]
+    lazy = [torch.zeros(d, dtype=dtype), torch.empty(d, dtype=dtype)]
+    for t in range(3):
+        g = _vector(d, dtype, 20 + t)
+        want, wstats = K.step_packed(c, g, exact[t % 2], exact[1 - t % 2], SEED)
+        got, gstats = K.step_packed(c, g, lazy[t % 2], lazy[1 - t % 2], SEED, defer=True)
+        assert _equal(got, want)
+        assert K._owed_by(lazy[1 - t % 2]) is not None   # (and lazy[t % 2] still owes: a dropped step keeps it)
+        assert torch.equal(gstats[1:], wstats[1:])
+        assert gstats[0].item() == pytest.approx(wstats[0].item(), rel=1e-9 if dtype == torch.float64 else 1e-6)
+    last = lazy[1]
+    assert not _equal(last, exact[1])                      # still x
+    assert K.settle(last) is last and _equal(last, exact[1]) and K._owed_by(last) is None
+
+
+def test_deferred_correction_is_settled_by_every_other_reader():
+    """An owed buffer read by another compressor's step, the general path (a non-finite gradient) or a step
+    without deferral is settled first; slices of one buffer (sharded) owe their own values and settle together;
+    a buffer that is freed leaves nothing behind."""
+    d = 4099
+    c = C.parse("sign")
+    g = _vector(d, torch.float32, 1)
+    base = torch.zeros(2 * d)
+    halves = [base[:d], base[d:]]
+    exact = torch.empty(2 * d)
+    for j, half in enumerate(halves):
+        K.step(c, g * (j + 1), None, half, SEED, defer=True)
+        K.step(c, g * (j + 1), None, exact[j * d:(j + 1) * d], SEED)
+    assert all(K._owed_by(h) is not None for h in halves)
+    K.settle(base)
+    assert _equal(base, exact) and all(K._owed_by(h) is None for h in halves)
+
+    e = torch.empty(d)
+    K.step(c, g, None, e, SEED, defer=True)
+    reference = K.settle(e.clone().copy_(e))                # a copy owes nothing: not settled
+    assert _equal(reference, e)
+    K.step(c, g, None, e, SEED, defer=True)
+    exact_e = torch.empty(d)
+    K.step(c, g, None, exact_e, SEED)
+    for other in ("topk:0.1", "natural", "none"):
+        K.step(c, g, None, e, SEED, defer=True)
+        parts, _ = K.step(C.parse(other), g, e, None, SEED)
+        assert _equal(e, exact_e)                            # settled in place first
+        assert all(_equal(a, b) for a, b in zip(parts, K.step(C.parse(other), g, exact_e, None, SEED)[0]))
+    bad = g.clone()
+    bad[5] = math.nan
+    K.step(c, g, None, e, SEED, defer=True)
+    out = torch.empty(d)
+    _, stats = K.step(c, bad, e, out, SEED, defer=True)    # the general path
+    exact_out = torch.empty(d)
+    _, want = K.step(c, bad, exact_e, exact_out, SEED)
+    assert stats[2] == 0 and torch.equal(stats.isnan(), want.isnan()) and K._owed_by(out) is None
+    assert _equal(out, exact_out)
+    K.step(c, g, None, e, SEED, defer=True)
+    assert _equal(K.step_packed(c, g, e, None, SEED)[0], K.step_packed(c, g, exact_e, None, SEED)[0])
+
+    gone = torch.empty(d)
+    K.step(c, g, None, gone, SEED, defer=True)
+    key = K._region(gone)
+    assert key in K._owed
+    del gone
+    assert key not in K._owed

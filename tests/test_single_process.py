@@ -53,6 +53,41 @@ def test_direct_calls_with_one_rank_equal_the_simulation(horovod):
     assert compression.stats()["steps"] == 4
 
 
+def test_sign_errors_owe_their_correction_until_a_reader_settles_them(horovod):
+    """ScaledSign / OneBit steps leave x in the error buffers and their last correction to the next step (one
+    pass over memory instead of two): the steps equal the simulation, state_dict() holds its error buffers, and
+    an elastic commit settles them before it copies them."""
+    from hvd_compress.torch import kernels as K
+    model = _model()
+    compression = hc.Compression("sign", error_feedback=True, server="onebit",
+                                 named_parameters=model.named_parameters(), dense_below=0)
+    sim = Simulation("sign", error_feedback=True, server="onebit", n=1)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(4):
+        model.zero_grad(set_to_none=True)
+        model(torch.randn(8, 4, generator=gen)).pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        sent = {n: compression.compress(p.grad) for n, p in model.named_parameters()}
+        got = {n: compression.decompress(horovod.allreduce(marker), ctx) for n, (marker, ctx) in sent.items()}
+        expected = sim.step([grads])
+        for n in grads:
+            assert torch.equal(got[n], expected[n]), (step, n)
+    buffers = list(compression._worker_error.values()) + list(compression._server_error.values())
+    assert len(buffers) == 8 and all(K._owed_by(e) is not None for e in buffers)
+    state = compression.state_dict()
+    assert not any(K._owed_by(e) is not None for e in buffers)
+    for n, e in state["worker_error"][0].items():
+        assert torch.equal(e, sim.worker_error[0][n].reshape(-1)), n
+    for n, d in state["server_error"].items():
+        assert torch.equal(d, sim.server_error[n].reshape(-1)), n
+    model(torch.randn(8, 4, generator=gen)).pow(2).mean().backward()   # one more step: owed again
+    for n, (marker, ctx) in {n: compression.compress(p.grad) for n, p in model.named_parameters()}.items():
+        compression.decompress(horovod.allreduce(marker), ctx)
+    assert all(K._owed_by(e) is not None for e in compression._worker_error.values())
+    hc.elastic.TorchState(model=model, optimizer=None, compression=compression)   # commits (saves) at once
+    assert not any(K._owed_by(e) is not None for e in compression._worker_error.values())
+
+
 def test_state_dict_round_trip_and_refusals(horovod):
     model = _model()
     compression = hc.Compression("topk:0.3", error_feedback=True, named_parameters=model.named_parameters(),

@@ -93,6 +93,14 @@ static inline void widen16(__m256 x0, __m256 x1, __m256d w[4]) {
 static inline void sq16(__m256d acc[4], const __m256d w[4]) {
     for (int q = 0; q < 4; q++) acc[q] = _mm256_add_pd(acc[q], _mm256_mul_pd(w[q], w[q]));
 }
+/* the same with one rounding per element (fused multiply-add): for sums that are only statistics */
+static inline void sq16_fma(__m256d acc[4], const __m256d w[4]) {
+#ifdef __FMA__
+    for (int q = 0; q < 4; q++) acc[q] = _mm256_fmadd_pd(w[q], w[q], acc[q]);
+#else
+    sq16(acc, w);
+#endif
+}
 static inline void zero16(__m256d acc[4]) { for (int q = 0; q < 4; q++) acc[q] = _mm256_setzero_pd(); }
 static inline void save16(const __m256d acc[4], double *lanes) {
     for (int q = 0; q < 4; q++) _mm256_storeu_pd(lanes + 4 * q, acc[q]);
@@ -100,6 +108,14 @@ static inline void save16(const __m256d acc[4], double *lanes) {
 /* x of elements i .. i + 7: g + e, or g itself */
 static inline __m256 loadx8(const float *g, const float *e, int64_t i) {
     return e ? _mm256_add_ps(_mm256_loadu_ps(g + i), _mm256_loadu_ps(e + i)) : _mm256_loadu_ps(g + i);
+}
+/* the same where e still owes its correction corr (NULL: none): g + (e - (e < 0 ? corr[1] : corr[0])) */
+static inline __m256 loadxc8(const float *g, const float *e, const float *corr, int64_t i) {
+    if (!corr) return loadx8(g, e, i);
+    const __m256 ev = _mm256_loadu_ps(e + i);
+    const __m256 sel = _mm256_blendv_ps(_mm256_set1_ps(corr[0]), _mm256_set1_ps(corr[1]),
+                                        _mm256_cmp_ps(ev, _mm256_setzero_ps(), _CMP_LT_OQ));
+    return _mm256_add_ps(_mm256_loadu_ps(g + i), _mm256_sub_ps(ev, sel));
 }
 static inline void put8(float *o, __m256 v, int nt) { if (nt) _mm256_stream_ps(o, v); else _mm256_storeu_ps(o, v); }
 #endif

@@ -27,6 +27,16 @@ static inline const T *FN(load)(const T *g, const T *e, T *xout, int64_t i, int6
     return g + i;
 }
 
+/* x = g + (e - (e < 0 ? corr[1] : corr[0])) of elements [i, i + m), into xout when given: e holds the x of
+   the step before, whose error x - value a ScaledSign or OneBit step left to this one (see kernels.py, _defer) */
+static inline const T *FN(load_corrected)(const T *g, const T *e, const T *corr, T *xout, int64_t i, int64_t m,
+                                         T *buf) {
+    T *dst = xout ? xout + i : buf;
+    const T vp = corr[0], vn = corr[1];
+    for (int64_t j = 0; j < m; j++) { T ej = e[i + j]; dst[j] = g[i + j] + (ej - (ej < 0 ? vn : vp)); }
+    return dst;
+}
+
 #define CHUNKS(n) CHUNKS_FROM(0, n)
 #define CHUNKS_FROM(i0, n) for (int64_t i = (i0), m; m = (n) - i < CHUNK ? (n) - i : CHUNK, i < (n); i += CHUNK)
 
@@ -95,8 +105,9 @@ int FN(addx)(const T *g, const T *e, T *xout, int64_t n, double *st) {
     return st[1] == 0.0 ? 0 : 1;
 }
 
-/* ScaledSign pass 1: st = [sum x^2, sum |x|, finiteness]; bits = x < 0 */
-int FN(sign1)(const T *g, const T *e, T *xout, int64_t n, uint8_t *bits, double *st) {
+/* ScaledSign pass 1: st = [sum x^2, sum |x|, finiteness]; bits = x < 0. corr (both pass 1s): NULL, or the
+   correction e still owes (see FN(load_corrected)) */
+int FN(sign1)(const T *g, const T *e, const T *corr, T *xout, int64_t n, uint8_t *bits, double *st) {
     double asq[LANES] = {0}, aabs[LANES] = {0}, afin[LANES] = {0};
     T buf[CHUNK];
     int64_t i0 = 0;
@@ -107,19 +118,20 @@ int FN(sign1)(const T *g, const T *e, T *xout, int64_t n, uint8_t *bits, double 
         __m256d q[4], a[4]; __m256 fin = _mm256_setzero_ps(), zero = _mm256_setzero_ps();
         zero16(q); zero16(a);
         for (; i0 + 16 <= n; i0 += 16) {
-            __m256 x0 = loadx8(g, e, i0), x1 = loadx8(g, e, i0 + 8);
+            __m256 x0 = loadxc8(g, e, corr, i0), x1 = loadxc8(g, e, corr, i0 + 8);
             if (xout) { put8(xout + i0, x0, nt); put8(xout + i0 + 8, x1, nt); }
             bits[i0 >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(x0, zero, _CMP_LT_OQ));
             bits[(i0 >> 3) + 1] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(x1, zero, _CMP_LT_OQ));
             FIN16(fin, x0, x1);
-            __m256d w[4]; widen16(x0, x1, w); sq16(q, w);
+            __m256d w[4]; widen16(x0, x1, w); sq16_fma(q, w);
             for (int k = 0; k < 4; k++) a[k] = _mm256_add_pd(a[k], _mm256_and_pd(w[k], absm));
         }
         nt_done(nt); save16(q, asq); save16(a, aabs); afin[0] = FN(fin_of)(fin);
     }
 #endif
     CHUNKS_FROM(i0, n) {
-        const T *x = FN(load)(g, e, xout, i, m, buf, 0);
+        const T *x = corr ? FN(load_corrected)(g, e, corr, xout, i, m, buf)
+                           : FN(load)(g, e, xout, i, m, buf, 0);
         LANE_LOOP(m, double v = x[j]; asq[l] += v * v; aabs[l] += fabs(v); afin[l] += v - v);
         FN(pack_negative)(x, m, bits + (i >> 3));
     }
@@ -128,35 +140,42 @@ int FN(sign1)(const T *g, const T *e, T *xout, int64_t n, uint8_t *bits, double 
 }
 
 /* OneBit pass 1: st = [sum x^2, sum of x >= 0 (and NaN), sum of x < 0, count of x < 0, finiteness] */
-int FN(onebit1)(const T *g, const T *e, T *xout, int64_t n, uint8_t *bits, double *st) {
+int FN(onebit1)(const T *g, const T *e, const T *corr, T *xout, int64_t n, uint8_t *bits, double *st) {
     double asq[LANES] = {0}, apos[LANES] = {0}, aneg[LANES] = {0}, acnt[LANES] = {0}, afin[LANES] = {0};
     T buf[CHUNK];
     int64_t i0 = 0;
 #if defined(__AVX2__) && IS_FLOAT
     {
+        /* the sums of x and of |x| (then: positives (S + A) / 2, negatives (S - A) / 2), the count from the flags */
         const int nt = use_nt(xout, n * 4);
-        const __m256d one = _mm256_set1_pd(1.0), zd = _mm256_setzero_pd();
-        __m256d q[4], p[4], ng[4], c[4]; __m256 fin = _mm256_setzero_ps(), zero = _mm256_setzero_ps();
-        zero16(q); zero16(p); zero16(ng); zero16(c);
+        const __m256d absm = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffLL));
+        __m256d q[4], sx[4], sa[4]; __m256 fin = _mm256_setzero_ps(), zero = _mm256_setzero_ps();
+        int64_t count = 0;
+        zero16(q); zero16(sx); zero16(sa);
         for (; i0 + 16 <= n; i0 += 16) {
-            __m256 x0 = loadx8(g, e, i0), x1 = loadx8(g, e, i0 + 8);
+            __m256 x0 = loadxc8(g, e, corr, i0), x1 = loadxc8(g, e, corr, i0 + 8);
             if (xout) { put8(xout + i0, x0, nt); put8(xout + i0 + 8, x1, nt); }
-            bits[i0 >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(x0, zero, _CMP_LT_OQ));
-            bits[(i0 >> 3) + 1] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(x1, zero, _CMP_LT_OQ));
+            const unsigned b0 = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(x0, zero, _CMP_LT_OQ));
+            const unsigned b1 = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(x1, zero, _CMP_LT_OQ));
+            bits[i0 >> 3] = (uint8_t)b0; bits[(i0 >> 3) + 1] = (uint8_t)b1;
+            count += __builtin_popcount(b0 | b1 << 8);
             FIN16(fin, x0, x1);
-            __m256d w[4]; widen16(x0, x1, w); sq16(q, w);
+            __m256d w[4]; widen16(x0, x1, w); sq16_fma(q, w);
             for (int k = 0; k < 4; k++) {
-                __m256d neg = _mm256_cmp_pd(w[k], zd, _CMP_LT_OQ);
-                p[k] = _mm256_add_pd(p[k], _mm256_andnot_pd(neg, w[k]));
-                ng[k] = _mm256_add_pd(ng[k], _mm256_and_pd(neg, w[k]));
-                c[k] = _mm256_add_pd(c[k], _mm256_and_pd(neg, one));
+                sx[k] = _mm256_add_pd(sx[k], w[k]);
+                sa[k] = _mm256_add_pd(sa[k], _mm256_and_pd(w[k], absm));
             }
         }
-        nt_done(nt); save16(q, asq); save16(p, apos); save16(ng, aneg); save16(c, acnt); afin[0] = FN(fin_of)(fin);
+        nt_done(nt); save16(q, asq); afin[0] = FN(fin_of)(fin);
+        double xs[LANES], as[LANES];
+        save16(sx, xs); save16(sa, as);
+        const double S = sum_lanes(xs), A = sum_lanes(as);
+        apos[0] = (S + A) / 2; aneg[0] = (S - A) / 2; acnt[0] = (double)count;
     }
 #endif
     CHUNKS_FROM(i0, n) {
-        const T *x = FN(load)(g, e, xout, i, m, buf, 0);
+        const T *x = corr ? FN(load_corrected)(g, e, corr, xout, i, m, buf)
+                           : FN(load)(g, e, xout, i, m, buf, 0);
         LANE_LOOP(m, double v = x[j]; int neg = x[j] < 0; asq[l] += v * v; apos[l] += neg ? 0.0 : v;
                   aneg[l] += neg ? v : 0.0; acnt[l] += neg ? 1.0 : 0.0; afin[l] += v - v);
         FN(pack_negative)(x, m, bits + (i >> 3));

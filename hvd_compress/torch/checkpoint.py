@@ -26,12 +26,22 @@ import torch
 
 from .. import agreement
 from .. import transport as T
+from . import kernels as K
 
 FORMAT = "hvd_compress per-rank 1"
 
 
+def settle(comp):
+    """Every committed error buffer holds its error (a sign or 1-bit step may leave its last correction to the
+    next step: ``kernels.settle``)."""
+    for buffers in (comp._worker_error, comp._server_error):
+        for e in buffers.values():
+            K.settle(e)
+
+
 def state_dict(comp):
     comp._refuse_during_a_step("state_dict()")
+    settle(comp)
     mine = ({n: t.detach().cpu().clone() for n, t in comp._worker_error.items()},
             {n: t.detach().cpu().clone() for n, t in comp._server_error.items()},
             {n: t.detach().cpu().clone() for n, t in comp._velocity.items()})
@@ -64,6 +74,7 @@ def _file(directory, rank):
 
 def save(comp, directory):
     comp._refuse_during_a_step("save_per_rank()")
+    settle(comp)
     Path(directory).mkdir(parents=True, exist_ok=True)
     link = comp._saved_link()
     part = {"format": FORMAT, "fingerprint": comp.fingerprint(), "size": comp.size(), "rank": comp.rank(),

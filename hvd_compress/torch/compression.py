@@ -197,8 +197,8 @@ class Compression(CompressionBase):
             where = f" (one of its {slices} slices, transport {how!r})" if slices else ""
             raise ValueError(f"parameter {name!r}{where}: {err}") from None
         if self.config.momentum and self.config.momentum_masking:   # factor masking: the sent coordinates leave u
-            x = work if e_in is None else work + e_in
-            p.velocity.masked_fill_(e_out != x, 0)
+            x = work if e_in is None else work + K.settle(e_in)
+            p.velocity.masked_fill_(K.settle(e_out) != x, 0)
         marker = torch.full((1,), float(self._step + 1), dtype=torch.float32,
                             device="cpu" if ops.staged(work) else work.device)
         p.bytes_sent += marker.element_size()

@@ -37,6 +37,7 @@ from horovod.common.exceptions import HorovodInternalError
 from horovod.torch.elastic import state as _horovod_state
 
 from .. import transport as T
+from . import checkpoint
 from .compression import Compression
 
 _constructing = 0   # > 0 while TorchState builds its handlers (a plain hvd.elastic.TorchState is refused)
@@ -95,6 +96,7 @@ class CompressionStateHandler(_horovod_state.StateHandler):
 
     def save(self):
         comp = self.value
+        checkpoint.settle(comp)
         self._saved = (_clone(comp._worker_error), _clone(comp._velocity), _clone(comp._server_error), comp._step,
                        dict(comp._transports), comp._link, comp._kernel_table, self._world)
         self._done = False
@@ -126,6 +128,7 @@ class CompressionStateHandler(_horovod_state.StateHandler):
         """On the new world (a collective of every rank): apply the rule of the module's docstring."""
         comp = self.value
         comp._forget_world()
+        checkpoint.settle(comp)
         token, old_size, old_rank = self._world
         mine = {"world": (token, old_size), "step": comp._step, "rank": old_rank,
                 "server": {n: (t.numel(), t.dtype) for n, t in comp._server_error.items()}}

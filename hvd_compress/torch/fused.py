@@ -82,8 +82,8 @@ _F, _D, _I64, _P, _U32, _INT = (ctypes.c_float, ctypes.c_double, ctypes.c_int64,
                                 ctypes.c_uint32, ctypes.c_int)
 _SIGNATURES = {   # name: (restype, [argtypes]); "T" is the value type of the suffix
     "addx": (_INT, [_P, _P, _P, _I64, _P]),
-    "sign1": (_INT, [_P, _P, _P, _I64, _P, _P]),
-    "onebit1": (_INT, [_P, _P, _P, _I64, _P, _P]),
+    "sign1": (_INT, [_P, _P, _P, _P, _I64, _P, _P]),
+    "onebit1": (_INT, [_P, _P, _P, _P, _I64, _P, _P]),
     "select2": (None, [_P, _P, _P, _I64, "T", "T", _P]),
     "natural1": (_INT, [_P, _P, _P, _I64, _INT, _U32, _U32, _P, _P, _P]),
     "natural_step": (_INT, [_P, _P, _P, _I64, _INT, _U32, _U32, _P, _P, _P, _P]),

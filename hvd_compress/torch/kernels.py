@@ -17,6 +17,7 @@ with itself: ``decode`` of a payload is exactly what ``step`` subtracts, and ``a
 """
 import math
 import threading
+import weakref
 
 import torch
 
@@ -443,11 +444,64 @@ def _natural_table(top, dtype, lam):
     return table * lam if lam != 1.0 else table
 
 
-def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None):
+# ---- a deferred error correction (ScaledSign, OneBit) -----------------------------------------------------------
+# Their new error x - value needs the scale of all of x first: a second pass over memory. With ``defer`` the
+# step leaves x in e_out and records what it owes (the two values, positive and negative side); the next step
+# that reads the buffer subtracts them while it loads it (the same float operations: the same bits). Whatever
+# else reads an error buffer calls ``settle`` first (checkpoints, momentum masking, the general path).
+_owed = {}   # (data_ptr, numel, dtype) -> (weak reference to the buffer's base tensor, tensor [vpos, vneg])
+
+
+def _region(t):
+    return (t.data_ptr(), t.numel(), t.dtype)
+
+
+def _base(t):
+    return t if t._base is None else t._base
+
+
+def _defer(e, vpos, vneg):
+    key, base = _region(e), _base(e)
+
+    def forget(ref):   # the buffer is gone: its memory may come back as another tensor
+        if _owed.get(key, (None,))[0] is ref:
+            del _owed[key]
+    _owed[key] = (weakref.ref(base, forget), torch.tensor([vpos, vneg], dtype=e.dtype))
+
+
+def _owed_by(e):
+    """The correction [vpos, vneg] that buffer e still owes, or None."""
+    if e is None:
+        return None
+    entry = _owed.get(_region(e))
+    return entry[1] if entry is not None and entry[0]() is _base(e) else None
+
+
+def _forget(e):
+    if e is not None:
+        _owed.pop(_region(e), None)
+
+
+def settle(e):
+    """Apply in place every deferred correction owed inside error buffer e (a no-op for the others)."""
+    if e is None or not _owed:
+        return e
+    base = _base(e)
+    lo, hi, size = e.data_ptr(), e.data_ptr() + e.numel() * e.element_size(), e.element_size()
+    for key, (ref, corr) in list(_owed.items()):
+        ptr, n, dtype = key
+        if ref() is base and dtype == e.dtype and lo <= ptr < hi:
+            del _owed[key]
+            x = base.view(-1)[(ptr - base.data_ptr()) // size:][:n]
+            x.sub_(torch.where(x < 0, corr[1], corr[0]))   # x - value, as the step would have
+    return e
+
+
+def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None, defer=False):
     """((parts, stats)) of compressor c (unscaled; lam the Scaled factor) with the C kernels, or None where the
     general path must decide (a non-finite or subnormal input for the kernels that cannot take one). ``into``:
     tensors for the parts, in layout order (views of a packed payload, see ``step_packed``), which the dense
-    kernels (sign, onebit, Natural, QSGD) write and return; the others ignore it."""
+    kernels (sign, onebit, Natural, QSGD) write and return; the others ignore it. ``defer``: see ``_defer``."""
     d, dtype = g.numel(), g.dtype
     ns = lib.f if dtype == torch.float32 else lib.d
     st = torch.zeros(8, dtype=torch.float64)
@@ -455,8 +509,9 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None):
     G, E, O = _ptr(g), _ptr(e_in), _ptr(e_out)
     if isinstance(c, (C.ScaledSign, C.OneBit)):
         bits = into[1] if into else torch.empty((d + 7) // 8, dtype=torch.uint8)
+        R = _ptr(_owed_by(e_in))
         if isinstance(c, C.ScaledSign):
-            if ns.sign1(G, E, O, d, bits.data_ptr(), sp):
+            if ns.sign1(G, E, R, O, d, bits.data_ptr(), sp):
                 return None
             sumsq, sumabs = st[0].item(), st[1].item()
             head = torch.tensor([sumabs / d if d else math.nan], dtype=dtype)
@@ -464,20 +519,24 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None):
             vpos, vneg = vals.item(), (-vals).item()
             npos, nneg, spos, sneg = d, 0, sumabs, 0.0
         else:
-            if ns.onebit1(G, E, O, d, bits.data_ptr(), sp):
+            if ns.onebit1(G, E, R, O, d, bits.data_ptr(), sp):
                 return None
             sumsq, spos, sneg, nneg = st[0].item(), st[1].item(), st[2].item(), int(st[3].item())
             npos = d - nneg
             head = torch.tensor([spos / max(npos, 1), (0.0 - sneg) / max(nneg, 1)], dtype=dtype)
             vals = head * lam if lam != 1.0 else head
             vpos, vneg = vals[0].item(), (-vals[1]).item()
-        if e_out is not None:
+        if e_out is not None and not defer:
             ns.select2(G, E, O, d, vpos, vneg, sp)
             residual = st[0].item()
         elif d:   # sum over both groups of (x - value)^2, in closed form
+            if e_out is not None:
+                _defer(e_out, vpos, vneg)
             residual = sumsq - 2 * vpos * spos + npos * vpos * vpos - 2 * vneg * sneg + nneg * vneg * vneg
         else:
             residual = 0.0
+            if e_out is not None:
+                _defer(e_out, vpos, vneg)
         return _parts_into(into, [head, bits]), _stats(residual, sumsq, True)
     if isinstance(c, C.Natural):
         code = into[1] if into else torch.empty(d, dtype=torch.uint8)
@@ -599,7 +658,7 @@ def _parts_into(into, parts):
 
 
 def _step_general(c, g, e_in, e_out, seed):
-    x = g if e_in is None else g + e_in
+    x = g if e_in is None else g + settle(e_in)
     d = x.numel()
     parts = encode(c, x, seed)
     decoded = decode(c, parts, d, seed, x.dtype)
@@ -611,16 +670,26 @@ def _step_general(c, g, e_in, e_out, seed):
     return parts, torch.stack([residual, sumsq, torch.isfinite(x).all().double()])
 
 
-def step(c, g, e_in=None, e_out=None, seed=0):
+def _owed_in_step(inner, lib, e_in, e_out):
+    """Before a step: e_in settled unless the fused step of ``inner`` takes its correction as it loads it; e_out
+    owes nothing (the step writes it whole)."""
+    if lib is None or not isinstance(inner, (C.ScaledSign, C.OneBit)):
+        settle(e_in)
+    _forget(e_out)
+
+
+def step(c, g, e_in=None, e_out=None, seed=0, defer=False):
     """One step on flat tensor g (float32 or float64): x = g + e_in (x = g without e_in), parts = encode(c, x,
     seed), and, when e_out is given, e_out[:] = x - decode(parts) (e_out preallocated like g, never the same
     tensor as e_in). Returns (parts, stats) with stats = float64 [||x - C(x)||^2, ||x||^2, 1.0 if every
-    element of x is finite else 0.0]. g and e_in are not modified."""
+    element of x is finite else 0.0]. g and e_in are not modified (but for ``settle``). ``defer``: ScaledSign
+    and OneBit may leave x in e_out and what it owes to the next step (``_defer``); settle(e_out) applies it."""
     lib = _fused_lib(g, e_in, e_out)
+    inner, lam = _unscaled(c)
+    _owed_in_step(inner, lib, e_in, e_out)
     if lib is not None:
-        inner, lam = _unscaled(c)
         if isinstance(inner, _FUSED_STEP):
-            done = _step_fused(lib, inner, lam, g, e_in, e_out, seed)
+            done = _step_fused(lib, inner, lam, g, e_in, e_out, seed, defer=defer)
             if done is not None:
                 return done
             if e_out is not None:        # the kernel's first pass left x in e_out
@@ -628,7 +697,7 @@ def step(c, g, e_in=None, e_out=None, seed=0):
     return _step_general(c, g, e_in, e_out, seed)
 
 
-def step_packed(c, g, e_in=None, e_out=None, seed=0, out=None):
+def step_packed(c, g, e_in=None, e_out=None, seed=0, out=None, defer=False):
     """``(pack(parts), stats)`` for ``(parts, stats) = step(c, g, e_in, e_out, seed)``: the same bytes, which the
     fused kernels of sign, onebit, Natural, QSGD, TopK and RandK write straight into the packed payload (no
     copy of the large part). The payload is a fresh buffer (the caller may keep it), or ``out`` when given: a
@@ -639,8 +708,9 @@ def step_packed(c, g, e_in=None, e_out=None, seed=0, out=None):
                             or out.numel() != packed_nbytes(c, d, g.dtype)):
         raise ValueError(f"out must be a contiguous uint8 tensor of {packed_nbytes(c, d, g.dtype)} bytes")
     lib = _fused_lib(g, e_in, e_out)
+    inner, lam = _unscaled(c)
+    _owed_in_step(inner, lib, e_in, e_out)
     if lib is not None:
-        inner, lam = _unscaled(c)
         if isinstance(inner, (C.ScaledSign, C.OneBit, C.Natural, C.QSGD, C.TopK, C.RandK)):
             packed = out if out is not None else torch.empty(packed_nbytes(c, d, g.dtype), dtype=torch.uint8)
             wire = _wire_views(c, d, g.dtype, packed)
@@ -648,7 +718,7 @@ def step_packed(c, g, e_in=None, e_out=None, seed=0, out=None):
             for kind, n in c.layout(d):
                 into.append(_scratch("widx", n, torch.int32) if kind == C.INDEX else wire[at])
                 at += 2 if kind == C.INDEX else 1
-            done = _step_fused(lib, inner, lam, g, e_in, e_out, seed, into)
+            done = _step_fused(lib, inner, lam, g, e_in, e_out, seed, into, defer)
             if done is not None:
                 for target, part in zip(wire, to_wire(c, into, d, index_to_wire)):
                     if target is not part:
@@ -658,7 +728,7 @@ def step_packed(c, g, e_in=None, e_out=None, seed=0, out=None):
                 g, e_in = e_out, None
             parts, stats = _step_general(c, g, e_in, e_out, seed)
             return _pack_into(c, parts, d, out), stats
-    parts, stats = step(c, g, e_in, e_out, seed)
+    parts, stats = step(c, g, e_in, e_out, seed, defer)
     return _pack_into(c, parts, d, out), stats
 
 

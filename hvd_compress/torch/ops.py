@@ -1,6 +1,7 @@
 """What the shared transports (``hvd_compress/bucket.py``) need from PyTorch: the kernels and Horovod's
 asynchronous collectives. ``out=`` arguments are written in place and returned; new errors go into the
-preallocated buffer given as ``e_out`` (the spare half of a double buffer)."""
+preallocated buffer given as ``e_out`` (the spare half of a double buffer); a ScaledSign or OneBit error may
+owe its last correction to the next step (``kernels.settle`` applies it: the plug-in's readers call it)."""
 import functools
 import os
 import time
@@ -19,13 +20,13 @@ POLL_S = 5e-5   # between polls of a collective's handle (see wait)
 def packed_step(comp, c, key, x, e_in, e_out, seed):
     """The worker (or server) step of one piece: (payload bytes, stats, new error), the payload written into
     a buffer kept for that piece (it is copied into the send buffer before the next step writes it again)."""
-    data, stats = K.step_packed(c, x, e_in, e_out, seed,
+    data, stats = K.step_packed(c, x, e_in, e_out, seed, defer=True,
                                 out=comp._payload_buffer(key, K.packed_nbytes(c, x.numel(), x.dtype), x.device))
     return data, stats, e_out
 
 
 def step(c, x, e_in, e_out, seed):
-    parts, stats = K.step(c, x, e_in, e_out, seed)
+    parts, stats = K.step(c, x, e_in, e_out, seed, defer=True)
     return parts, stats, e_out
 
 
