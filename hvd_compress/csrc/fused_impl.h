@@ -991,7 +991,7 @@ static inline const T *FN(load_sq)(const T *g, const T *e, int64_t i, int64_t m,
         __m256 x0 = loadx8(g, e, i + j), x1 = loadx8(g, e, i + j + 8);
         if (e) { _mm256_storeu_ps(buf + j, x0); _mm256_storeu_ps(buf + j + 8, x1); }
         FIN16(fin, x0, x1);
-        __m256d w[4]; widen16(x0, x1, w); sq16(q, w);
+        __m256d w[4]; widen16(x0, x1, w); sq16_fma(q, w);
     }
     save16(q, asq); afin[0] += FN(fin_of)(fin);
 #endif

@@ -90,11 +90,11 @@ def _random_indices(d, k, seed, device):
     draws = torch.randint(d, (k + k // 4 + 16,), generator=g, device=device)
     lib = fused.lib() if device == "cpu" or getattr(device, "type", None) == "cpu" else None
     if lib is not None:   # the same subset, from a bitmap of the values seen instead of a sort
-        out = torch.empty(k, dtype=torch.int64)
+        out = torch.empty(k + 2, dtype=torch.int64)
         marks = _marks(d)
         count = lib.dll.hvdc_first_distinct(draws.data_ptr(), draws.numel(), k, d, marks.data_ptr(), out.data_ptr())
         if count == k:
-            return out
+            return out[:k]
         return torch.randperm(d, generator=g, device=device)[:k].sort().values
     values, inverse = torch.unique(draws, return_inverse=True)
     if values.numel() < k:   # too many repeats (rare): a permutation decides
