@@ -62,9 +62,37 @@ def _div(x, y):
 
 
 def _random_indices(d, k, seed):
-    # the k largest of d uniform draws: a uniformly random k-subset (float64 draws: ties practically never),
-    # in increasing order (see _topk_encode)
-    return tf.sort(tf.math.top_k(_uniform(d, tf.float64, seed), k, sorted=False).indices)
+    """A uniformly random k-subset of range(d), in increasing order (see _topk_encode), as int32. For k << d, as
+    PyTorch does it: the first k distinct values of 1.25 k + 16 iid uniform draws (each new value is uniform over
+    those not seen yet), found with two sorts of the draws; ranking d uniform draws with top_k took 0.8 s at
+    d = 2.5e7, k = 1%. Where the draws hold fewer than k distinct values (rare), and for k > d / 8: the k
+    largest of d uniform draws (float64: ties practically never)."""
+    def ranked():
+        return tf.sort(tf.math.top_k(_uniform(d, tf.float64, seed), k, sorted=False).indices)
+
+    def drawn():
+        n = k if isinstance(k, int) else tf.cast(k, tf.int32)   # (a scalar tensor during a warm-up)
+        m = n + n // 4 + 16
+        key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=_seed(seed))
+        raw = tf.raw_ops.StatelessRandomUniformFullIntV2(shape=[m], key=key, counter=counter, alg=_PHILOX,
+                                                         dtype=tf.int64)
+        draws = tf.math.floormod(tf.bitwise.bitwise_and(raw, tf.constant(2 ** 63 - 1, tf.int64)),
+                                 tf.cast(d, tf.int64))   # modulo bias < d / 2^63
+        order = tf.argsort(draws, stable=True)           # by value, equal values in draw order
+        ordered = tf.gather(draws, order)
+        first = tf.concat([[True], ordered[1:] != ordered[:-1]], 0)
+        first = tf.scatter_nd(order[:, None], first, tf.shape(draws))   # first occurrences, in draw order
+        nth = tf.cumsum(tf.cast(first, tf.int32))
+        chosen = tf.where(first & (nth <= n), draws, tf.cast(d, tf.int64))
+        return tf.cast(tf.sort(chosen)[:n], tf.int32), nth[-1] >= n
+
+    def drawn_or_ranked():
+        idx, enough = drawn()
+        return tf.cond(enough, lambda: idx, ranked)
+
+    if isinstance(k, int) and isinstance(d, int):
+        return ranked() if 8 * k > d else drawn_or_ranked()
+    return tf.cond(8 * k > d, ranked, drawn_or_ranked)
 
 
 def numel(x):
