@@ -444,3 +444,19 @@ def test_every_compressor_class_has_both_kernels_in_both_frameworks():
         default = registry.dispatch(object)
         missing = [cls.__name__ for cls in classes if registry.dispatch(cls) is default]
         assert not missing, f"{label}: no kernel for {missing}"
+
+
+@pytest.mark.parametrize("data", ["gauss", "ties", "skewed"])
+def test_large_topk_selects_as_the_whole_tensor_and_torch(data):
+    """Past 2^17 elements Top-k selects among the candidates above a sampled threshold (and from the whole
+    tensor when too few pass): the same indices as top_k over the whole tensor and as PyTorch, ties included."""
+    rng = np.random.default_rng(0)
+    x = {"gauss": rng.standard_normal(300_000),
+         "ties": np.round(rng.standard_normal(300_000) * 4),                  # many equal magnitudes
+         "skewed": np.concatenate([np.zeros(290_000), rng.standard_normal(10_000)])}[data].astype(np.float32)
+    for c in (TopK(ratio=0.01), TopK(ratio=0.1), TopK(k=3), Compose(TopK(ratio=0.01), Natural())):
+        k = (c.first if isinstance(c, Compose) else c).k_for(x.size)
+        ours = TK.encode(c, tf.constant(x), (KEY, 2))[0].numpy()
+        whole = tf.sort(tf.math.top_k(tf.abs(tf.constant(x)), k, sorted=False).indices).numpy()
+        theirs = PK.encode(c, torch.from_numpy(x), (KEY, 2))[0].numpy()
+        assert np.array_equal(ours, whole) and np.array_equal(ours, theirs), c
