@@ -2,6 +2,7 @@
 simulation: every compressor x mode, replicas bit-identical, the seed's counterexample, checkpoint/resume,
 and bad set-ups that must fail clearly on every rank."""
 import json
+import subprocess
 import os
 
 import pytest
@@ -414,3 +415,17 @@ def test_real_training_loops(scenario, steps_per_compression):
     assert proc.returncode == 0, proc.stdout[-5000:]
     r = result_line(proc)
     assert r["identical"] and r["finite"] and r["steps"] == steps_per_compression, r
+
+
+def test_stale_node_segments_are_removed(tmp_path):
+    """A node segment whose maker (its process id in the name) is gone is removed when the next one is made; a
+    live maker's, and names not ours, stay."""
+    from hvd_compress.torch import node_memory
+    gone = subprocess.Popen(["true"])
+    gone.wait()                                              # a process id that no longer runs
+    files = {"stale": f"hvdc-{gone.pid:010d}-0123456789abcdef", "live": f"hvdc-{os.getpid():010d}-0123456789abcdef",
+             "old form": "hvdc-0123456789abcdef", "other": "something-else"}
+    for name in files.values():
+        (tmp_path / name).write_bytes(b"x")
+    node_memory.remove_stale(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(v for k, v in files.items() if k != "stale")

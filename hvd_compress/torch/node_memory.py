@@ -69,16 +69,47 @@ def rows_for(bucket, tensors, nodes, name, agree):
         return None
     if rows is not None and rows.shape[1] == size and rows.dtype == dtype:
         return rows
-    path = os.path.join(os.environ.get("HVD_COMPRESS_NODE_MEMORY_DIR", "/dev/shm"), f"hvdc-{_token(nodes, name)}")
+    directory = os.environ.get("HVD_COMPRESS_NODE_MEMORY_DIR", "/dev/shm")
+    if nodes.local_rank == 0:
+        remove_stale(directory)
+    path = os.path.join(directory, f"hvdc-{_token(nodes, name)}")
     rows = _map(path, (nodes.local_size + 1, size), dtype, nodes, name, agree)
     bucket.node_rows = False if rows is None else rows
     return rows
 
 
+def remove_stale(directory):
+    """Remove the segments whose maker (local rank 0, whose process id the name carries) is gone: a job killed
+    between making a segment and unlinking it (a moment at a bucket's first step) leaves its file behind. Another
+    user's files, and names that are not ours, are left alone."""
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith("hvdc-")]
+    except OSError:
+        return
+    for n in names:
+        pid = n.split("-")[1]
+        if len(pid) != 10 or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(directory, n))
+        except OSError:
+            pass
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:   # alive, another user's
+        pass
+    return True
+
+
 def _token(nodes, name):
-    """A new segment's name: local rank 0's random one, told to the node's ranks (nothing kept between
-    segments, so ranks that joined later, as elastic Horovod adds them, name it alike)."""
-    mine = torch.frombuffer(bytearray(secrets.token_hex(8).encode()), dtype=torch.uint8)
+    """A new segment's name: local rank 0's process id and a random token, told to the node's ranks (nothing
+    kept between segments, so ranks that joined later, as elastic Horovod adds them, name it alike)."""
+    mine = torch.frombuffer(bytearray(f"{os.getpid():010d}-{secrets.token_hex(8)}".encode()), dtype=torch.uint8)
     every = hvd.allgather(mine, name=f"{name}.token", process_set=nodes.local).view(nodes.local_size, -1)
     return bytes(every[0].tolist()).decode()
 
