@@ -529,14 +529,10 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None, defer=False):
         if e_out is not None and not defer:
             ns.select2(G, E, O, d, vpos, vneg, sp)
             residual = st[0].item()
-        elif d:   # sum over both groups of (x - value)^2, in closed form
+        else:   # sum over both groups of (x - value)^2, in closed form
             if e_out is not None:
                 _defer(e_out, vpos, vneg)
-            residual = sumsq - 2 * vpos * spos + npos * vpos * vpos - 2 * vneg * sneg + nneg * vneg * vneg
-        else:
-            residual = 0.0
-            if e_out is not None:
-                _defer(e_out, vpos, vneg)
+            residual = sumsq - 2 * vpos * spos + npos * vpos * vpos - 2 * vneg * sneg + nneg * vneg * vneg if d else 0.0
         return _parts_into(into, [head, bits]), _stats(residual, sumsq, True)
     if isinstance(c, C.Natural):
         code = into[1] if into else torch.empty(d, dtype=torch.uint8)
