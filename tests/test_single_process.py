@@ -40,8 +40,12 @@ def test_direct_calls_with_one_rank_equal_the_simulation(horovod):
     compression = hc.Compression("topk:0.3", error_feedback=True, server="natural",
                                  named_parameters=model.named_parameters(), dense_below=0)
     sim = Simulation("topk:0.3", error_feedback=True, server="natural", n=1)
-    gen = torch.Generator().manual_seed(2)
-    for step in range(4):
+    _direct_steps_equal_the_simulation(horovod, model, compression, sim, torch.Generator().manual_seed(2))
+    assert compression.stats()["steps"] == 4
+
+
+def _direct_steps_equal_the_simulation(horovod, model, compression, sim, gen, steps=4):
+    for step in range(steps):
         model.zero_grad(set_to_none=True)
         model(torch.randn(8, 4, generator=gen)).pow(2).mean().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -50,7 +54,6 @@ def test_direct_calls_with_one_rank_equal_the_simulation(horovod):
         expected = sim.step([grads])
         for n in grads:
             assert torch.equal(got[n], expected[n]), (step, n)
-    assert compression.stats()["steps"] == 4
 
 
 def test_sign_errors_owe_their_correction_until_a_reader_settles_them(horovod):
@@ -63,15 +66,7 @@ def test_sign_errors_owe_their_correction_until_a_reader_settles_them(horovod):
                                  named_parameters=model.named_parameters(), dense_below=0)
     sim = Simulation("sign", error_feedback=True, server="onebit", n=1)
     gen = torch.Generator().manual_seed(3)
-    for step in range(4):
-        model.zero_grad(set_to_none=True)
-        model(torch.randn(8, 4, generator=gen)).pow(2).mean().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        sent = {n: compression.compress(p.grad) for n, p in model.named_parameters()}
-        got = {n: compression.decompress(horovod.allreduce(marker), ctx) for n, (marker, ctx) in sent.items()}
-        expected = sim.step([grads])
-        for n in grads:
-            assert torch.equal(got[n], expected[n]), (step, n)
+    _direct_steps_equal_the_simulation(horovod, model, compression, sim, gen)
     buffers = list(compression._worker_error.values()) + list(compression._server_error.values())
     assert len(buffers) == 8 and all(K._owed_by(e) is not None for e in buffers)
     state = compression.state_dict()
@@ -80,9 +75,7 @@ def test_sign_errors_owe_their_correction_until_a_reader_settles_them(horovod):
         assert torch.equal(e, sim.worker_error[0][n].reshape(-1)), n
     for n, d in state["server_error"].items():
         assert torch.equal(d, sim.server_error[n].reshape(-1)), n
-    model(torch.randn(8, 4, generator=gen)).pow(2).mean().backward()   # one more step: owed again
-    for n, (marker, ctx) in {n: compression.compress(p.grad) for n, p in model.named_parameters()}.items():
-        compression.decompress(horovod.allreduce(marker), ctx)
+    _direct_steps_equal_the_simulation(horovod, model, compression, sim, gen, steps=1)   # owed again
     assert all(K._owed_by(e) is not None for e in compression._worker_error.values())
     hc.elastic.TorchState(model=model, optimizer=None, compression=compression)   # commits (saves) at once
     assert not any(K._owed_by(e) is not None for e in compression._worker_error.values())
