@@ -478,9 +478,21 @@ def test_deferred_correction_is_settled_by_every_other_reader():
     K.step(c, g, None, e, SEED, defer=True)
     assert _equal(K.step_packed(c, g, e, None, SEED)[0], K.step_packed(c, g, exact_e, None, SEED)[0])
 
+    # a buffer that owes as a whole, then read and written in halves (a change of transport): settled first
+    whole, exact_whole, g2 = torch.empty(2 * d), torch.empty(2 * d), torch.cat([g, 2 * g])
+    K.step(c, g2, None, whole, SEED, defer=True)
+    K.step(c, g2, None, exact_whole, SEED)
+    for j in range(2):
+        half, exact_half = whole[j * d:(j + 1) * d], exact_whole[j * d:(j + 1) * d]
+        assert _equal(K.step_packed(c, g, half, None, SEED)[0], K.step_packed(c, g, exact_half, None, SEED)[0])
+    K.step(c, g2, None, whole, SEED, defer=True)
+    K.step(c, g, None, whole[:d], SEED, defer=True)
+    K.settle(whole)
+    assert _equal(whole[:d], exact_e) and _equal(whole[d:], exact_whole[d:])
+
     gone = torch.empty(d)
     K.step(c, g, None, gone, SEED, defer=True)
-    key = K._region(gone)
+    key = id(gone)
     assert key in K._owed
     del gone
     assert key not in K._owed

@@ -449,49 +449,59 @@ def _natural_table(top, dtype, lam):
 # step leaves x in e_out and records what it owes (the two values, positive and negative side); the next step
 # that reads the buffer subtracts them while it loads it (the same float operations: the same bits). Whatever
 # else reads an error buffer calls ``settle`` first (checkpoints, momentum masking, the general path).
-_owed = {}   # (data_ptr, numel, dtype) -> (weak reference to the buffer's base tensor, tensor [vpos, vneg])
-
-
-def _region(t):
-    return (t.data_ptr(), t.numel(), t.dtype)
+_owed = {}   # id(base tensor) -> (weak reference to it, {(data_ptr, numel) of a part: tensor [vpos, vneg]})
 
 
 def _base(t):
     return t if t._base is None else t._base
 
 
-def _defer(e, vpos, vneg):
-    key, base = _region(e), _base(e)
+def _parts_owing(e):
+    """{(data_ptr, numel): correction} of the parts of e's base tensor that owe one (changed in place), or None."""
+    base = _base(e)
+    entry = _owed.get(id(base))
+    return entry[1] if entry is not None and entry[0]() is base else None
 
-    def forget(ref):   # the buffer is gone: its memory may come back as another tensor
-        if _owed.get(key, (None,))[0] is ref:
-            del _owed[key]
-    _owed[key] = (weakref.ref(base, forget), torch.tensor([vpos, vneg], dtype=e.dtype))
+
+def _defer(e, vpos, vneg):
+    parts, base = _parts_owing(e), _base(e)
+    if parts is None:
+        key = id(base)
+
+        def forget(ref):   # the buffer is gone: its memory and id may come back as another tensor's
+            if _owed.get(key, (None,))[0] is ref:
+                del _owed[key]
+        parts = {}
+        _owed[key] = (weakref.ref(base, forget), parts)
+    parts[(e.data_ptr(), e.numel())] = torch.tensor([vpos, vneg], dtype=e.dtype)
 
 
 def _owed_by(e):
-    """The correction [vpos, vneg] that buffer e still owes, or None."""
-    if e is None:
-        return None
-    entry = _owed.get(_region(e))
-    return entry[1] if entry is not None and entry[0]() is _base(e) else None
+    """The correction [vpos, vneg] that buffer e still owes as a whole, or None."""
+    parts = None if e is None else _parts_owing(e)
+    return None if parts is None else parts.get((e.data_ptr(), e.numel()))
 
 
 def _forget(e):
-    if e is not None:
-        _owed.pop(_region(e), None)
+    """e is about to be written whole: what it owes as a whole is void; a part of its base that overlaps it
+    under other bounds (after a change of transport) is settled first."""
+    parts = None if e is None else _parts_owing(e)
+    if parts:
+        parts.pop((e.data_ptr(), e.numel()), None)
+        settle(e)
 
 
 def settle(e):
-    """Apply in place every deferred correction owed inside error buffer e (a no-op for the others)."""
-    if e is None or not _owed:
+    """Apply in place every deferred correction owed by error buffer e, or by a part of its base tensor that
+    overlaps it (a no-op for the others)."""
+    parts = None if e is None else _parts_owing(e)
+    if not parts:
         return e
-    base = _base(e)
-    lo, hi, size = e.data_ptr(), e.data_ptr() + e.numel() * e.element_size(), e.element_size()
-    for key, (ref, corr) in list(_owed.items()):
-        ptr, n, dtype = key
-        if ref() is base and dtype == e.dtype and lo <= ptr < hi:
-            del _owed[key]
+    base, size = _base(e), e.element_size()
+    lo, hi = e.data_ptr(), e.data_ptr() + e.numel() * size
+    for (ptr, n), corr in list(parts.items()):
+        if ptr < hi and ptr + n * size > lo:
+            del parts[(ptr, n)]
             x = base.view(-1)[(ptr - base.data_ptr()) // size:][:n]
             x.sub_(torch.where(x < 0, corr[1], corr[0]))   # x - value, as the step would have
     return e
@@ -667,9 +677,10 @@ def _step_general(c, g, e_in, e_out, seed):
 
 
 def _owed_in_step(inner, lib, e_in, e_out):
-    """Before a step: e_in settled unless the fused step of ``inner`` takes its correction as it loads it; e_out
-    owes nothing (the step writes it whole)."""
-    if lib is None or not isinstance(inner, (C.ScaledSign, C.OneBit)):
+    """Before a step: e_in settled unless the fused step of ``inner`` takes its correction as it loads it (what
+    e_in owes as a whole; what a part of its base owes under other bounds, as after a change of transport, is
+    settled); e_out owes nothing (the step writes it whole)."""
+    if lib is None or not isinstance(inner, (C.ScaledSign, C.OneBit)) or _owed_by(e_in) is None:
         settle(e_in)
     _forget(e_out)
 
