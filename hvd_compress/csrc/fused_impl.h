@@ -1012,6 +1012,45 @@ int FN(randk_step)(const T *g, const T *e, T *xout, int64_t n, const int64_t *id
     T buf[CHUNK];
     const int nt = use_nt(xout, n * (int64_t)sizeof(T));
     int64_t t = 0;
+#if defined(__AVX2__) && IS_FLOAT
+    if (xout) {   /* x goes out as it is formed, 16 at a time; the few groups with a kept index are patched first */
+        __m256d q[4]; __m256 fin = _mm256_setzero_ps();
+        zero16(q);
+        int64_t j = 0;
+        for (; j + 16 <= n; j += 16) {
+            __m256 x0 = loadx8(g, e, j), x1 = loadx8(g, e, j + 8);
+            FIN16(fin, x0, x1);
+            __m256d w[4]; widen16(x0, x1, w); sq16_fma(q, w);
+            if (t < k && idx[t] < j + 16) {
+                T tmp[16];
+                _mm256_storeu_ps(tmp, x0); _mm256_storeu_ps(tmp + 8, x1);
+                for (; t < k && idx[t] < j + 16; t++) {
+                    const int64_t p = idx[t] - j;
+                    T kept = tmp[p], v = unbiased ? kept * scale : kept, dec = lam != (T)1 ? v * lam : v;
+                    T left = kept - dec;
+                    values[t] = v; tmp[p] = left;
+                    skept += (double)kept * kept; sleft += (double)left * left;
+                }
+                x0 = _mm256_loadu_ps(tmp); x1 = _mm256_loadu_ps(tmp + 8);
+            }
+            put8(xout + j, x0, nt); put8(xout + j + 8, x1, nt);
+        }
+        save16(q, asq); afin[0] = FN(fin_of)(fin);
+        for (; j < n; j++) {
+            T x = e ? g[j] + e[j] : g[j];
+            double v = x; int l = (int)(j % LANES); asq[l] += v * v; afin[l] += v - v;
+            if (t < k && idx[t] == j) {
+                T kept = x, vv = unbiased ? kept * scale : kept, dec = lam != (T)1 ? vv * lam : vv, left = kept - dec;
+                values[t++] = vv; x = left;
+                skept += (double)kept * kept; sleft += (double)left * left;
+            }
+            xout[j] = x;
+        }
+        nt_done(nt);
+        st[0] = sum_lanes(asq); st[1] = sum_lanes(afin); st[2] = skept; st[3] = sleft;
+        return 0;
+    }
+#endif
     CHUNKS(n) {
         const T *x = FN(load_sq)(g, e, i, m, buf, asq, afin);
         if (xout && x != buf) { memcpy(buf, x, (size_t)m * sizeof(T)); x = buf; }
