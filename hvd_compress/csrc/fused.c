@@ -141,23 +141,41 @@ static double sum_lanes(const double *a) {
 
 int hvdc_version(void) { return 1; }
 
-/* the first k distinct values of draws (in [0, n)), in increasing order, into out (room for k + 2: the scan
-   writes up to two entries ahead); returns how many there were (up to k). mark: n bits, all clear, rounded up to
-   whole 64-bit words (left clear). No branches on the data but the rare ones: a mispredicted branch per draw
-   or per word of the bitmap would cost more than the memory it touches. */
-int64_t hvdc_first_distinct(const int64_t *draws, int64_t m, int64_t k, int64_t n, uint8_t *mark, int64_t *out) {
-    int64_t c = 0, t = 0;
-    for (; t < m && c < k; t++) {
-        int64_t v = draws[t];
-        if (v < 0 || v >= n) { c = -1; break; }
-        if (t + 16 < m && draws[t + 16] >= 0 && draws[t + 16] < n) __builtin_prefetch(mark + (draws[t + 16] >> 3), 1);
-        const uint8_t bit = (uint8_t)(1u << (v & 7)), old = mark[v >> 3];
-        mark[v >> 3] = old | bit;
-        c += !(old & bit);
+/* RandK's draws t0 .. t0 + cnt - 1 (cnt <= DRAWS) in [0, n), n < 2^31: with hi, lo the stream's values 2t and
+   2t + 1 (hash32), (hi n + (lo n >> 32)) >> 32, which is floor((hi 2^32 + lo) n / 2^64) exactly */
+#define DRAWS 64
+static void draws_below(int64_t t0, int64_t cnt, int64_t n, uint32_t k1, uint32_t k2, int64_t *out) {
+    uint32_t h[2 * DRAWS];
+    int64_t j = 0;
+#ifdef __AVX2__
+    for (; j + 8 <= 2 * cnt; j += 8) {
+        __m256i i = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)(2 * t0 + j)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256i v = mix32_v(_mm256_add_epi32(mix32_v(_mm256_xor_si256(i, _mm256_set1_epi32((int)k1))),
+                                             _mm256_set1_epi32((int)k2)));
+        _mm256_storeu_si256((__m256i *)(h + j), v);
     }
-    if (c < 0) {
-        for (t = 0; t < m; t++) if (draws[t] >= 0 && draws[t] < n) mark[draws[t] >> 3] = 0;
-        return c;
+#endif
+    for (; j < 2 * cnt; j++) h[j] = hash32((uint32_t)(2 * t0 + j), k1, k2);
+    const uint64_t un = (uint64_t)n;
+    for (j = 0; j < cnt; j++) out[j] = (int64_t)(((uint64_t)h[2 * j] * un + (((uint64_t)h[2 * j + 1] * un) >> 32)) >> 32);
+}
+
+/* the first k distinct values of m draws (RandK's stream with keys k1, k2, see draws_below), in increasing order,
+   into out (room for k + 2: the scan writes up to two entries ahead); returns how many there were (up to k).
+   mark: n bits, all clear, rounded up to whole 64-bit words (left clear). No branches on the data but the rare
+   ones: a mispredicted branch per draw or per word of the bitmap would cost more than the memory it touches. */
+int64_t hvdc_first_distinct(int64_t m, int64_t k, int64_t n, uint32_t k1, uint32_t k2, uint8_t *mark, int64_t *out) {
+    int64_t c = 0, draws[DRAWS];
+    for (int64_t t0 = 0; t0 < m && c < k; t0 += DRAWS) {
+        const int64_t cnt = m - t0 < DRAWS ? m - t0 : DRAWS;
+        draws_below(t0, cnt, n, k1, k2, draws);
+        for (int64_t j = 0; j < cnt; j++) __builtin_prefetch(mark + (draws[j] >> 3), 1);
+        for (int64_t j = 0; j < cnt && c < k; j++) {
+            const int64_t v = draws[j];
+            const uint8_t bit = (uint8_t)(1u << (v & 7)), old = mark[v >> 3];
+            mark[v >> 3] = old | bit;
+            c += !(old & bit);
+        }
     }
     /* the marked values in increasing order: a scan of the bitmap, clearing it as it goes */
     const uint64_t top = (uint64_t)1 << 63;

@@ -122,7 +122,7 @@ class _Lib:
         self.dll.hvdc_hash.restype = None
         self.dll.hvdc_hash.argtypes = [_P, _I64, _U32, _U32]
         self.dll.hvdc_first_distinct.restype = _I64
-        self.dll.hvdc_first_distinct.argtypes = [_P, _I64, _I64, _I64, _P, _P]
+        self.dll.hvdc_first_distinct.argtypes = [_I64, _I64, _I64, _U32, _U32, _P, _P]
         self.dll.hvdc_index_expand.restype = None
         self.dll.hvdc_index_expand.argtypes = [_P, _I64, _P, _I64, _P]
 

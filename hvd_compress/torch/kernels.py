@@ -80,25 +80,33 @@ def _uniform(x, seed):
     return u.view(x.shape)
 
 
+def _draws_below(m, d, seed, device):
+    """RandK's m iid uniform draws in [0, d), d < 2^31: with hi, lo the counter-based stream's values 2t and 2t + 1,
+    (hi d + (lo d >> 32)) >> 32 = floor((hi 2^32 + lo) d / 2^64) exactly (a bias below d / 2^64); the C kernels
+    draw the same numbers (hvd_compress/csrc/fused.c, draws_below)."""
+    h = _hash32(2 * m, seed, device)
+    return (h[0::2] * d + ((h[1::2] * d) >> 32)) >> 32
+
+
 def _random_indices(d, k, seed, device):
     """A uniformly random k-subset of range(d), in increasing order (the kernels walk it block by block, as
-    TensorFlow's draws come too). For k << d, the first k distinct values of iid uniform draws (each new
-    value is uniform over those not seen yet) instead of an O(d) permutation."""
-    g = _generator(seed, device)
+    TensorFlow's draws come too). For k << d, the first k distinct values of 1.25 k + 16 iid uniform draws (each
+    new value is uniform over those not seen yet) instead of an O(d) permutation; a permutation where they hold
+    fewer than k distinct values (rare) and for k > d / 8."""
     if 8 * k > d:
-        return torch.randperm(d, generator=g, device=device)[:k].sort().values
-    draws = torch.randint(d, (k + k // 4 + 16,), generator=g, device=device)
+        return torch.randperm(d, generator=_generator(seed, device), device=device)[:k].sort().values
+    m = k + k // 4 + 16
     lib = fused.lib() if device == "cpu" or getattr(device, "type", None) == "cpu" else None
-    if lib is not None:   # the same subset, from a bitmap of the values seen instead of a sort
+    if lib is not None:   # the same subset, drawn and marked in a bitmap in C instead of sorted
         out = torch.empty(k + 2, dtype=torch.int64)
-        marks = _marks(d)
-        count = lib.dll.hvdc_first_distinct(draws.data_ptr(), draws.numel(), k, d, marks.data_ptr(), out.data_ptr())
-        if count == k:
+        k1, k2 = _hash_keys(seed)
+        if lib.dll.hvdc_first_distinct(m, k, d, k1, k2, _marks(d).data_ptr(), out.data_ptr()) == k:
             return out[:k]
-        return torch.randperm(d, generator=g, device=device)[:k].sort().values
+        return torch.randperm(d, generator=_generator(seed, device), device=device)[:k].sort().values
+    draws = _draws_below(m, d, seed, device)
     values, inverse = torch.unique(draws, return_inverse=True)
     if values.numel() < k:   # too many repeats (rare): a permutation decides
-        return torch.randperm(d, generator=g, device=device)[:k].sort().values
+        return torch.randperm(d, generator=_generator(seed, device), device=device)[:k].sort().values
     position = torch.arange(draws.numel(), device=device)
     first = torch.full_like(values, draws.numel()).scatter_reduce_(0, inverse, position, "amin")
     return values[torch.argsort(first)[:k]].sort().values
