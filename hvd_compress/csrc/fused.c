@@ -149,7 +149,8 @@ static void draws_below(int64_t t0, int64_t cnt, int64_t n, uint32_t k1, uint32_
     int64_t j = 0;
 #ifdef __AVX2__
     for (; j + 8 <= 2 * cnt; j += 8) {
-        __m256i i = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)(2 * t0 + j)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256i i = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)(2 * t0 + j)),
+                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         __m256i v = mix32_v(_mm256_add_epi32(mix32_v(_mm256_xor_si256(i, _mm256_set1_epi32((int)k1))),
                                              _mm256_set1_epi32((int)k2)));
         _mm256_storeu_si256((__m256i *)(h + j), v);
@@ -157,7 +158,8 @@ static void draws_below(int64_t t0, int64_t cnt, int64_t n, uint32_t k1, uint32_
 #endif
     for (; j < 2 * cnt; j++) h[j] = hash32((uint32_t)(2 * t0 + j), k1, k2);
     const uint64_t un = (uint64_t)n;
-    for (j = 0; j < cnt; j++) out[j] = (int64_t)(((uint64_t)h[2 * j] * un + (((uint64_t)h[2 * j + 1] * un) >> 32)) >> 32);
+    for (j = 0; j < cnt; j++)
+        out[j] = (int64_t)(((uint64_t)h[2 * j] * un + (((uint64_t)h[2 * j + 1] * un) >> 32)) >> 32);
 }
 
 /* the first k distinct values of m draws (RandK's stream with keys k1, k2, see draws_below), in increasing order,

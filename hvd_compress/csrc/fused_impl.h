@@ -739,11 +739,13 @@ static void FN(mean_bits_few)(const uint8_t *const *rows, const T *vpos, const T
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         __m256i idx = _mm256_setzero_si256();   /* lane l: bit r = flag l of row r */
-        for (int r = 0; r < nrows; r++)
-            idx = _mm256_or_si256(idx, _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(rows[r][i >> 3] << r), lanes),
-                                                        _mm256_set1_epi32(1 << r)));
+        for (int r = 0; r < nrows; r++) {
+            const __m256i flags = _mm256_srlv_epi32(_mm256_set1_epi32(rows[r][i >> 3] << r), lanes);
+            idx = _mm256_or_si256(idx, _mm256_and_si256(flags, _mm256_set1_epi32(1 << r)));
+        }
         __m256 v = _mm256_permutevar8x32_ps(lo, idx);
-        if (nrows == 4) v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+        if (nrows == 4)   /* entries 8-15 where bit 3 (moved to the sign bit) is set */
+            v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
         put8(out + i, v, f.nt);
     }
     for (; i < n; i++) {
@@ -914,7 +916,10 @@ static inline void FN(qsgd_chunk)(const void *row, int wide, T norm, T levels, T
 void FN(mean_qsgd)(const void *const *rows, int wide, const T *norms, T levels, T lam, int nrows, int64_t n, T *out,
                    T div) {
 #if defined(__AVX2__) && IS_FLOAT
-    if (nrows >= 1 && nrows <= FEW_ROWS) { FN(mean_qsgd_few)(rows, wide, norms, levels, lam, nrows, n, out, div); return; }
+    if (nrows >= 1 && nrows <= FEW_ROWS) {
+        FN(mean_qsgd_few)(rows, wide, norms, levels, lam, nrows, n, out, div);
+        return;
+    }
 #endif
     MEAN_ROWS(FN(qsgd_chunk)(rows[r], wide, norms[r], levels, lam, i, m, dst));
 }
@@ -1002,6 +1007,12 @@ static inline const T *FN(load_sq)(const T *g, const T *e, int64_t i, int64_t m,
     return x;
 }
 
+/* RandK's value for a kept x (times scale when unbiased) into *v; returns what the error keeps, x - v lam */
+static inline T FN(randk_keep)(T kept, int unbiased, T scale, T lam, T *v) {
+    *v = unbiased ? kept * scale : kept;
+    return kept - (lam != (T)1 ? *v * lam : *v);
+}
+
 /* RandK's step, its indices sorted: x = g + e (into xout when given), values[t] = x[idx[t]] (times scale when
    unbiased), and xout[idx[t]] = x - values[t] * lam (lam = 1: x - values[t]), block by block while x is in L1.
    st = [sum x^2, finiteness, sum of kept^2, sum of left^2]. Returns 1 (nothing done) unless idx is sorted. */
@@ -1026,9 +1037,8 @@ int FN(randk_step)(const T *g, const T *e, T *xout, int64_t n, const int64_t *id
                 _mm256_storeu_ps(tmp, x0); _mm256_storeu_ps(tmp + 8, x1);
                 for (; t < k && idx[t] < j + 16; t++) {
                     const int64_t p = idx[t] - j;
-                    T kept = tmp[p], v = unbiased ? kept * scale : kept, dec = lam != (T)1 ? v * lam : v;
-                    T left = kept - dec;
-                    values[t] = v; tmp[p] = left;
+                    T kept = tmp[p], left = FN(randk_keep)(kept, unbiased, scale, lam, values + t);
+                    tmp[p] = left;
                     skept += (double)kept * kept; sleft += (double)left * left;
                 }
                 x0 = _mm256_loadu_ps(tmp); x1 = _mm256_loadu_ps(tmp + 8);
@@ -1040,8 +1050,8 @@ int FN(randk_step)(const T *g, const T *e, T *xout, int64_t n, const int64_t *id
             T x = e ? g[j] + e[j] : g[j];
             double v = x; int l = (int)(j % LANES); asq[l] += v * v; afin[l] += v - v;
             if (t < k && idx[t] == j) {
-                T kept = x, vv = unbiased ? kept * scale : kept, dec = lam != (T)1 ? vv * lam : vv, left = kept - dec;
-                values[t++] = vv; x = left;
+                T kept = x, left = FN(randk_keep)(kept, unbiased, scale, lam, values + t++);
+                x = left;
                 skept += (double)kept * kept; sleft += (double)left * left;
             }
             xout[j] = x;
@@ -1056,8 +1066,7 @@ int FN(randk_step)(const T *g, const T *e, T *xout, int64_t n, const int64_t *id
         if (xout && x != buf) { memcpy(buf, x, (size_t)m * sizeof(T)); x = buf; }
         for (; t < k && idx[t] < i + m; t++) {
             int64_t p = idx[t] - i;
-            T kept = x[p], v = unbiased ? kept * scale : kept, dec = lam != (T)1 ? v * lam : v, left = kept - dec;
-            values[t] = v;
+            T kept = x[p], left = FN(randk_keep)(kept, unbiased, scale, lam, values + t);
             if (xout) buf[p] = left;
             skept += (double)kept * kept; sleft += (double)left * left;
         }
