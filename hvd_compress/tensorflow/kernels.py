@@ -145,9 +145,11 @@ def _topk_indices(a, k):
     rank = max(1, min(n, int(n * (1 - 2 * k / d))))   # the rank-th smallest of the sample
     threshold = tf.math.top_k(sample, n - rank + 1).values[-1]
     candidates = tf.where(a >= threshold)[:, 0]
-    enough = tf.size(candidates) >= k
-    return tf.cond(enough, lambda: tf.sort(tf.cast(tf.gather(candidates, tf.math.top_k(
-        tf.gather(a, candidates), k, sorted=False).indices), tf.int32)), whole)
+
+    def among_candidates():
+        picked = tf.math.top_k(tf.gather(a, candidates), k, sorted=False).indices
+        return tf.sort(tf.cast(tf.gather(candidates, picked), tf.int32))
+    return tf.cond(tf.size(candidates) >= k, among_candidates, whole)
 
 
 _FAST_TOPK_MIN, _SAMPLE = 1 << 17, 1 << 14   # as in PyTorch's kernels

@@ -180,7 +180,7 @@ def torch_step(c, d, bufs, eager):
     _, e_in, e_out, out, g2 = bufs
     step_packed = getattr(K, "step_packed", None)   # one call where the library has it
     defer = {"defer": True} if hasattr(K, "settle") else {}   # as the plug-in steps (where the library has it)
-    if defer and isinstance(K._unscaled(c)[0], (C.ScaledSign, C.OneBit)):
+    if defer and isinstance(c.compressor if isinstance(c, C.Scaled) else c, (C.ScaledSign, C.OneBit)):
         # its own e_in, owing the correction a step left it, as the plug-in's buffers do after a step
         e_in = e_in.clone()
         K.step(c, g2, e_in.clone(), e_in, SEED, **defer)
