@@ -684,55 +684,52 @@ void FN(dec_qsgd)(const void *q, int wide, int64_t n, T norm, T levels, T lam, T
     }
 }
 
+/* how a sum is divided by div: times 1 / div where div is a power of two (the same correctly rounded
+   quotient, cheaper), else divided */
+typedef struct { int pow2; T div, rec; } FN(divisor_t);
+static inline FN(divisor_t) FN(divisor)(T div) {
+    FN(divisor_t) f; int ex;
+    f.pow2 = frexp(div, &ex) == (T)0.5 && ex > -60 && ex < 60;
+    f.div = div; f.rec = (T)1 / div;
+    return f;
+}
+static inline T FN(divided)(T a, const FN(divisor_t) *f) { return f->pow2 ? a * f->rec : a / f->div; }
+#if defined(__AVX2__) && IS_FLOAT
+static inline __m256 FN(divided8)(__m256 a, const FN(divisor_t) *f) {
+    return f->pow2 ? _mm256_mul_ps(a, _mm256_set1_ps(f->rec)) : _mm256_div_ps(a, _mm256_set1_ps(f->div));
+}
+#endif
+
 /* ---- decode_mean of n payload rows in one pass: out = (((v_0 + v_1) + ...) + v_{n-1}) / div, element by
    element as torch's elementwise ops give it. Blocks of CHUNK elements are summed in an L1 buffer, then
    divided (times 1/div where div is a power of two: the same correctly rounded quotient) and stored,
    streaming past the caches when out is large. */
 static inline void FN(finish)(const T *acc, T *out, int64_t m, T div, int nt) {
-    int pow2 = 0; int ex; T mant = frexp(div, &ex);
-    if (mant == (T)0.5 && ex > -60 && ex < 60) pow2 = 1;
-    const T rec = (T)1 / div;
+    const FN(divisor_t) f = FN(divisor)(div);
     int64_t j = 0;
 #if defined(__AVX2__) && IS_FLOAT
-    const __m256 vd = _mm256_set1_ps(div), vr = _mm256_set1_ps(rec);
-    for (; j + 8 <= m; j += 8) {
-        __m256 v = _mm256_loadu_ps(acc + j);
-        v = pow2 ? _mm256_mul_ps(v, vr) : _mm256_div_ps(v, vd);
-        put8(out + j, v, nt);
-    }
+    for (; j + 8 <= m; j += 8) put8(out + j, FN(divided8)(_mm256_loadu_ps(acc + j), &f), nt);
 #else
     (void)nt;
 #endif
-    if (pow2) for (; j < m; j++) out[j] = acc[j] * rec;
-    else for (; j < m; j++) out[j] = acc[j] / div;
+    for (; j < m; j++) out[j] = FN(divided)(acc[j], &f);
 }
 
 #if defined(__AVX2__) && IS_FLOAT
 /* ---- decode_mean of a few rows in registers: each 8 outputs are summed from the rows (in row order) and
-   finished (FN(finish)'s rule) without the L1 buffers, then stored once. For bits rows, up to 4, the 2^rows
+   divided (FN(divisor)) without the L1 buffers, then stored once. For bits rows, up to 4, the 2^rows
    possible means are a table of 16 floats computed once, which each element's flags index. */
 #define FEW_ROWS 8
-typedef struct { int pow2, nt; T div, rec; } FN(fin_t);
-static inline FN(fin_t) FN(fin_of_div)(T div, T *out, int64_t n) {
-    FN(fin_t) f; int ex;
-    f.pow2 = frexp(div, &ex) == (T)0.5 && ex > -60 && ex < 60;
-    f.div = div; f.rec = (T)1 / div;
-    f.nt = use_nt(out, n * (int64_t)sizeof(T));
-    return f;
-}
-static inline T FN(fin1)(T a, const FN(fin_t) *f) { return f->pow2 ? a * f->rec : a / f->div; }
-static inline __m256 FN(fin8)(__m256 a, const FN(fin_t) *f) {
-    return f->pow2 ? _mm256_mul_ps(a, _mm256_set1_ps(f->rec)) : _mm256_div_ps(a, _mm256_set1_ps(f->div));
-}
 
 static void FN(mean_bits_few)(const uint8_t *const *rows, const T *vpos, const T *vneg, int nrows, int64_t n,
                               T *out, T div) {
-    const FN(fin_t) f = FN(fin_of_div)(div, out, n);
+    const FN(divisor_t) f = FN(divisor)(div);
+    const int nt = use_nt(out, n * (int64_t)sizeof(T));
     T tab[16] = {0};
     for (int c = 0; c < (1 << nrows); c++) {
         T s = (c & 1) ? vneg[0] : vpos[0];
         for (int r = 1; r < nrows; r++) s = s + (((c >> r) & 1) ? vneg[r] : vpos[r]);
-        tab[c] = FN(fin1)(s, &f);
+        tab[c] = FN(divided)(s, &f);
     }
     const __m256 lo = _mm256_loadu_ps(tab), hi = _mm256_loadu_ps(tab + 8);
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -746,32 +743,33 @@ static void FN(mean_bits_few)(const uint8_t *const *rows, const T *vpos, const T
         __m256 v = _mm256_permutevar8x32_ps(lo, idx);
         if (nrows == 4)   /* entries 8-15 where bit 3 (moved to the sign bit) is set */
             v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-        put8(out + i, v, f.nt);
+        put8(out + i, v, nt);
     }
     for (; i < n; i++) {
         int c = 0;
         for (int r = 0; r < nrows; r++) c |= ((rows[r][i >> 3] >> (i & 7)) & 1) << r;
         out[i] = tab[c];
     }
-    nt_done(f.nt);
+    nt_done(nt);
 }
 
 /* out[i .. i + 8) = the finished sum over rows of VAL8(r) (an __m256 of row r's 8 values at i); VAL1(r) one
    value at i for the tail */
 #define MEAN_FEW(VAL8, VAL1) do { \
-    const FN(fin_t) f = FN(fin_of_div)(div, out, n); \
+    const FN(divisor_t) f = FN(divisor)(div); \
+    const int nt = use_nt(out, n * (int64_t)sizeof(T)); \
     int64_t i = 0; \
     for (; i + 8 <= n; i += 8) { \
         __m256 a = VAL8(0); \
         for (int r = 1; r < nrows; r++) a = _mm256_add_ps(a, VAL8(r)); \
-        put8(out + i, FN(fin8)(a, &f), f.nt); \
+        put8(out + i, FN(divided8)(a, &f), nt); \
     } \
     for (; i < n; i++) { \
         T a = VAL1(0); \
         for (int r = 1; r < nrows; r++) a = a + VAL1(r); \
-        out[i] = FN(fin1)(a, &f); \
+        out[i] = FN(divided)(a, &f); \
     } \
-    nt_done(f.nt); } while (0)
+    nt_done(nt); } while (0)
 
 /* Natural: the value of 8 code bytes (see table_chunk) */
 static inline __m256 FN(table8)(const uint8_t *c8, const T *table, __m256i base, int arith) {
@@ -796,22 +794,23 @@ static void FN(mean_table_few)(const uint8_t *const *rows, const T *tables, cons
 #undef TABLE1
 }
 
-/* QSGD: ((norm * q) / levels) * lam of 8 levels q (times 1 / levels where levels is a power of two) */
-static inline __m256 FN(qsgd8)(const void *row, int wide, int64_t i, T norm, __m256 vl, __m256 vrec, int pow2,
+/* QSGD: ((norm * q) / levels) * lam of 8 levels q */
+static inline __m256 FN(qsgd8)(const void *row, int wide, int64_t i, T norm, const FN(divisor_t) *levels,
                                __m256 vlam) {
     __m256i q = wide ? _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)((const int16_t *)row + i)))
                      : _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)row + i)));
-    __m256 nq = _mm256_mul_ps(_mm256_set1_ps(norm), _mm256_cvtepi32_ps(q));
-    return _mm256_mul_ps(pow2 ? _mm256_mul_ps(nq, vrec) : _mm256_div_ps(nq, vl), vlam);
+    return _mm256_mul_ps(FN(divided8)(_mm256_mul_ps(_mm256_set1_ps(norm), _mm256_cvtepi32_ps(q)), levels), vlam);
 }
 static void FN(mean_qsgd_few)(const void *const *rows, int wide, const T *norms, T levels, T lam, int nrows, int64_t n,
                               T *out, T div) {
-    int lexp; const int pow2 = frexp(levels, &lexp) == (T)0.5;
-    const __m256 vl = _mm256_set1_ps(levels), vrec = _mm256_set1_ps((T)1 / levels), vlam = _mm256_set1_ps(lam);
-#define Q8(r) FN(qsgd8)(rows[r], wide, i, norms[r], vl, vrec, pow2, vlam)
-#define Q1(r) (((norms[r] * (T)(wide ? ((const int16_t *)rows[r])[i] : ((const int8_t *)rows[r])[i])) / levels) * lam)
+    const FN(divisor_t) lev = FN(divisor)(levels);
+    const __m256 vlam = _mm256_set1_ps(lam);
+#define Q8(r) FN(qsgd8)(rows[r], wide, i, norms[r], &lev, vlam)
+#define QI(r) (T)(wide ? ((const int16_t *)rows[r])[i] : ((const int8_t *)rows[r])[i])
+#define Q1(r) (FN(divided)(norms[r] * QI(r), &lev) * lam)
     MEAN_FEW(Q8, Q1);
 #undef Q8
+#undef QI
 #undef Q1
 }
 #undef MEAN_FEW
