@@ -40,6 +40,19 @@ def from_wire(c, wire, d, index_from_wire):
     return parts
 
 
+def topk_sample(d, k):
+    """How Top-k of k among d elements selects on a large tensor: (stride, rank) where it first keeps the
+    candidates at or above the rank-th smallest of a strided sample (about 2k of them), then selects among those
+    alone (the whole tensor again where fewer than k pass); None where it selects from the whole tensor (small
+    tensors, k > d / 8). The stride is odd, for about 2^14 samples: a power-of-two stride over a weight matrix
+    whose rows are a power of two wide sees only a few columns (a skewed threshold, then the slow full top-k)."""
+    if d < (1 << 17) or 8 * k > d:
+        return None
+    stride = (d // (1 << 14)) | 1
+    n = (d + stride - 1) // stride   # the sample's length
+    return stride, max(1, min(n, int(n * (1 - 2 * k / d))))
+
+
 def registries(framework, kernels):
     """(encode, decode) that dispatch on the compressor's class (a subclass inherits its base class's kernels),
     from [(class, encode(c, x, seed), decode(c, parts, d, seed, dtype))]; a class without kernels raises

@@ -2,8 +2,8 @@
 simulation: every compressor x mode, replicas bit-identical, the seed's counterexample, checkpoint/resume,
 and bad set-ups that must fail clearly on every rank."""
 import json
-import subprocess
 import os
+import subprocess
 
 import pytest
 import torch

@@ -19,7 +19,7 @@ import numbers
 import tensorflow as tf
 
 from .. import compressors as C
-from ..kernels import from_wire, registries, to_wire
+from ..kernels import from_wire, registries, to_wire, topk_sample
 from ..seeds import as_pair, second_stage
 
 _DTYPES = {C.INT32: tf.int32, C.UINT8: tf.uint8, C.INT8: tf.int8, C.INT16: tf.int16, C.BF16: tf.bfloat16,
@@ -138,21 +138,19 @@ def _topk_indices(a, k):
         return tf.sort(tf.math.top_k(a, k, sorted=False).indices)
 
     d = a.shape.num_elements()
-    if not isinstance(k, int) or d is None or d < _FAST_TOPK_MIN or 8 * k > d or _in_xla():
+    sampled = topk_sample(d, k) if isinstance(k, int) and d is not None else None
+    if sampled is None or _in_xla():
         return whole()   # (XLA pads the candidates to d: 7 s instead of 0.5 s)
-    sample = a[::(d // _SAMPLE) | 1]   # an odd stride (see torch's _sample_stride)
+    stride, rank = sampled
+    sample = a[::stride]
     n = sample.shape.num_elements()
-    rank = max(1, min(n, int(n * (1 - 2 * k / d))))   # the rank-th smallest of the sample
-    threshold = tf.math.top_k(sample, n - rank + 1).values[-1]
+    threshold = tf.math.top_k(sample, n - rank + 1).values[-1]   # the rank-th smallest of the sample
     candidates = tf.where(a >= threshold)[:, 0]
 
     def among_candidates():
         picked = tf.math.top_k(tf.gather(a, candidates), k, sorted=False).indices
         return tf.sort(tf.cast(tf.gather(candidates, picked), tf.int32))
     return tf.cond(tf.size(candidates) >= k, among_candidates, whole)
-
-
-_FAST_TOPK_MIN, _SAMPLE = 1 << 17, 1 << 14   # as in PyTorch's kernels
 
 
 def _in_xla():

@@ -23,7 +23,7 @@ import torch
 
 from .. import compressors as C
 from .. import transport as T
-from ..kernels import from_wire, registries, to_wire
+from ..kernels import from_wire, registries, to_wire, topk_sample
 from ..seeds import as_pair, second_stage
 from . import fused
 
@@ -93,8 +93,11 @@ def _random_indices(d, k, seed, device):
     TensorFlow's draws come too). For k << d, the first k distinct values of 1.25 k + 16 iid uniform draws (each
     new value is uniform over those not seen yet) instead of an O(d) permutation; a permutation where they hold
     fewer than k distinct values (rare) and for k > d / 8."""
-    if 8 * k > d:
+    def permuted():
         return torch.randperm(d, generator=_generator(seed, device), device=device)[:k].sort().values
+
+    if 8 * k > d:
+        return permuted()
     m = k + k // 4 + 16
     lib = fused.lib() if device == "cpu" or getattr(device, "type", None) == "cpu" else None
     if lib is not None:   # the same subset, drawn and marked in a bitmap in C instead of sorted
@@ -102,11 +105,11 @@ def _random_indices(d, k, seed, device):
         k1, k2 = _hash_keys(seed)
         if lib.dll.hvdc_first_distinct(m, k, d, k1, k2, _marks(d).data_ptr(), out.data_ptr()) == k:
             return out[:k]
-        return torch.randperm(d, generator=_generator(seed, device), device=device)[:k].sort().values
+        return permuted()
     draws = _draws_below(m, d, seed, device)
     values, inverse = torch.unique(draws, return_inverse=True)
     if values.numel() < k:   # too many repeats (rare): a permutation decides
-        return torch.randperm(d, generator=_generator(seed, device), device=device)[:k].sort().values
+        return permuted()
     position = torch.arange(draws.numel(), device=device)
     first = torch.full_like(values, draws.numel()).scatter_reduce_(0, inverse, position, "amin")
     return values[torch.argsort(first)[:k]].sort().values
@@ -141,11 +144,10 @@ def _topk_indices(a, k):
     elements is many times slower than a pass over memory, so large tensors first keep the candidates above a
     threshold estimated from a strided sample (about 2k of them), and select among those alone; when fewer
     than k pass (a skewed sample), the whole tensor is selected from."""
-    d = a.numel()
-    if d >= _FAST_TOPK_MIN and 8 * k <= d:
-        sample = a[::_sample_stride(d)]
-        rank = max(1, min(sample.numel(), int(sample.numel() * (1 - 2 * k / d))))
-        candidates = torch.nonzero(a >= torch.kthvalue(sample, rank).values).squeeze(1)
+    sampled = topk_sample(a.numel(), k)
+    if sampled is not None:
+        stride, rank = sampled
+        candidates = torch.nonzero(a >= torch.kthvalue(a[::stride], rank).values).squeeze(1)
         if candidates.numel() >= k:
             return candidates[_top(a[candidates], k)]
     return _top(a, k)
@@ -160,15 +162,6 @@ def _top(a, k):
     keep[torch.nonzero(a == t).squeeze(1)[:k - int(keep.sum())]] = True
     idx = torch.nonzero(keep).squeeze(1)
     return idx if idx.numel() == k else torch.topk(a, k, sorted=False).indices.sort().values   # NaN in a
-
-
-_FAST_TOPK_MIN, _SAMPLE = 1 << 17, 1 << 14
-
-
-def _sample_stride(d):
-    """An odd stride for about _SAMPLE samples: a power-of-two stride over a weight matrix whose rows are a
-    power of two wide sees only a few columns (a skewed threshold, then the slow full topk)."""
-    return (d // _SAMPLE) | 1
 
 
 def _topk_encode(c, x, seed):
@@ -585,16 +578,16 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None, defer=False):
         return _parts_into(into, [head, levels]), _stats(st[0].item(), sumsq, True)
     if isinstance(c, C.TopK):
         k = c.k_for(d)
-        if d < _FAST_TOPK_MIN or 8 * k > d:
+        sampled = topk_sample(d, k)
+        if sampled is None:
             x, finite = _materialize(ns, g, e_in, e_out, st)
             if not finite:
                 return None
             idx = _top(x.abs(), k)
             values = x[idx]
         else:   # the sampled threshold of _topk_indices, its candidates found in the one pass
-            step = _sample_stride(d)
+            step, rank = sampled
             sample = (g[::step] if e_in is None else g[::step] + e_in[::step]).abs()
-            rank = max(1, min(sample.numel(), int(sample.numel() * (1 - 2 * k / d))))
             threshold = torch.kthvalue(sample, rank).values.item()
             cap = min(d, 3 * k + 1024)
             cidx, cval = _scratch("cidx", cap, torch.int64), _scratch("cval", cap, dtype)
