@@ -1,7 +1,9 @@
 """What both plug-ins' ``Compression`` share, framework aside: the ranks (those of the process set), the seed
 of each compressor call, the configuration check before the first payload travels, and how a saved state's
 buffers are gathered from the ranks and handed back to them, and ``stats()``. Each plug-in sets ``ops`` (its
-kernels and collectives: ``torch/ops.py``, ``tensorflow/ops.py``), ``_seed_step()`` and ``_figures()``."""
+kernels and collectives: ``torch/ops.py``, ``tensorflow/ops.py``), ``checkpoint`` (its ``state_dict()``),
+``noun`` (what its errors call a tensor), ``_in_force()`` (this step's compressors), ``_seed_step()`` and
+``_figures()``."""
 import math
 
 import numpy as np
@@ -14,6 +16,8 @@ from .seeds import server_seed, worker_seed
 
 class CompressionBase:
     ops = None
+    checkpoint = None
+    noun = "tensor"
     process_set = None
     nodes = None   # transport "hierarchical": where this rank sits among the nodes (``bucket.Nodes``)
 
@@ -37,11 +41,35 @@ class CompressionBase:
         # the global set's rank list is not always filled in (Horovod fills it at init), and needs no mapping
         return self.root_rank if ranks.process_set_id == 0 else ranks.ranks[self.root_rank]
 
+    def _check_root(self, n):
+        """The server pass's rank is one of the n ranks of the process set."""
+        if not 0 <= self.root_rank < n:
+            raise ValueError(f"root_rank={self.root_rank} is not a rank of the process set (ranks 0..{n - 1}, "
+                             f"counted within it)")
+
+    def worker(self):
+        """The worker compressor of this step (during a warm-up, the sparsifier at this step's ratio)."""
+        return self._in_force()[0]
+
+    def server(self):
+        """The server compressor of this step (the warm-up holds for it too: ``Config.server_at``)."""
+        return self._in_force()[1]
+
     def seed_of(self, key, server=False):
         """The seed of a compressor call on ``key`` (a parameter or a slice) in this step."""
         if server:
             return server_seed(self.config.server, self.seed, self._seed_step(), key)
         return worker_seed(self.config.worker, self.seed, self._seed_step(), self.rank(), key)
+
+    def _encode(self, bucket, p, e_in, e_out):
+        """The transport's first stage for one tensor; a compressor's refusal names the tensor (and the
+        transport, where it compresses slices of it)."""
+        try:
+            bucket.transport.encode(self, p, e_in, e_out)
+        except ValueError as err:
+            slices = {"sharded": self.size(), "hierarchical": self.nodes and self.nodes.local_size}.get(p.transport)
+            where = f" (one of its {slices} slices, transport {p.transport!r})" if slices else ""
+            raise ValueError(f"{self.noun} {p.name!r}{where}: {err}") from None
 
     # ---- agreeing on the configuration -------------------------------------------------------------------------
 
@@ -67,6 +95,16 @@ class CompressionBase:
             obj, lambda array, part: self.ops.allgather_now(array, f"{name}.{part}", ranks))
 
     # ---- saved state: every rank's buffers in one dict, and back ----------------------------------------------
+
+    def state_dict(self):
+        """Every rank's worker error buffers and velocities, the server buffers (the root's; sharded: every
+        rank's slice), the step, the transports and the link (PyTorch: tensors on CPU; TensorFlow: numpy arrays).
+        A collective when there are several ranks: call it on every rank (eagerly), then save it on one."""
+        return self.checkpoint.state_dict(self)
+
+    def load_state_dict(self, state):
+        """Restores what ``state_dict()`` saved; every rank loads the same dict and takes its own part."""
+        self.checkpoint.load_state_dict(self, state)
 
     def _gather_state(self, mine):
         """``mine`` = (worker buffers, server buffers, ...) of this rank, each {name: array}: every rank's, and

@@ -300,6 +300,7 @@ BAD_SETUPS = [
     ("momentum_adam", "ValueError", "an Adam-like optimizer keeps a first moment too: use hc.MomentumCorrectedAdamW"),
     ("corrected_adam_alone", "ValueError", "hc.MomentumCorrectedAdamW needs Compression(momentum=0.9, "
      "momentum_masking=False, warmup=(3, 'dense')) (its beta1 and freeze_after); got momentum=0.0"),
+    ("root_rank", "ValueError", "root_rank=2 is not a rank of the process set (ranks 0..1, counted within it)"),
     ("nan_sharded", "FloatingPointError", "not finite (NaN or Inf) for parameter(s) ['fc2.weight']"),
     ("k_too_big_sharded", "ValueError",
      "parameter 'fc2.bias' (one of its 2 slices, transport 'sharded'): TopK(ratio=None, k=2): k=2 is larger"),

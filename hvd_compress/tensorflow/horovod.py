@@ -5,6 +5,7 @@ import os
 import sys
 
 import tensorflow as tf
+import horovod.tensorflow as hvd
 
 from .. import options
 
@@ -46,6 +47,16 @@ def process_set_of_caller():
     return None
 
 
+def process_set_for(given, theirs):
+    """The process set of a Compression given ``given`` (or None) whose gradients are reduced on ``theirs``
+    (or None: all ranks). On another set its collectives would wait for ranks that never come: refused."""
+    if theirs is not None and given is not None and theirs.process_set_id != given.process_set_id:
+        raise ValueError(f"the gradients are reduced on the process set {theirs.ranks or 'of all ranks'} but "
+                         f"this Compression was given {given.ranks or 'all ranks'}: give it the same process_set "
+                         f"as the tape or optimizer (or none)")
+    return given or theirs or hvd.global_process_set
+
+
 def optimizer_of_caller():
     """The Keras optimizer whose gradients compress() was called for (Horovod's tf-keras wrapper or
     ``hvd_compress.keras``: a method of it is among the callers, below Horovod's tf.cond), None for a tape."""
@@ -63,6 +74,23 @@ def check_momentum_of(config, optimizer):
     if optimizer is not None:
         options.refuse_second_momentum(config.momentum, float(getattr(optimizer, "momentum", 0.0) or 0.0),
                                        hasattr(optimizer, "beta_1"), "use SGD without momentum")
+
+
+def variables_of(variables, compute_dtype):
+    """The list of ``variables`` (tf.Variables of a dtype ``compute_dtype`` knows), as Horovod reduces them."""
+    if variables is None:
+        raise ValueError("Compression needs variables=model.trainable_variables (in the order Horovod "
+                         "reduces their gradients): Horovod passes compress() no variable")
+    variables = list(variables)
+    refuse_keras3_variables(variables)
+    for v in variables:
+        if not isinstance(v, tf.Variable):
+            raise ValueError(f"variables must be tf.Variables, got {type(v).__name__}")
+        try:
+            compute_dtype(v.dtype)
+        except TypeError as err:
+            raise TypeError(f"variable {v.name!r}: {err}") from None
+    return variables
 
 
 def is_keras3_variable(v):

@@ -431,6 +431,17 @@ def apply(c, x, seed=0):
     return tf.reshape(tf.cast(out, x.dtype), x.shape)
 
 
+def precondition(config, g, u_in, n):
+    """Deep Gradient Compression's local clipping (for ``n`` ranks), then its momentum correction: (what is
+    compressed or averaged in g's place, the new velocity u <- m u + g or None). The simulation's formulas."""
+    if config.clip:
+        g = clip_norm(g, config.clip_threshold(n))
+    if not config.momentum:
+        return g, None
+    velocity = g + config.momentum * u_in
+    return (g + config.momentum * velocity if config.nesterov else velocity), velocity
+
+
 def clip_norm(x, max_norm):
     """x scaled down to norm ``max_norm`` if it is longer (the PyTorch kernel's formula, see
     ``compressors.check_clip``); a non-finite x stays non-finite."""

@@ -11,6 +11,18 @@ from .. import transport as T
 from . import kernels as K
 
 
+def compressors_at(config, step):
+    """The worker and server compressors at ``step``, a value in the graph: during a warm-up of the ratio,
+    their k is looked up there, so that payloads shrink step by step as in PyTorch (their length is not
+    static); with a dense warm-up, ``Either`` of the warm-up's compressors and the configured ones."""
+    steps, first = config.warmup
+    if first == "dense":
+        return tuple(c and Either(step < steps, at(0), c) for c, at in
+                     ((config.worker, config.worker_at), (config.server, config.server_at)))
+    at = tf.minimum(step, steps)
+    return config.in_force_by(lambda ks: tf.gather(tf.constant(ks, tf.int32), at))
+
+
 class Either:
     """The compressor in force during a dense warm-up (``warmup=(steps, "dense")``): ``warm`` (uncompressed)
     while ``flag``, a boolean in the graph, holds, else ``c``. The kernels below choose between the two with a

@@ -38,6 +38,7 @@ from . import checkpoint, horovod
 from . import kernels as K
 from . import ops
 from .optim import check_momentum_of
+from .stats import Stats
 
 # Collectives are named after the Compression object (its number in this process: every rank builds the same
 # objects in the same order), so that two models trained alternately (a GAN) never share a collective's name.
@@ -102,7 +103,7 @@ class Compression(CompressionBase):
     is dropped (no buffer changes), and the optimizer is reset as its ``load_state_dict()`` does.
     """
 
-    ops = ops   # the shared transports' kernels and collectives, in PyTorch
+    ops, checkpoint, noun = ops, checkpoint, "parameter"   # the shared transports' kernels and collectives, in PyTorch
 
     def __init__(self, compressor, error_feedback=False, server=None, named_parameters=None, root_rank=0, seed=0,
                  transport=None, link_gbps=None, dense_below=1024, bucket_mb=64, nonfinite="skip", process_set=None,
@@ -129,10 +130,9 @@ class Compression(CompressionBase):
         self._payloads = {}                               # name or slice name -> its payload bytes' buffer
         self._pending = {}                                # name -> Pending, for the step in flight
         self._step = 0
-        self._in_force = (None, None, None)               # (step, the worker and server compressors in force)
+        self._in_force_at = (None, None, None)            # (step, the worker and server compressors in force)
         self._checked = False
-        self._step_stats, self._last_stats = self._new_stats(), None
-        self._totals = {"bytes_sent": 0, "dense_bytes": 0, "skipped_steps": 0}
+        self._stats = Stats()
         self._skipping = False                            # this step had a non-finite gradient somewhere
         self._to_commit = []                              # this step's tensors whose buffers commit at its end
         self._dense_not_finite = []                       # dense tensors whose average is not finite
@@ -190,12 +190,7 @@ class Compression(CompressionBase):
         e_in = self._worker_error.get(name) if self.config.error_feedback else None
         e_out = (self._spare_buffer("worker", name, bucket.transport.error_part(self, work))
                  if self.config.error_feedback else None)
-        try:
-            bucket.transport.encode(self, p, e_in, e_out)
-        except ValueError as err:
-            slices = {"sharded": self.size(), "hierarchical": self.nodes and self.nodes.local_size}.get(how)
-            where = f" (one of its {slices} slices, transport {how!r})" if slices else ""
-            raise ValueError(f"parameter {name!r}{where}: {err}") from None
+        self._encode(bucket, p, e_in, e_out)
         if self.config.momentum and self.config.momentum_masking:   # factor masking: the sent coordinates leave u
             x = work if e_in is None else work + K.settle(e_in)
             p.velocity.masked_fill_(K.settle(e_out) != x, 0)
@@ -242,26 +237,16 @@ class Compression(CompressionBase):
                              f"process set has ranks {sorted(theirs.ranks)}: give both the same")
         if optimizer is not None:
             check_momentum_of(self.config, optimizer.param_groups)
-        if not 0 <= self.root_rank < ranks.size():
-            raise ValueError(f"root_rank={self.root_rank} is not a rank of the process set "
-                             f"(ranks 0..{ranks.size() - 1}, counted within it)")
+        self._check_root(ranks.size())
         self.process_set = ranks
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else (lambda: None)
 
     # ---- the step -------------------------------------------------------------------------------------------
 
-    def worker(self):
-        """The worker compressor of this step (during a warm-up, the sparsifier at this step's ratio)."""
-        return self._compressors_now()[1]
-
-    def server(self):
-        """The server compressor of this step (the warm-up holds for it too: ``Config.server_at``)."""
-        return self._compressors_now()[2]
-
-    def _compressors_now(self):
-        if self._in_force[0] != self._step:
-            self._in_force = (self._step, self.config.worker_at(self._step), self.config.server_at(self._step))
-        return self._in_force
+    def _in_force(self):
+        if self._in_force_at[0] != self._step:
+            self._in_force_at = (self._step, self.config.worker_at(self._step), self.config.server_at(self._step))
+        return self._in_force_at[1:]
 
     def _seed_step(self):
         return self._step
@@ -271,37 +256,19 @@ class Compression(CompressionBase):
         the new velocity, or None without momentum."""
         if self.config.clip:
             K.clip_norm_(work, self.config.clip_threshold(self.size()))
-        return self._momentum_step(name, work) if self.config.momentum else None
-
-    def _momentum_step(self, name, work):
-        """u <- momentum * u + g, kept in the velocity's spare half; g's memory (``work``) then holds what is
-        compressed in g's place: u, or with Nesterov g + momentum * u. The simulation's formulas: the same bits."""
-        old, m = self._velocity.get(name), self.config.momentum
-        if not self.config.nesterov:
-            if old is not None:
-                work.add_(old, alpha=m)
-            return self._spare_buffer("velocity", name, work).copy_(work)
-        velocity = self._spare_buffer("velocity", name, work).copy_(work)
-        if old is not None:
-            velocity.add_(old, alpha=m)
-        work.add_(velocity, alpha=m)
-        return velocity
+        if self.config.momentum:
+            velocity = self._spare_buffer("velocity", name, work)   # the new velocity goes into its spare half
+            return K.momentum_step(self.config, work, self._velocity.get(name), velocity)
 
     def _payload_buffer(self, key, size, device):
         """The buffer a piece's payload bytes are written into, kept from step to step (they are copied into
         the bucket's send buffer before the next step writes them again)."""
-        buffer = self._payloads.get(key)
-        if buffer is None or buffer.numel() != size or buffer.device != device:
-            buffer = self._payloads[key] = torch.empty(size, dtype=torch.uint8, device=device)
-        return buffer
+        return ops.reused(self._payloads, key, (size,), torch.uint8, device)
 
     def _spare_buffer(self, kind, name, like):
         """The free half of a parameter's double buffer: written by this step, committed only if the step
         completes everywhere (else the committed half stays as it was)."""
-        spare = self._spare.get((kind, name))
-        if spare is None or spare.shape != like.shape or spare.dtype != like.dtype or spare.device != like.device:
-            spare = self._spare[(kind, name)] = torch.empty_like(like)
-        return spare
+        return ops.reused(self._spare, (kind, name), like.shape, like.dtype, like.device)
 
     def _finish_step(self):
         """Send the buckets still waiting (a tensor without gradient in this step) and receive all of them;
@@ -334,26 +301,17 @@ class Compression(CompressionBase):
     def _commit(self, p):
         """This tensor's statistics now; its buffers at the end of the step (``_end_step``), once every gradient
         of the step is known to be finite, the dense ones (averaged by Horovod itself) too."""
-        s = self._step_stats
-        s["bytes_sent"] += p.bytes_sent
-        s["dense_bytes"] += 4 * p.shape.numel()
-        if p.transport == "dense":
-            if p.shape.numel() < self.dense_below:
-                s["dense_small_bytes"] += p.bytes_sent
+        dense = p.transport == "dense"
+        self._stats.add(p, dense and p.shape.numel() < self.dense_below, self.config.error_feedback,
+                        not (dense or self._skipping))
+        if dense:
             if not bool(p.update.isfinite().all()):   # the average: alike on every rank
                 self._dense_not_finite.append(p.name)
             if p.velocity is not None:
                 self._to_commit.append(p)
             return
-        if self._skipping:
-            return
-        self._to_commit.append(p)
-        s["residual"] += p.stats[0]
-        s["norm"] += p.stats[1]
-        if self.config.error_feedback:
-            s["worker_error"] += p.stats[0]
-        if p.server_stats is not None:
-            s["server_error"] += p.server_stats[0]
+        if not self._skipping:
+            self._to_commit.append(p)
 
     def _swap(self, kind, committed, name, new):
         """Commit the new half of a double buffer; the old half becomes the spare."""
@@ -382,12 +340,8 @@ class Compression(CompressionBase):
         self._to_commit, self._dense_not_finite = [], []
         for bucket in self._buckets:
             bucket.reset()
-        self._last_stats, self._step_stats = self._step_stats, self._new_stats()
-        self._totals["bytes_sent"] += self._last_stats["bytes_sent"]
-        self._totals["dense_bytes"] += self._last_stats["dense_bytes"]
+        self._stats.end(self._skipping)
         if self._skipping:   # the same step (and seeds) again next time, on every rank alike
-            self._totals["skipped_steps"] += 1
-            self._last_stats["skipped"] = True
             self._skipping = False
         else:
             self._step += 1
@@ -407,25 +361,8 @@ class Compression(CompressionBase):
         """Forget the step in progress: nothing of it is committed."""
         self._pending.clear()
         self._skipping = False
-        self._step_stats = self._new_stats()
+        self._stats.drop()
         self._to_commit, self._dense_not_finite = [], []
-
-    def _forget_world(self):
-        """Drop what is bound to the ranks of the job (the buffers aside), after an elastic resize: the next
-        step binds to the optimizer's process set again, forms buckets for the new size, checks the
-        configuration on every rank and allocates its buffers (see ``hvd_compress.torch.elastic``)."""
-        self._drop_step()
-        self._buckets, self._bucket_of, self.nodes = [], None, None
-        self._spare.clear()
-        self._payloads.clear()
-        self._optimizer = None
-        self._checked = False
-        self._name_of = horovod.GradientNames(self._params)
-
-    @staticmethod
-    def _new_stats():
-        return {"bytes_sent": 0, "dense_bytes": 0, "dense_small_bytes": 0, "residual": 0.0, "norm": 0.0,
-                "worker_error": 0.0, "server_error": 0.0}
 
     # ---- which transport, which bucket ------------------------------------------------------------------------
 
@@ -469,16 +406,6 @@ class Compression(CompressionBase):
 
     # ---- checkpointing and statistics --------------------------------------------------------------------
 
-    def state_dict(self):
-        """Every error buffer of every rank (worker) and of the root (server), and the step, on CPU.
-
-        A collective when there are several ranks: call it on every rank (then save it on one)."""
-        return checkpoint.state_dict(self)
-
-    def load_state_dict(self, state):
-        """Restores what ``state_dict()`` saved; every rank loads the same dict and takes its own part."""
-        checkpoint.load_state_dict(self, state)
-
     def _refuse_during_a_step(self, what):
         if self._pending:
             raise RuntimeError(f"{what} during a step (between backward() and optimizer.step())")
@@ -494,9 +421,4 @@ class Compression(CompressionBase):
         checkpoint.load(self, directory)
 
     def _figures(self):
-        s = dict(self._last_stats or self._new_stats())
-        skipped = s.pop("skipped", False)
-        s.update({key: float(s[key]) for key in ("residual", "norm", "worker_error", "server_error")})
-        return {**s, "steps": self._step, "skipped_steps": self._totals["skipped_steps"],
-                "last_step_skipped": skipped, "total_bytes_sent": self._totals["bytes_sent"],
-                "total_dense_bytes": self._totals["dense_bytes"], "buckets": [list(b.names) for b in self._buckets]}
+        return self._stats.figures(self._step, [list(b.names) for b in self._buckets])

@@ -37,7 +37,7 @@ from horovod.common.exceptions import HorovodInternalError
 from horovod.torch.elastic import state as _horovod_state
 
 from .. import transport as T
-from . import checkpoint
+from . import checkpoint, horovod
 from .compression import Compression
 
 _constructing = 0   # > 0 while TorchState builds its handlers (a plain hvd.elastic.TorchState is refused)
@@ -103,7 +103,7 @@ class CompressionStateHandler(_horovod_state.StateHandler):
 
     def restore(self):
         comp = self.value
-        comp._forget_world()
+        _forget_world(comp)
         worker, velocity, server, step, transports, link, table, world = self._saved
         comp._worker_error, comp._velocity, comp._server_error = _clone(worker), _clone(velocity), _clone(server)
         comp._step, comp._transports, comp._link, comp._kernel_table = step, dict(transports), link, table
@@ -127,7 +127,7 @@ class CompressionStateHandler(_horovod_state.StateHandler):
     def _resync(self):
         """On the new world (a collective of every rank): apply the rule of the module's docstring."""
         comp = self.value
-        comp._forget_world()
+        _forget_world(comp)
         checkpoint.settle(comp)
         token, old_size, old_rank = self._world
         mine = {"world": (token, old_size), "step": comp._step, "rank": old_rank,
@@ -173,6 +173,19 @@ class CompressionStateHandler(_horovod_state.StateHandler):
         comp._server_error = server
         comp._step, comp._transports, comp._link, comp._kernel_table = ref["step"], dict(transports), link, table
         self._world, self._done = (token, n, rank), True
+
+
+def _forget_world(comp):
+    """Drop what is bound to the ranks of the job (the buffers aside): the next step binds to the optimizer's
+    process set again, forms buckets for the new size, checks the configuration on every rank and allocates
+    its buffers."""
+    comp._drop_step()
+    comp._buckets, comp._bucket_of, comp.nodes = [], None, None
+    comp._spare.clear()
+    comp._payloads.clear()
+    comp._optimizer = None
+    comp._checked = False
+    comp._name_of = horovod.GradientNames(comp._params)
 
 
 def _clone(buffers):

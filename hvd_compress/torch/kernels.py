@@ -1018,3 +1018,19 @@ def clip_norm_(x, max_norm):
     """Scales x in place down to norm ``max_norm`` if it is longer (``torch.nn.utils.clip_grad_norm_``'s
     formula, as local gradient clipping does, see ``compressors.check_clip``); a non-finite x stays non-finite."""
     return x.mul_((max_norm / (torch.linalg.vector_norm(x) + 1e-6)).clamp(max=1.0))
+
+
+def momentum_step(config, work, old, velocity):
+    """Deep Gradient Compression's momentum correction of one gradient g, in g's memory ``work``: ``velocity``
+    (a free buffer) <- momentum * old + g, and ``work`` then holds what is compressed in g's place: u, or with
+    Nesterov g + momentum * u. Returns the velocity. The simulation's formulas: the same bits."""
+    m = config.momentum
+    if not config.nesterov:
+        if old is not None:
+            work.add_(old, alpha=m)
+        return velocity.copy_(work)
+    velocity.copy_(work)
+    if old is not None:
+        velocity.add_(old, alpha=m)
+    work.add_(velocity, alpha=m)
+    return velocity

@@ -17,6 +17,15 @@ from . import node_memory
 POLL_S = 5e-5   # between polls of a collective's handle (see wait)
 
 
+def reused(cache, key, shape, dtype, device):
+    """cache[key], or a new tensor kept there if it is not of this shape, dtype and device: a buffer allocated
+    once and written again at every step."""
+    t = cache.get(key)
+    if t is None or t.shape != shape or t.dtype != dtype or t.device != device:
+        t = cache[key] = torch.empty(shape, dtype=dtype, device=device)
+    return t
+
+
 def packed_step(comp, c, key, x, e_in, e_out, seed):
     """The worker (or server) step of one piece: (payload bytes, stats, new error), the payload written into
     a buffer kept for that piece (it is copied into the send buffer before the next step writes it again)."""

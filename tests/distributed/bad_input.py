@@ -12,6 +12,7 @@ usage: bad_input.py SCENARIO[,SCENARIO...]   (run one after the other in the sam
   momentum_twice  Compression(momentum=0.9) and SGD(momentum=0.9) -> ValueError on both ranks
   momentum_adam   Compression(momentum=0.9) and AdamW (its first moment would come on top) -> ValueError
   corrected_adam_alone  hc.MomentumCorrectedAdamW without the Compression's momentum -> ValueError
+  root_rank  Compression(root_rank=2) with 2 ranks                -> ValueError on both ranks
   SCENARIO_sharded   the same with transport="sharded" (k_too_big: TopK(k=2) > a slice of the 3-element bias)
   SCENARIO_hierarchical  the same with transport="hierarchical" (one node of 2 ranks; needs Horovod's dynamic
              process sets); nodynamic_hierarchical: without them  -> ValueError on both ranks
@@ -49,6 +50,7 @@ def run(full_name, say):
             "k_too_big": "topk:k=2" if transport else "topk:k=10"}.get(scenario, "topk:0.3")
     compression = hc.Compression(spec, error_feedback=True, server="topk:0.5",
                                  named_parameters=model.named_parameters(), transport=transport,
+                                 root_rank=2 if scenario == "root_rank" else 0,
                                  dense_below=16 if scenario == "nan_dense" else 0, nonfinite="raise",
                                  momentum=0.9 if scenario in ("momentum_twice", "momentum_adam") else 0)
     if scenario == "momentum_adam":

@@ -82,11 +82,11 @@ def tf_checkpoint_round_trip(tmp):
     variables = make_variables()
     compression = htc.Compression("topk:0.3", error_feedback=True, server="topk:0.5", variables=variables,
                                   dense_below=0)
-    for e in compression.worker_error + compression.server_error:
+    for e in compression.state.worker_error + compression.state.server_error:
         e.assign(tf.random.stateless_normal(e.shape, [1, 2], dtype=e.dtype))
-    compression.steps[0].assign(7)
-    compression.skipped_count.assign(2)
-    compression.committed_at.assign([3, htc.compression.UNDONE, -1, 0])
+    compression.state.steps[0].assign(7)
+    compression.state.skipped_count.assign(2)
+    compression.state.committed_at.assign([3, htc.state.UNDONE, -1, 0])
     saved = [v.numpy() for v in compression.trainable_variables + compression.variables]
     path = tf.train.Checkpoint(compression=compression).save(os.path.join(tmp, "ckpt"))
     for v in compression.variables:
