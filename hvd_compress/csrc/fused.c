@@ -42,12 +42,16 @@ static inline __m256i mix32_v(__m256i x) {
     return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
 }
 
+/* hash32 of elements i .. i + 7 */
+static inline __m256i hash8(uint32_t i, uint32_t k1, uint32_t k2) {
+    __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)i), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return mix32_v(_mm256_add_epi32(mix32_v(_mm256_xor_si256(idx, _mm256_set1_epi32((int)k1))),
+                                    _mm256_set1_epi32((int)k2)));
+}
+
 /* uniform_f of elements i .. i + 7 */
 static inline __m256 uniform8_f(uint32_t i, uint32_t k1, uint32_t k2) {
-    __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)i), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    __m256i h = mix32_v(_mm256_add_epi32(mix32_v(_mm256_xor_si256(idx, _mm256_set1_epi32((int)k1))),
-                                         _mm256_set1_epi32((int)k2)));
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(0x1p-24f));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(hash8(i, k1, k2), 8)), _mm256_set1_ps(0x1p-24f));
 }
 
 /* Natural's rounding of 8 floats (their magnitude bits) to a power of two: all ones where it goes up
@@ -56,9 +60,8 @@ static inline __m256i nat_up8(__m256i mag, int det, uint32_t i, uint32_t k1, uin
     const __m256i fr = _mm256_and_si256(mag, _mm256_set1_epi32(0x7fffff));
     if (det)
         return _mm256_cmpgt_epi32(fr, _mm256_set1_epi32(0x3fffff));
-    __m256 frac = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(fr, _mm256_set1_epi32(0x3f800000))),
-                                _mm256_set1_ps(1.0f));
-    return _mm256_castps_si256(_mm256_cmp_ps(uniform8_f(i, k1, k2), frac, _CMP_LT_OQ));
+    /* the draw (h >> 8) 2^-24 < the fraction fr 2^-23: exactly (h >> 8) < 2 fr, in integers below 2^24 */
+    return _mm256_cmpgt_epi32(_mm256_slli_epi32(fr, 1), _mm256_srli_epi32(hash8(i, k1, k2), 8));
 }
 
 /* the low bytes of 8 int32 lanes (values that fit) to 8 bytes at out */

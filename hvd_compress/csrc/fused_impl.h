@@ -279,6 +279,57 @@ void FN(natural2)(const T *g, const T *e, T *xout, int64_t n, int64_t top, uint8
     st[0] = sum_lanes(ares);
 }
 
+#if defined(__AVX2__) && IS_FLOAT
+/* Natural's step over one whole block (CHUNK floats at i) in registers: x = g + e, its codes against the largest
+   rounded exponent so far (*trun, biased), xout = x - value (streamed when nt), the squares into the lanes asq
+   (x) and ares (residual). A block that raises the largest exponent is done again with the new one (the lanes
+   as they were before it): the same bytes, values and sums as coding it with its own maximum at once. */
+static void FN(natural_block)(const T *g, const T *e, T *xout, int64_t i, int det, uint32_t k1, uint32_t k2,
+                              uint8_t *c8, int64_t *trun, double *asq, double *ares, UT *bad, int nt) {
+    const __m256i absm = _mm256_set1_epi32(0x7fffffff), emax = _mm256_set1_epi32(EMAX), zero = _mm256_setzero_si256();
+    const __m256i sgn = _mm256_set1_epi32((int)0x80000000U), c128 = _mm256_set1_epi32(128);
+    for (;;) {
+        const int64_t t0 = *trun;
+        const __m256i vbase = _mm256_set1_epi32((int32_t)(t0 + 1));
+        __m256i tv = zero, bv = zero;
+        __m256d q[4], rq[4];
+        for (int k = 0; k < 4; k++) { q[k] = _mm256_loadu_pd(asq + 4 * k); rq[k] = _mm256_loadu_pd(ares + 4 * k); }
+        for (int64_t j = 0; j < CHUNK; j += 16) {
+            _mm_prefetch((const char *)(g + i + CHUNK + j), _MM_HINT_T0);   /* the next block's lines */
+            if (e) _mm_prefetch((const char *)(e + i + CHUNK + j), _MM_HINT_T0);
+            __m256 xs[2], rs[2];
+            __m256i bytes[2];
+            for (int h = 0; h < 2; h++) {
+                const int64_t at = i + j + 8 * h;
+                const __m256 xv = loadx8(g, e, at);
+                const __m256i b = _mm256_castps_si256(xv), mag = _mm256_and_si256(b, absm);
+                const __m256i ef = _mm256_srli_epi32(mag, MBITS), isz = _mm256_cmpeq_epi32(mag, zero);
+                const __m256i upm = nat_up8(mag, det, (uint32_t)at, k1, k2);
+                const __m256i ex = _mm256_andnot_si256(isz, _mm256_sub_epi32(ef, upm));    /* upm is -1 where up */
+                tv = _mm256_max_epu32(tv, ex);
+                bv = _mm256_or_si256(bv, _mm256_or_si256(_mm256_andnot_si256(isz, _mm256_cmpeq_epi32(ef, zero)),
+                                                         _mm256_cmpeq_epi32(ef, emax)));
+                const __m256i c = _mm256_sub_epi32(vbase, ex);
+                const __m256i valid = _mm256_andnot_si256(_mm256_cmpeq_epi32(ex, zero), _mm256_cmpgt_epi32(c128, c));
+                const __m256i sbit = _mm256_andnot_si256(isz, _mm256_and_si256(b, sgn));
+                bytes[h] = _mm256_or_si256(_mm256_and_si256(valid, c), _mm256_srli_epi32(sbit, 24));
+                const __m256i vb = _mm256_and_si256(valid, _mm256_or_si256(_mm256_slli_epi32(ex, MBITS), sbit));
+                xs[h] = xv; rs[h] = _mm256_sub_ps(xv, _mm256_castsi256_ps(vb));
+                if (xout) put8(xout + at, rs[h], nt);
+            }
+            store16_bytes(c8 + j, bytes[0], bytes[1], 0);
+            __m256d w[4]; widen16(xs[0], xs[1], w); sq16_fma(q, w);
+            widen16(rs[0], rs[1], w); sq16_fma(rq, w);
+        }
+        uint32_t tt[8], bb[8], t = 0;
+        _mm256_storeu_si256((__m256i *)tt, tv); _mm256_storeu_si256((__m256i *)bb, bv);
+        for (int k = 0; k < 8; k++) { t = t > tt[k] ? t : tt[k]; *bad |= bb[k]; }
+        if ((int64_t)t <= t0) { save16(q, asq); save16(rq, ares); return; }
+        *trun = (int64_t)t;
+    }
+}
+#endif
+
 /* Natural in one pass. The value a byte decodes to, +-2^(rounded exponent), does not depend on the largest
    exponent (top), only whether it is too small to code (more than 127 below top) does: each block is coded
    with the largest exponent so far (tops[block], biased), xout = x - value as it is then; at the end the
@@ -294,6 +345,13 @@ int FN(natural_step)(const T *g, const T *e, T *xout, int64_t n, int det, uint32
     int32_t exb[CHUNK];
     const int nt = use_nt(xout, n * (int64_t)sizeof(T));
     CHUNKS(n) {
+#if defined(__AVX2__) && IS_FLOAT
+        if (m == CHUNK && i + CHUNK < n) {   /* a whole block that is not the last: in registers */
+            FN(natural_block)(g, e, xout, i, det, k1, k2, code + i, &trun, asq, ares, &bad, nt);
+            tops[i >> 11] = trun;
+            continue;
+        }
+#endif
         const T *x = FN(load)(g, e, NULL, i, m, buf, 0);
         uint8_t *c8 = code + i;
         UT t = 0;
