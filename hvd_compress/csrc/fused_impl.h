@@ -829,23 +829,31 @@ static void FN(mean_bits_few)(const uint8_t *const *rows, const T *vpos, const T
     } \
     nt_done(nt); } while (0)
 
-/* Natural: the value of 8 code bytes (see table_chunk) */
-static inline __m256 FN(table8)(const uint8_t *c8, const T *table, __m256i base, int arith) {
+/* Natural: the value of 8 code bytes (see table_chunk); ``sure``: every code of the row has a normal exponent
+   (base - 127 > 0 and base - 1 < 255), so no element needs checking */
+static inline __m256 FN(table8)(const uint8_t *c8, const T *table, __m256i base, int arith, int sure) {
     __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)c8));
     if (!arith) return _mm256_i32gather_ps(table, c, 4);
     const __m256i zero = _mm256_setzero_si256();
     __m256i mag = _mm256_and_si256(c, _mm256_set1_epi32(127)), be = _mm256_sub_epi32(base, mag);
     __m256i nz = _mm256_cmpgt_epi32(mag, zero);
-    __m256i okv = _mm256_and_si256(_mm256_cmpgt_epi32(be, zero), _mm256_cmpgt_epi32(_mm256_set1_epi32(255), be));
-    if (_mm256_movemask_epi8(_mm256_andnot_si256(okv, nz))) return _mm256_i32gather_ps(table, c, 4);
+    if (!sure) {
+        __m256i okv = _mm256_and_si256(_mm256_cmpgt_epi32(be, zero), _mm256_cmpgt_epi32(_mm256_set1_epi32(255), be));
+        if (_mm256_movemask_epi8(_mm256_andnot_si256(okv, nz))) return _mm256_i32gather_ps(table, c, 4);
+    }
     return _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(nz, _mm256_slli_epi32(be, 23)),
                                                _mm256_slli_epi32(_mm256_srli_epi32(c, 7), 31)));
 }
 static void FN(mean_table_few)(const uint8_t *const *rows, const T *tables, const int64_t *tops, int arith, int nrows,
                                int64_t n, T *out, T div) {
     __m256i base[FEW_ROWS];
-    for (int r = 0; r < nrows; r++) base[r] = _mm256_set1_epi32((int)(tops[r] + 1 + BIAS));
-#define TABLE8(r) FN(table8)(rows[r] + i, tables + 256 * (r), base[r], arith)
+    int sure[FEW_ROWS];
+    for (int r = 0; r < nrows; r++) {
+        const int64_t b = tops[r] + 1 + BIAS;
+        base[r] = _mm256_set1_epi32((int)b);
+        sure[r] = b - 127 > 0 && b - 1 < 255;
+    }
+#define TABLE8(r) FN(table8)(rows[r] + i, tables + 256 * (r), base[r], arith, sure[r])
 #define TABLE1(r) tables[256 * (r) + rows[r][i]]
     MEAN_FEW(TABLE8, TABLE1);
 #undef TABLE8
