@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from hvd_compress import compressors as C
+from scripts.benchmarks import floor
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "scripts.bench"   # run as a module from ROOT
@@ -100,6 +101,8 @@ def test_kernels_quick(tmp_path):
         for d in setup["sizes"]:
             assert len(by_key[("tf", spec, d)] & {"xla", "tf.function"}) == 1, (spec, d)
     assert any(C.parse(spec).summable for spec in step["setup"]["compressors"])   # both decode paths ran
+    if floor.library() is not None:   # the memory floor of each payload layout, timed beside the kernels
+        assert {r["compressor"] for r in step["rows"] if r["framework"] == "floor"} == set(floor.LAYOUTS)
     assert step["targets"] and all(isinstance(t["all_met"], bool) and t["d"] == largest
                                    and all(isinstance(m, bool) for m in t["met"].values())
                                    for t in step["targets"].values())

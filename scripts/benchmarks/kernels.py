@@ -31,6 +31,9 @@ TensorFlow: the same step with hvd_compress/tensorflow/kernels.py (x = g + e; pa
 decode(parts); data = pack(parts)) and the mean of 2 decoded packed payloads, as two ``tf.function(
 jit_compile=True)`` (XLA; the allgather sits between them), compiled before timing; where XLA refuses a
 compressor, the reason is reported and the same functions run as plain ``tf.function``s. No target for TF.
+Beside them (framework "floor", in the same repeats): the memory floor of three payload layouts, kernels that
+only move a layout's bytes (``floor.py``), so that a compressor's time can be read against what its layout
+cannot go below on this machine.
 """
 import json
 import math
@@ -48,6 +51,7 @@ import torch
 from hvd_compress import compressors as C
 
 from ..experiments.common import ROOT, commit, progress, relpath, save
+from . import floor
 
 WORKER = "scripts.benchmarks.kernels_worker"   # run as a module from ROOT
 BIN = Path(sys.executable).parent
@@ -302,6 +306,9 @@ def measure_steps(d, step_specs, tf_specs, repeats, eager_repeats, tf):
                 extra[("torch", path, spec)] = {
                     "same_as_fused": bool(torch.equal(result, reference[0]) and torch.equal(e_out, reference[1]))}
             del result
+    lib = floor.library()   # the memory floor of three payload layouts, timed alike (framework "floor")
+    for label, (step, decode) in floor.kernels(lib, d, g, e_in, e_out, out).items() if lib else ():
+        kernels[("floor", "c", label)] = (step, decode, g)
     if tf_specs:
         tg, tg2, te = (tf.constant(t.numpy()) for t in (g, g2, e_in))
         for spec in tf_specs:
@@ -369,7 +376,7 @@ def step_targets(rows, d):
 def step_table(memcpy, rows):
     lines = ["step: the worker step with error feedback + the decode of 2 payloads, time / memcpy time "
              "(torch: fused kernels, K.step+pack or step_packed, decode_mean; eager: fused.disabled(); "
-             "TF: tf.function(jit_compile=True))"]
+             "TF: tf.function(jit_compile=True); floor: only the bytes of a payload layout, scripts/benchmarks/floor.c)"]
     for d, m in memcpy.items():
         lines.append(f"d = {d:,}: memcpy {m['memcpy_s'] * 1e3:.3f} ms")
         lines.append(f"  {'compressor':20s} {'torch step ms':>13s} {'decode ms':>10s} {'x memcpy':>9s} "
@@ -377,7 +384,7 @@ def step_table(memcpy, rows):
         mine = [r for r in rows if r["d"] == d]
         for spec in dict.fromkeys(r["compressor"] for r in mine):
             get = {(r["framework"], r["path"]): r for r in mine if r["compressor"] == spec}
-            t, e = get.get(("torch", "fused")), get.get(("torch", "eager"))
+            t, e = get.get(("torch", "fused")) or get.get(("floor", "c")), get.get(("torch", "eager"))
             f = get.get(("tf", "xla")) or get.get(("tf", "tf.function"))
             line = f"  {spec:20s} "
             line += (f"{t['step_s'] * 1e3:13.3f} {t['decode_s'] * 1e3:10.3f} {t['x_memcpy']:9.2f} "
@@ -460,12 +467,12 @@ def plot(results, rows, allreduce, compressors, path, step_memcpy=None, step_row
     axes[0].set_ylabel("GB/s of fp32 input (4d bytes / time)")
     ax = axes[2]   # the worker step with EF + the decode of 2 payloads, as a multiple of memcpy time
     for spec in dict.fromkeys(r["compressor"] for r in step_rows):
-        for fw, style, lw in (("torch", "o-", 1.5), ("tf", "s--", 1)):
+        for fw, style, lw in (("torch", "o-", 1.5), ("tf", "s--", 1), ("floor", "d:", 1.5)):
             mine = sorted((r for r in step_rows if r["compressor"] == spec and r["framework"] == fw
                            and r["path"] != "eager"), key=lambda r: r["d"])
             if mine:
                 ax.plot([r["d"] for r in mine], [r["x_memcpy"] for r in mine], style, color=color[spec], ms=4,
-                        lw=lw, label=spec if fw == "torch" else None)
+                        lw=lw, label=spec if fw != "tf" else None)
         eager = [r for r in step_rows if r["compressor"] == spec and r["path"] == "eager"]
         ax.plot([r["d"] for r in eager], [r["x_memcpy"] for r in eager], "x", color=color[spec], ms=8, mew=2)
     for limit in sorted({limit for _, _, limit in STEP_TARGETS}):
@@ -564,8 +571,11 @@ def run(out, quick):
             for d in cfg["sizes"]),
         "a finite positive step time (torch at every size, TF at every size) for every step compressor": {
             (r["framework"], r["compressor"], r["d"]) for r in step_rows
-            if r["path"] != "eager" and 0 < r["total_s"] < math.inf} == step_every
+            if r["path"] not in ("eager", "c") and 0 < r["total_s"] < math.inf} == step_every
         and all(0 < r["total_s"] < math.inf for r in step_rows),
+        "the memory floor of every payload layout at every size (where floor.c builds)": floor.library() is None
+        or {(r["compressor"], r["d"]) for r in step_rows if r["framework"] == "floor"} ==
+        {(label, d) for label in floor.LAYOUTS for d in cfg["sizes"]},
     }
     summary = {
         "setup": {"sizes": cfg["sizes"], "compressors": cfg["compressors"], "frameworks": FRAMEWORKS,
@@ -597,7 +607,9 @@ def run(out, quick):
                       "paths": {"fused": "torch, the fused C kernels (as a rank runs them)",
                                 "eager": "torch under fused.disabled(): the pure-torch kernels (largest size)",
                                 "xla": "TF, tf.function(jit_compile=True)",
-                                "tf.function": "TF without XLA, where XLA refused (xla_refused: why)"}},
+                                "tf.function": "TF without XLA, where XLA refused (xla_refused: why)",
+                                "c": "framework floor: the bytes of a payload layout moved, no other arithmetic "
+                                     "(scripts/benchmarks/floor.c): a bound for the compressors of that layout"}},
             "memcpy": step_memcpy, "rows": step_rows, "targets": s_targets,
             "xla_not_compiled": {f"{r['compressor']} d={r['d']}": r["xla_refused"] for r in step_rows
                                  if r.get("xla_refused")}},
