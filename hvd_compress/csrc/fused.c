@@ -92,16 +92,13 @@ static inline void widen16(__m256 x0, __m256 x1, __m256d w[4]) {
     w[0] = _mm256_cvtps_pd(_mm256_castps256_ps128(x0)); w[1] = _mm256_cvtps_pd(_mm256_extractf128_ps(x0, 1));
     w[2] = _mm256_cvtps_pd(_mm256_castps256_ps128(x1)); w[3] = _mm256_cvtps_pd(_mm256_extractf128_ps(x1, 1));
 }
-/* acc[l] += w[l] * w[l] for the 16 lanes (a multiply, then an add: as the scalar lanes do it) */
+/* acc[l] += w[l] * w[l] for the 16 lanes, w widened from floats: the square of a float is exact in double, so
+   a fused multiply-add rounds as the scalar lanes' multiply, then add, do */
 static inline void sq16(__m256d acc[4], const __m256d w[4]) {
-    for (int q = 0; q < 4; q++) acc[q] = _mm256_add_pd(acc[q], _mm256_mul_pd(w[q], w[q]));
-}
-/* the same with one rounding per element (fused multiply-add): for sums that are only statistics */
-static inline void sq16_fma(__m256d acc[4], const __m256d w[4]) {
 #ifdef __FMA__
     for (int q = 0; q < 4; q++) acc[q] = _mm256_fmadd_pd(w[q], w[q], acc[q]);
 #else
-    sq16(acc, w);
+    for (int q = 0; q < 4; q++) acc[q] = _mm256_add_pd(acc[q], _mm256_mul_pd(w[q], w[q]));
 #endif
 }
 static inline void zero16(__m256d acc[4]) { for (int q = 0; q < 4; q++) acc[q] = _mm256_setzero_pd(); }

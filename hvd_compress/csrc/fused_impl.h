@@ -123,7 +123,7 @@ int FN(sign1)(const T *g, const T *e, const T *corr, T *xout, int64_t n, uint8_t
             bits[i0 >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(x0, zero, _CMP_LT_OQ));
             bits[(i0 >> 3) + 1] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(x1, zero, _CMP_LT_OQ));
             FIN16(fin, x0, x1);
-            __m256d w[4]; widen16(x0, x1, w); sq16_fma(q, w);
+            __m256d w[4]; widen16(x0, x1, w); sq16(q, w);
             for (int k = 0; k < 4; k++) a[k] = _mm256_add_pd(a[k], _mm256_and_pd(w[k], absm));
         }
         nt_done(nt); save16(q, asq); save16(a, aabs); afin[0] = FN(fin_of)(fin);
@@ -160,7 +160,7 @@ int FN(onebit1)(const T *g, const T *e, const T *corr, T *xout, int64_t n, uint8
             bits[i0 >> 3] = (uint8_t)b0; bits[(i0 >> 3) + 1] = (uint8_t)b1;
             count += __builtin_popcount(b0 | b1 << 8);
             FIN16(fin, x0, x1);
-            __m256d w[4]; widen16(x0, x1, w); sq16_fma(q, w);
+            __m256d w[4]; widen16(x0, x1, w); sq16(q, w);
             for (int k = 0; k < 4; k++) {
                 sx[k] = _mm256_add_pd(sx[k], w[k]);
                 sa[k] = _mm256_add_pd(sa[k], _mm256_and_pd(w[k], absm));
@@ -318,8 +318,8 @@ static void FN(natural_block)(const T *g, const T *e, T *xout, int64_t i, int de
                 if (xout) put8(xout + at, rs[h], nt);
             }
             store16_bytes(c8 + j, bytes[0], bytes[1], 0);
-            __m256d w[4]; widen16(xs[0], xs[1], w); sq16_fma(q, w);
-            widen16(rs[0], rs[1], w); sq16_fma(rq, w);
+            __m256d w[4]; widen16(xs[0], xs[1], w); sq16(q, w);
+            widen16(rs[0], rs[1], w); sq16(rq, w);
         }
         uint32_t tt[8], bb[8], t = 0;
         _mm256_storeu_si256((__m256i *)tt, tv); _mm256_storeu_si256((__m256i *)bb, bv);
@@ -1061,7 +1061,7 @@ static inline const T *FN(load_sq)(const T *g, const T *e, int64_t i, int64_t m,
         __m256 x0 = loadx8(g, e, i + j), x1 = loadx8(g, e, i + j + 8);
         if (e) { _mm256_storeu_ps(buf + j, x0); _mm256_storeu_ps(buf + j + 8, x1); }
         FIN16(fin, x0, x1);
-        __m256d w[4]; widen16(x0, x1, w); sq16_fma(q, w);
+        __m256d w[4]; widen16(x0, x1, w); sq16(q, w);
     }
     save16(q, asq); afin[0] += FN(fin_of)(fin);
 #endif
@@ -1096,7 +1096,7 @@ int FN(randk_step)(const T *g, const T *e, T *xout, int64_t n, const int64_t *id
         for (; j + 16 <= n; j += 16) {
             __m256 x0 = loadx8(g, e, j), x1 = loadx8(g, e, j + 8);
             FIN16(fin, x0, x1);
-            __m256d w[4]; widen16(x0, x1, w); sq16_fma(q, w);
+            __m256d w[4]; widen16(x0, x1, w); sq16(q, w);
             if (t < k && idx[t] < j + 16) {
                 T tmp[16];
                 _mm256_storeu_ps(tmp, x0); _mm256_storeu_ps(tmp + 8, x1);
