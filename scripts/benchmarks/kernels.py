@@ -449,7 +449,8 @@ def plot(results, rows, allreduce, compressors, path, step_memcpy=None, step_row
     axes[1].sharey(axes[0])
     colors = plt.get_cmap("tab10")
     specs = list(dict.fromkeys(list(compressors) + [r["compressor"] for r in step_rows]))
-    color = {spec: colors(i % 10) for i, spec in enumerate(specs)}
+    color = {spec: colors(i % 10) for i, spec in enumerate(s for s in specs if s not in floor.LAYOUTS)}
+    color.update({label: str(0.2 + 0.25 * i) for i, label in enumerate(floor.LAYOUTS)})   # the floors in greys
     for ax, fw, title in zip(axes, FRAMEWORKS, ["PyTorch kernels", "TensorFlow kernels (tf.function)"]):
         ax.plot(sizes, [4 * d / results[d]["memcpy_s"] / 1e9 for d in sizes], "k-", lw=2.5, label="memcpy (copy_)")
         ax.plot(sizes, [4 * d / results[d]["clone_s"] / 1e9 for d in sizes], "k:", lw=1.5, label="clone")
