@@ -256,9 +256,10 @@ class Compression(CompressionBase):
         the new velocity, or None without momentum."""
         if self.config.clip:
             K.clip_norm_(work, self.config.clip_threshold(self.size()))
-        if self.config.momentum:
-            velocity = self._spare_buffer("velocity", name, work)   # the new velocity goes into its spare half
-            return K.momentum_step(self.config, work, self._velocity.get(name), velocity)
+        if not self.config.momentum:
+            return None
+        velocity = self._spare_buffer("velocity", name, work)   # the new velocity goes into its spare half
+        return K.momentum_step(self.config, work, self._velocity.get(name), velocity)
 
     def _payload_buffer(self, key, size, device):
         """The buffer a piece's payload bytes are written into, kept from step to step (they are copied into
@@ -341,10 +342,8 @@ class Compression(CompressionBase):
         for bucket in self._buckets:
             bucket.reset()
         self._stats.end(self._skipping)
-        if self._skipping:   # the same step (and seeds) again next time, on every rank alike
-            self._skipping = False
-        else:
-            self._step += 1
+        self._step += not self._skipping   # a skipped step comes again (the same seeds), on every rank alike
+        self._skipping = False
 
     def _recover(self, optimizer):
         """After an error inside a step, on every rank alike: wait for this step's collectives still in
