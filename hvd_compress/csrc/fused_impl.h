@@ -829,31 +829,69 @@ static void FN(mean_bits_few)(const uint8_t *const *rows, const T *vpos, const T
     } \
     nt_done(nt); } while (0)
 
-/* Natural: the value of 8 code bytes (see table_chunk); ``sure``: every code of the row has a normal exponent
-   (base - 127 > 0 and base - 1 < 255), so no element needs checking */
-static inline __m256 FN(table8)(const uint8_t *c8, const T *table, __m256i base, int arith, int sure) {
-    __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)c8));
-    if (!arith) return _mm256_i32gather_ps(table, c, 4);
-    const __m256i zero = _mm256_setzero_si256();
-    __m256i mag = _mm256_and_si256(c, _mm256_set1_epi32(127)), be = _mm256_sub_epi32(base, mag);
-    __m256i nz = _mm256_cmpgt_epi32(mag, zero);
-    if (!sure) {
-        __m256i okv = _mm256_and_si256(_mm256_cmpgt_epi32(be, zero), _mm256_cmpgt_epi32(_mm256_set1_epi32(255), be));
-        if (_mm256_movemask_epi8(_mm256_andnot_si256(okv, nz))) return _mm256_i32gather_ps(table, c, 4);
+/* Natural rows (lam = 1: every value is +-2^e or +-0), 16 codes at a time in 16-bit lanes, each the top half of
+   its value: the sign, then the exponent base - magnitude where the magnitude is not 0 (the bottom half is 0),
+   widened by interleaving with zeros. Where a row's code would not give a normal exponent (below 1: a code the
+   encoder never writes, from a payload with a low top), those 16 elements are decoded from the tables. The
+   sums are those of MEAN_FEW, in lanes permuted (elements 0-3 and 8-11, then 4-7 and 12-15) and put back in
+   order before the store. */
+static void FN(mean_natural16)(const uint8_t *const *rows, const T *tables, const int64_t *tops, int nrows, int64_t n,
+                               T *out, T div) {
+    const FN(divisor_t) f = FN(divisor)(div);
+    const int nt = use_nt(out, n * (int64_t)sizeof(T));
+    const __m256i zero = _mm256_setzero_si256(), one = _mm256_set1_epi16(1);
+    const __m256i m127 = _mm256_set1_epi16(127), m128 = _mm256_set1_epi16(128);
+    __m256i base[FEW_ROWS];
+    int sure[FEW_ROWS];   /* base - 127 >= 1: every magnitude gives a normal exponent */
+    for (int r = 0; r < nrows; r++) {
+        base[r] = _mm256_set1_epi16((int16_t)(tops[r] + 1 + BIAS));
+        sure[r] = tops[r] + 1 + BIAS - 127 >= 1;
     }
-    return _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(nz, _mm256_slli_epi32(be, 23)),
-                                               _mm256_slli_epi32(_mm256_srli_epi32(c, 7), 31)));
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+        int r = 0;
+        for (; r < nrows; r++) {
+            const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(rows[r] + i)));
+            const __m256i mag = _mm256_and_si256(c, m127), be = _mm256_sub_epi16(base[r], mag);
+            const __m256i nz = _mm256_cmpgt_epi16(mag, zero);
+            if (!sure[r] && _mm256_movemask_epi8(_mm256_and_si256(nz, _mm256_cmpgt_epi16(one, be))))
+                break;
+            const __m256i top = _mm256_or_si256(_mm256_and_si256(nz, _mm256_slli_epi16(be, MBITS - 16)),
+                                                _mm256_slli_epi16(_mm256_and_si256(c, m128), 8));
+            const __m256 vlo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, top));
+            const __m256 vhi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, top));
+            lo = r ? _mm256_add_ps(lo, vlo) : vlo;
+            hi = r ? _mm256_add_ps(hi, vhi) : vhi;
+        }
+        if (r < nrows) {   /* decoded from the tables */
+            for (int64_t j = i; j < i + 16; j++) {
+                T a = tables[rows[0][j]];
+                for (int q = 1; q < nrows; q++) a = a + tables[256 * q + rows[q][j]];
+                out[j] = FN(divided)(a, &f);
+            }
+            continue;
+        }
+        lo = FN(divided8)(lo, &f); hi = FN(divided8)(hi, &f);
+        put8(out + i, _mm256_permute2f128_ps(lo, hi, 0x20), nt);
+        put8(out + i + 8, _mm256_permute2f128_ps(lo, hi, 0x31), nt);
+    }
+    for (; i < n; i++) {
+        T a = tables[rows[0][i]];
+        for (int q = 1; q < nrows; q++) a = a + tables[256 * q + rows[q][i]];
+        out[i] = FN(divided)(a, &f);
+    }
+    nt_done(nt);
+}
+
+/* Natural scaled (lam != 1): the values of 8 code bytes, from the row's table */
+static inline __m256 FN(table8)(const uint8_t *c8, const T *table) {
+    return _mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)c8)), 4);
 }
 static void FN(mean_table_few)(const uint8_t *const *rows, const T *tables, const int64_t *tops, int arith, int nrows,
                                int64_t n, T *out, T div) {
-    __m256i base[FEW_ROWS];
-    int sure[FEW_ROWS];
-    for (int r = 0; r < nrows; r++) {
-        const int64_t b = tops[r] + 1 + BIAS;
-        base[r] = _mm256_set1_epi32((int)b);
-        sure[r] = b - 127 > 0 && b - 1 < 255;
-    }
-#define TABLE8(r) FN(table8)(rows[r] + i, tables + 256 * (r), base[r], arith, sure[r])
+    if (arith) { FN(mean_natural16)(rows, tables, tops, nrows, n, out, div); return; }
+#define TABLE8(r) FN(table8)(rows[r] + i, tables + 256 * (r))
 #define TABLE1(r) tables[256 * (r) + rows[r][i]]
     MEAN_FEW(TABLE8, TABLE1);
 #undef TABLE8
