@@ -102,6 +102,25 @@ def test_decode_mean_past_the_caches(spec):
     _check_decode_mean(spec, torch.float32, 2_100_003, (2, 4))
 
 
+@pytest.mark.parametrize("spec", ["natural", "0.5*natural"])
+@pytest.mark.parametrize("d", [37, 4099])
+def test_natural_decode_mean_of_small_values_and_any_byte(spec, d):
+    """Rows whose top is below 0 (gradients smaller than 1), and a row of arbitrary bytes (codes the encoder
+    never writes: exponents below the normal range), through the C kernel's 16-lane path and its tables."""
+    c, dtype = C.parse(spec), torch.float32
+    for n in (1, 2, 3):
+        rows = [K.pack(c, K.encode(c, _vector(d, dtype, 20 + j) * 1e-3, (SEED[0], j)), d) for j in range(n)]
+        top, _ = K.unpack(c, rows[-1], d, dtype)
+        rows[-1] = K.pack(c, [top, torch.randint(0, 256, (d,), dtype=torch.uint8,
+                                                 generator=torch.Generator().manual_seed(d + n))], d)
+        decoded = [K.decode(c, K.unpack(c, row, d, dtype), d, SEED, dtype) for row in rows]
+        assert (decoded[-1] != 0).any() and (decoded[-1].abs() < torch.finfo(dtype).tiny).any()   # subnormals
+        total = decoded[0]
+        for dec in decoded[1:]:
+            total = total + dec
+        assert _equal(K.decode_mean(c, rows, d, SEED, dtype), total / n), (spec, d, n)
+
+
 def _check_decode_mean(spec, dtype, d, row_counts):
     c = C.parse(spec)
     if not _encodable(c, d, dtype):
