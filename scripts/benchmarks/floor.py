@@ -1,7 +1,7 @@
 """The memory floor of the kernels benchmark's step (the worker step with error feedback + the decode of 2
 payloads) for three payload layouts: C kernels (floor.c) that form x = g + e, stream it into the error buffer,
-write and read the layout's bytes, and do no other arithmetic. A compressor's step cannot take less time than
-its layout's floor on the same machine; the benchmark times them side by side."""
+write and read the layout's bytes, and do no other arithmetic: about the least time a compressor of that layout
+can take on the same machine. The benchmark times them side by side with the compressors."""
 import ctypes
 import functools
 import os
