@@ -148,13 +148,7 @@ static void draws_below(int64_t t0, int64_t cnt, int64_t n, uint32_t k1, uint32_
     uint32_t h[2 * DRAWS];
     int64_t j = 0;
 #ifdef __AVX2__
-    for (; j + 8 <= 2 * cnt; j += 8) {
-        __m256i i = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)(2 * t0 + j)),
-                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        __m256i v = mix32_v(_mm256_add_epi32(mix32_v(_mm256_xor_si256(i, _mm256_set1_epi32((int)k1))),
-                                             _mm256_set1_epi32((int)k2)));
-        _mm256_storeu_si256((__m256i *)(h + j), v);
-    }
+    for (; j + 8 <= 2 * cnt; j += 8) _mm256_storeu_si256((__m256i *)(h + j), hash8((uint32_t)(2 * t0 + j), k1, k2));
 #endif
     for (; j < 2 * cnt; j++) h[j] = hash32((uint32_t)(2 * t0 + j), k1, k2);
     const uint64_t un = (uint64_t)n;

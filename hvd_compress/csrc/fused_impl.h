@@ -829,6 +829,14 @@ static void FN(mean_bits_few)(const uint8_t *const *rows, const T *vpos, const T
     } \
     nt_done(nt); } while (0)
 
+/* element i of the mean of Natural rows, from their tables (as MEAN_FEW sums them) */
+static inline T FN(table_mean1)(const uint8_t *const *rows, const T *tables, int nrows, int64_t i,
+                                const FN(divisor_t) *f) {
+    T a = tables[rows[0][i]];
+    for (int r = 1; r < nrows; r++) a = a + tables[256 * r + rows[r][i]];
+    return FN(divided)(a, f);
+}
+
 /* Natural rows (lam = 1: every value is +-2^e or +-0), 16 codes at a time in 16-bit lanes, each the top half of
    its value: the sign, then the exponent base - magnitude where the magnitude is not 0 (the bottom half is 0),
    widened by interleaving with zeros. Where a row's code would not give a normal exponent (below 1: a code the
@@ -865,22 +873,14 @@ static void FN(mean_natural16)(const uint8_t *const *rows, const T *tables, cons
             hi = r ? _mm256_add_ps(hi, vhi) : vhi;
         }
         if (r < nrows) {   /* decoded from the tables */
-            for (int64_t j = i; j < i + 16; j++) {
-                T a = tables[rows[0][j]];
-                for (int q = 1; q < nrows; q++) a = a + tables[256 * q + rows[q][j]];
-                out[j] = FN(divided)(a, &f);
-            }
+            for (int64_t j = i; j < i + 16; j++) out[j] = FN(table_mean1)(rows, tables, nrows, j, &f);
             continue;
         }
         lo = FN(divided8)(lo, &f); hi = FN(divided8)(hi, &f);
         put8(out + i, _mm256_permute2f128_ps(lo, hi, 0x20), nt);
         put8(out + i + 8, _mm256_permute2f128_ps(lo, hi, 0x31), nt);
     }
-    for (; i < n; i++) {
-        T a = tables[rows[0][i]];
-        for (int q = 1; q < nrows; q++) a = a + tables[256 * q + rows[q][i]];
-        out[i] = FN(divided)(a, &f);
-    }
+    for (; i < n; i++) out[i] = FN(table_mean1)(rows, tables, nrows, i, &f);
     nt_done(nt);
 }
 
