@@ -102,6 +102,53 @@ def test_decode_mean_past_the_caches(spec):
     _check_decode_mean(spec, torch.float32, 2_100_003, (2, 4))
 
 
+@pytest.mark.parametrize("spec", ["natural", "natural:det", "qsgd:16"])
+@pytest.mark.parametrize("scale", [1e-30, 1e-3, 1e25])
+def test_statistics_at_any_magnitude(spec, scale):
+    """The statistics are sums of squares in double over several blocks: squares of 1e-30 would vanish in
+    float, those of 1e25 overflow."""
+    c, d = C.parse(spec), 3 * 2048 + 5
+    g, e = _vector(d, torch.float32, 1) * scale, _vector(d, torch.float32, 2) * scale * 0.5
+    e_out = torch.empty_like(g)
+    _, stats = K.step(c, g, e, e_out, SEED)
+    r, xd = e_out.double(), (g + e).double()
+    assert stats[0].item() == pytest.approx(r.dot(r).item(), rel=1e-6, abs=0)
+    assert stats[1].item() == pytest.approx(xd.dot(xd).item(), rel=1e-6, abs=0)
+
+
+def _kernel_outputs(specs):
+    """Each spec's step (payload, new error, statistics) and decode_mean of 2 rows, over whole blocks, a tail,
+    a block that raises the largest value seen so far, zeros of both signs and values too small to code."""
+    out = {}
+    for spec in specs:
+        c = C.parse(spec)
+        for d, scale in ((5 * 2048 + 7, 1.0), (40_000, 1e-3)):
+            g, e = _vector(d, torch.float32, 3) * scale, _vector(d, torch.float32, 4) * scale * 0.5
+            g[3 * 2048 + 5] = 40.0 * scale
+            for start, step, value in ((0, 97, 0.0), (5, 89, -0.0), (7, 101, 2.0 ** -125), (9, 103, -2.0 ** -125)):
+                g[start::step], e[start::step] = value, value
+            e_out = torch.empty_like(g)
+            parts, stats = K.step(c, g, e, e_out, SEED)
+            rows = [K.pack(c, K.encode(c, _vector(d, torch.float32, 5 + j) * scale, (SEED[0], j)), d)
+                    for j in range(2)]
+            out[(spec, d)] = [*parts, e_out, stats, K.decode_mean(c, rows, d, SEED, torch.float32)]
+    return out
+
+
+@pytest.mark.skipif("avx512f" not in fused._cpu_flags().split(), reason="this CPU has no AVX-512")
+def test_avx512_kernels_equal_the_avx2_kernels(monkeypatch):
+    """Where the CPU has AVX-512 some kernels have a second version (16 floats an instruction): a build
+    without it (the AVX2 versions) gives the same bits for every compressor."""
+    specs = SPECS + ["qsgd:16", "0.5*natural"]
+    wide, wide_path = _kernel_outputs(specs), fused.lib().path
+    monkeypatch.setattr(fused, "FLAGS", fused.FLAGS + ["-mno-avx512f"])
+    monkeypatch.setattr(fused, "_lib", None)
+    assert fused.lib().path != wide_path
+    narrow = _kernel_outputs(specs)
+    for key, outputs in wide.items():
+        assert len(outputs) == len(narrow[key]) and all(map(_equal, outputs, narrow[key])), key
+
+
 @pytest.mark.parametrize("spec", ["natural", "0.5*natural"])
 @pytest.mark.parametrize("d", [37, 4099])
 def test_natural_decode_mean_of_small_values_and_any_byte(spec, d):

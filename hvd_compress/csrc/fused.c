@@ -64,6 +64,44 @@ static inline __m256i nat_up8(__m256i mag, int det, uint32_t i, uint32_t k1, uin
     return _mm256_cmpgt_epi32(_mm256_slli_epi32(fr, 1), _mm256_srli_epi32(hash8(i, k1, k2), 8));
 }
 
+/* the exponent fields of 8 magnitudes mag rounded to a power of two as nat_up8 rounds: 0 for zero, EMAX or more
+   for an inf, a NaN or a rounding past the largest float (deterministic: adding 2^22 carries into the exponent
+   exactly where the mantissa is >= 0.75) */
+static inline __m256i nat_ex8(__m256i mag, int det, uint32_t i, uint32_t k1, uint32_t k2) {
+    if (det) return _mm256_srli_epi32(_mm256_add_epi32(mag, _mm256_set1_epi32(0x400000)), 23);
+    return _mm256_sub_epi32(_mm256_srli_epi32(mag, 23), nat_up8(mag, 0, i, k1, k2));   /* nat_up8 is -1 where up */
+}
+
+#ifdef __AVX512F__
+/* the same 16 at a time: with AVX-512, half the instructions (Natural's step is bound by them, not by memory) */
+static inline __m512i mix32_z(__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846ca68bU));
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+static inline __m512i hash16(uint32_t i, uint32_t k1, uint32_t k2) {
+    const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)i),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    return mix32_z(_mm512_add_epi32(mix32_z(_mm512_xor_si512(idx, _mm512_set1_epi32((int)k1))),
+                                    _mm512_set1_epi32((int)k2)));
+}
+static inline __m512i nat_ex16(__m512i mag, int det, uint32_t i, uint32_t k1, uint32_t k2) {
+    if (det) return _mm512_srli_epi32(_mm512_add_epi32(mag, _mm512_set1_epi32(0x400000)), 23);
+    const __m512i fr = _mm512_and_si512(mag, _mm512_set1_epi32(0x7fffff));
+    const __mmask16 up = _mm512_cmpgt_epi32_mask(_mm512_slli_epi32(fr, 1), _mm512_srli_epi32(hash16(i, k1, k2), 8));
+    const __m512i ef = _mm512_srli_epi32(mag, 23);
+    return _mm512_mask_add_epi32(ef, up, ef, _mm512_set1_epi32(1));
+}
+/* acc[0..1] (lanes 0-7, 8-15) += the squares of 16 floats widened to double (exact, so fused = multiply, add) */
+static inline void sq16z(__m512d acc[2], __m512 x) {
+    const __m512d w0 = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+    const __m512d w1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    acc[0] = _mm512_fmadd_pd(w0, w0, acc[0]); acc[1] = _mm512_fmadd_pd(w1, w1, acc[1]);
+}
+#endif
+
 /* the low bytes of 8 int32 lanes (values that fit) to 8 bytes at out */
 static inline void store8_u8(void *out, __m256i v) {
     __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(v, v), _mm256_setzero_si256());

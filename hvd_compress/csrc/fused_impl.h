@@ -279,19 +279,66 @@ void FN(natural2)(const T *g, const T *e, T *xout, int64_t n, int64_t top, uint8
     st[0] = sum_lanes(ares);
 }
 
-#if defined(__AVX2__) && IS_FLOAT
 /* Natural's step over one whole block (CHUNK floats at i) in registers: x = g + e, its codes against the largest
    rounded exponent so far (*trun, biased), xout = x - value (streamed when nt), the squares into the lanes asq
    (x) and ares (residual). A block that raises the largest exponent is done again with the new one (the lanes
-   as they were before it): the same bytes, values and sums as coding it with its own maximum at once. */
+   as they were before it): the same bytes, values and sums as coding it with its own maximum at once. A code
+   is valid (not too small) where its exponent ex > max(0, t0 - 127); *bad on an inf, a NaN, a rounding up to
+   2^128 (ex >= EMAX) or a subnormal (0 < magnitude < 2^-126, seen in the least magnitude - 1). */
+#if defined(__AVX512F__) && IS_FLOAT
 static void FN(natural_block)(const T *g, const T *e, T *xout, int64_t i, int det, uint32_t k1, uint32_t k2,
                               uint8_t *c8, int64_t *trun, double *asq, double *ares, UT *bad, int nt) {
-    const __m256i absm = _mm256_set1_epi32(0x7fffffff), emax = _mm256_set1_epi32(EMAX), zero = _mm256_setzero_si256();
-    const __m256i sgn = _mm256_set1_epi32((int)0x80000000U), c128 = _mm256_set1_epi32(128);
+    const __m512i absm = _mm512_set1_epi32(0x7fffffff), one = _mm512_set1_epi32(1);
+    const __m512i sgn = _mm512_set1_epi32((int)0x80000000U);
+    const int nt64 = nt && ((uintptr_t)xout & 63) == 0;   /* else two 32-byte streams (use_nt checked those) */
+    for (;;) {
+        const int64_t t0 = *trun;
+        const __m512i vbase = _mm512_set1_epi32((int32_t)(t0 + 1));
+        const __m512i vlow = _mm512_set1_epi32(t0 > 127 ? (int32_t)(t0 - 127) : 0);
+        __m512i tv = _mm512_setzero_si512(), low = _mm512_set1_epi32(-1);
+        __m512d q[2] = {_mm512_loadu_pd(asq), _mm512_loadu_pd(asq + 8)};
+        __m512d rq[2] = {_mm512_loadu_pd(ares), _mm512_loadu_pd(ares + 8)};
+        for (int64_t j = 0; j < CHUNK; j += 16) {
+            const int64_t at = i + j;
+            _mm_prefetch((const char *)(g + at + CHUNK), _MM_HINT_T0);   /* the next block's lines */
+            if (e) _mm_prefetch((const char *)(e + at + CHUNK), _MM_HINT_T0);
+            const __m512 xv = e ? _mm512_add_ps(_mm512_loadu_ps(g + at), _mm512_loadu_ps(e + at))
+                                : _mm512_loadu_ps(g + at);
+            const __m512i b = _mm512_castps_si512(xv), mag = _mm512_and_si512(b, absm);
+            const __m512i ex = nat_ex16(mag, det, (uint32_t)at, k1, k2);
+            tv = _mm512_max_epu32(tv, ex);
+            low = _mm512_min_epu32(low, _mm512_sub_epi32(mag, one));
+            const __mmask16 valid = _mm512_cmpgt_epi32_mask(ex, vlow), nz = _mm512_test_epi32_mask(ex, ex);
+            const __m512i sbit = _mm512_maskz_and_epi32(nz, b, sgn);
+            const __m512i bytes = _mm512_or_si512(_mm512_maskz_sub_epi32(valid, vbase, ex), _mm512_srli_epi32(sbit, 24));
+            _mm_storeu_si128((__m128i *)(c8 + j), _mm512_cvtepi32_epi8(bytes));
+            const __m512i vb = _mm512_maskz_or_epi32(valid, _mm512_slli_epi32(ex, MBITS), sbit);
+            const __m512 rs = _mm512_sub_ps(xv, _mm512_castsi512_ps(vb));
+            if (nt64) _mm512_stream_ps(xout + at, rs);
+            else if (xout) { put8(xout + at, _mm512_castps512_ps256(rs), nt);
+                             put8(xout + at + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(rs), 1)), nt); }
+            sq16z(q, xv); sq16z(rq, rs);
+        }
+        const uint32_t t = _mm512_reduce_max_epu32(tv), l = _mm512_reduce_min_epu32(low);
+        if (t >= EMAX || l < MMASK) { *bad = 1; return; }
+        if ((int64_t)t <= t0) {
+            _mm512_storeu_pd(asq, q[0]); _mm512_storeu_pd(asq + 8, q[1]);
+            _mm512_storeu_pd(ares, rq[0]); _mm512_storeu_pd(ares + 8, rq[1]);
+            return;
+        }
+        *trun = (int64_t)t;
+    }
+}
+#elif defined(__AVX2__) && IS_FLOAT
+static void FN(natural_block)(const T *g, const T *e, T *xout, int64_t i, int det, uint32_t k1, uint32_t k2,
+                              uint8_t *c8, int64_t *trun, double *asq, double *ares, UT *bad, int nt) {
+    const __m256i absm = _mm256_set1_epi32(0x7fffffff), one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
+    const __m256i sgn = _mm256_set1_epi32((int)0x80000000U);
     for (;;) {
         const int64_t t0 = *trun;
         const __m256i vbase = _mm256_set1_epi32((int32_t)(t0 + 1));
-        __m256i tv = zero, bv = zero;
+        const __m256i vlow = _mm256_set1_epi32(t0 > 127 ? (int32_t)(t0 - 127) : 0);
+        __m256i tv = zero, low = _mm256_set1_epi32(-1);
         __m256d q[4], rq[4];
         for (int k = 0; k < 4; k++) { q[k] = _mm256_loadu_pd(asq + 4 * k); rq[k] = _mm256_loadu_pd(ares + 4 * k); }
         for (int64_t j = 0; j < CHUNK; j += 16) {
@@ -303,15 +350,11 @@ static void FN(natural_block)(const T *g, const T *e, T *xout, int64_t i, int de
                 const int64_t at = i + j + 8 * h;
                 const __m256 xv = loadx8(g, e, at);
                 const __m256i b = _mm256_castps_si256(xv), mag = _mm256_and_si256(b, absm);
-                const __m256i ef = _mm256_srli_epi32(mag, MBITS), isz = _mm256_cmpeq_epi32(mag, zero);
-                const __m256i upm = nat_up8(mag, det, (uint32_t)at, k1, k2);
-                const __m256i ex = _mm256_andnot_si256(isz, _mm256_sub_epi32(ef, upm));    /* upm is -1 where up */
+                const __m256i ex = nat_ex8(mag, det, (uint32_t)at, k1, k2);
                 tv = _mm256_max_epu32(tv, ex);
-                bv = _mm256_or_si256(bv, _mm256_or_si256(_mm256_andnot_si256(isz, _mm256_cmpeq_epi32(ef, zero)),
-                                                         _mm256_cmpeq_epi32(ef, emax)));
-                const __m256i c = _mm256_sub_epi32(vbase, ex);
-                const __m256i valid = _mm256_andnot_si256(_mm256_cmpeq_epi32(ex, zero), _mm256_cmpgt_epi32(c128, c));
-                const __m256i sbit = _mm256_andnot_si256(isz, _mm256_and_si256(b, sgn));
+                low = _mm256_min_epu32(low, _mm256_sub_epi32(mag, one));
+                const __m256i c = _mm256_sub_epi32(vbase, ex), valid = _mm256_cmpgt_epi32(ex, vlow);
+                const __m256i sbit = _mm256_and_si256(_mm256_and_si256(b, sgn), _mm256_cmpgt_epi32(ex, zero));
                 bytes[h] = _mm256_or_si256(_mm256_and_si256(valid, c), _mm256_srli_epi32(sbit, 24));
                 const __m256i vb = _mm256_and_si256(valid, _mm256_or_si256(_mm256_slli_epi32(ex, MBITS), sbit));
                 xs[h] = xv; rs[h] = _mm256_sub_ps(xv, _mm256_castsi256_ps(vb));
@@ -321,9 +364,10 @@ static void FN(natural_block)(const T *g, const T *e, T *xout, int64_t i, int de
             __m256d w[4]; widen16(xs[0], xs[1], w); sq16(q, w);
             widen16(rs[0], rs[1], w); sq16(rq, w);
         }
-        uint32_t tt[8], bb[8], t = 0;
-        _mm256_storeu_si256((__m256i *)tt, tv); _mm256_storeu_si256((__m256i *)bb, bv);
-        for (int k = 0; k < 8; k++) { t = t > tt[k] ? t : tt[k]; *bad |= bb[k]; }
+        uint32_t tt[8], ll[8], t = 0, l = 0xffffffffU;
+        _mm256_storeu_si256((__m256i *)tt, tv); _mm256_storeu_si256((__m256i *)ll, low);
+        for (int k = 0; k < 8; k++) { t = t > tt[k] ? t : tt[k]; l = l < ll[k] ? l : ll[k]; }
+        if (t >= EMAX || l < MMASK) { *bad = 1; return; }
         if ((int64_t)t <= t0) { save16(q, asq); save16(rq, ares); return; }
         *trun = (int64_t)t;
     }
