@@ -94,6 +94,15 @@ static inline __m512i nat_ex16(__m512i mag, int det, uint32_t i, uint32_t k1, ui
     const __m512i ef = _mm512_srli_epi32(mag, 23);
     return _mm512_mask_add_epi32(ef, up, ef, _mm512_set1_epi32(1));
 }
+/* 16 floats to o: streamed when nt (use_nt checked 32-byte alignment; one 64-byte stream where o has it) */
+static inline void put16(float *o, __m512 v, int nt) {
+    if (!nt) _mm512_storeu_ps(o, v);
+    else if (((uintptr_t)o & 63) == 0) _mm512_stream_ps(o, v);
+    else {
+        _mm256_stream_ps(o, _mm512_castps512_ps256(v));
+        _mm256_stream_ps(o + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    }
+}
 /* acc[0..1] (lanes 0-7, 8-15) += the squares of 16 floats widened to double (exact, so fused = multiply, add) */
 static inline void sq16z(__m512d acc[2], __m512 x) {
     const __m512d w0 = _mm512_cvtps_pd(_mm512_castps512_ps256(x));

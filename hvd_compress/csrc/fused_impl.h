@@ -290,7 +290,6 @@ static void FN(natural_block)(const T *g, const T *e, T *xout, int64_t i, int de
                               uint8_t *c8, int64_t *trun, double *asq, double *ares, UT *bad, int nt) {
     const __m512i absm = _mm512_set1_epi32(0x7fffffff), one = _mm512_set1_epi32(1);
     const __m512i sgn = _mm512_set1_epi32((int)0x80000000U);
-    const int nt64 = nt && ((uintptr_t)xout & 63) == 0;   /* else two 32-byte streams (use_nt checked those) */
     for (;;) {
         const int64_t t0 = *trun;
         const __m512i vbase = _mm512_set1_epi32((int32_t)(t0 + 1));
@@ -314,9 +313,7 @@ static void FN(natural_block)(const T *g, const T *e, T *xout, int64_t i, int de
             _mm_storeu_si128((__m128i *)(c8 + j), _mm512_cvtepi32_epi8(bytes));
             const __m512i vb = _mm512_maskz_or_epi32(valid, _mm512_slli_epi32(ex, MBITS), sbit);
             const __m512 rs = _mm512_sub_ps(xv, _mm512_castsi512_ps(vb));
-            if (nt64) _mm512_stream_ps(xout + at, rs);
-            else if (xout) { put8(xout + at, _mm512_castps512_ps256(rs), nt);
-                             put8(xout + at + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(rs), 1)), nt); }
+            if (xout) put16(xout + at, rs, nt);
             sq16z(q, xv); sq16z(rq, rs);
         }
         const uint32_t t = _mm512_reduce_max_epu32(tv), l = _mm512_reduce_min_epu32(low);
@@ -833,9 +830,22 @@ static void FN(mean_bits_few)(const uint8_t *const *rows, const T *vpos, const T
         for (int r = 1; r < nrows; r++) s = s + (((c >> r) & 1) ? vneg[r] : vpos[r]);
         tab[c] = FN(divided)(s, &f);
     }
+    int64_t i = 0;
+#ifdef __AVX512F__
+    /* 16 at a time: each row's two bytes are a mask that adds its bit to the table index */
+    const __m512 table = _mm512_loadu_ps(tab);
+    for (; i + 16 <= n; i += 16) {
+        __m512i idx = _mm512_setzero_si512();
+        for (int r = 0; r < nrows; r++) {
+            uint16_t flags;
+            memcpy(&flags, rows[r] + (i >> 3), 2);
+            idx = _mm512_mask_add_epi32(idx, (__mmask16)flags, idx, _mm512_set1_epi32(1 << r));
+        }
+        put16(out + i, _mm512_permutexvar_ps(idx, table), nt);
+    }
+#endif
     const __m256 lo = _mm256_loadu_ps(tab), hi = _mm256_loadu_ps(tab + 8);
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         __m256i idx = _mm256_setzero_si256();   /* lane l: bit r = flag l of row r */
         for (int r = 0; r < nrows; r++) {
