@@ -309,7 +309,8 @@ static void FN(natural_block)(const T *g, const T *e, T *xout, int64_t i, int de
             low = _mm512_min_epu32(low, _mm512_sub_epi32(mag, one));
             const __mmask16 valid = _mm512_cmpgt_epi32_mask(ex, vlow), nz = _mm512_test_epi32_mask(ex, ex);
             const __m512i sbit = _mm512_maskz_and_epi32(nz, b, sgn);
-            const __m512i bytes = _mm512_or_si512(_mm512_maskz_sub_epi32(valid, vbase, ex), _mm512_srli_epi32(sbit, 24));
+            const __m512i bytes = _mm512_or_si512(_mm512_maskz_sub_epi32(valid, vbase, ex),
+                                                  _mm512_srli_epi32(sbit, 24));
             _mm_storeu_si128((__m128i *)(c8 + j), _mm512_cvtepi32_epi8(bytes));
             const __m512i vb = _mm512_maskz_or_epi32(valid, _mm512_slli_epi32(ex, MBITS), sbit);
             const __m512 rs = _mm512_sub_ps(xv, _mm512_castsi512_ps(vb));
@@ -558,8 +559,37 @@ void FN(qsgd2)(const T *g, const T *e, T *xout, int64_t n, T norm, T levels, T l
         const __m256 vlam = _mm256_set1_ps(lam), one = _mm256_set1_ps(1.0f);
         int lexp; const int pow2 = frexp(levels, &lexp) == (T)0.5;
         const __m256 vrec = _mm256_set1_ps((T)1 / levels);
+#ifdef __AVX512F__
+        {   /* the same, 16 at a time */
+            const __m512 zden = _mm512_set1_ps(den), zlev = _mm512_set1_ps(levels), znorm = _mm512_set1_ps(norm);
+            const __m512 zlam = _mm512_set1_ps(lam), zone = _mm512_set1_ps(1.0f), zrec = _mm512_set1_ps((T)1 / levels);
+            const __m512 zz = _mm512_setzero_ps();
+            __m512d zacc[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
+            for (; i0 + 16 <= n; i0 += 16) {
+                const __m512 xv = xout ? _mm512_loadu_ps(xout + i0)
+                                       : e ? _mm512_add_ps(_mm512_loadu_ps(g + i0), _mm512_loadu_ps(e + i0))
+                                           : _mm512_loadu_ps(g + i0);
+                const __m512 s = _mm512_mul_ps(_mm512_div_ps(_mm512_abs_ps(xv), zden), zlev);
+                const __m512 lo = _mm512_roundscale_ps(s, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+                const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(hash16((uint32_t)i0, k1, k2), 8)),
+                                               _mm512_set1_ps(0x1p-24f));
+                const __m512 lv = _mm512_add_ps(lo, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(u, _mm512_sub_ps(s, lo),
+                                                                                           _CMP_LT_OQ), zone));
+                const __m512 sv = _mm512_mask_sub_ps(lv, _mm512_cmp_ps_mask(xv, zz, _CMP_LT_OQ), zz, lv);
+                const __m512i qi = _mm512_cvttps_epi32(sv);
+                if (wide) _mm256_storeu_si256((__m256i *)((int16_t *)q + i0), _mm512_cvtsepi32_epi16(qi));
+                else _mm_storeu_si128((__m128i *)((int8_t *)q + i0), _mm512_cvtsepi32_epi8(qi));
+                const __m512 nq = _mm512_mul_ps(znorm, _mm512_cvtepi32_ps(qi));
+                const __m512 dec = _mm512_mul_ps(pow2 ? _mm512_mul_ps(nq, zrec) : _mm512_div_ps(nq, zlev), zlam);
+                const __m512 r = _mm512_sub_ps(xv, dec);
+                if (xout) _mm512_storeu_ps(xout + i0, r);
+                sq16z(zacc, r);
+            }
+            _mm512_storeu_pd(ares, zacc[0]); _mm512_storeu_pd(ares + 8, zacc[1]);
+        }
+#endif
         __m256d acc[4];
-        zero16(acc);
+        for (int k = 0; k < 4; k++) acc[k] = _mm256_loadu_pd(ares + 4 * k);
         for (; i0 + 16 <= n; i0 += 16) {
             __m256 r[2];
             __m256i qs[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
