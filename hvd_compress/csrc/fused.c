@@ -7,7 +7,10 @@ largest exponent, TopK's candidates); pass 2, where the encoding needs that glob
 new error x - decode(payload). Compiled with -ffp-contract=off and without fast-math: every float operation is
 the IEEE one written here, in the order written, so decode matches torch's elementwise ops bitwise. Sums use
 fixed lanes (element i of a chunk goes to lane i % LANES) summed in a fixed order at the end: deterministic.
-The float and double versions come from fused_impl.h, included twice. */
+The float and double versions come from fused_impl.h, included twice. Where the CPU has AVX-512 (-march=native),
+the kernels that are bound by their instructions rather than by memory (Natural's step, QSGD's second pass,
+sign's and 1-bit's decode) also have a version 16 floats wide, with the same lanes and the same bits as the
+AVX2 one (test_fused builds the library without AVX-512 and compares). */
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
