@@ -76,7 +76,7 @@ static inline __m256i nat_ex8(__m256i mag, int det, uint32_t i, uint32_t k1, uin
 }
 
 #ifdef __AVX512F__
-/* the same 16 at a time: with AVX-512, half the instructions (Natural's step is bound by them, not by memory) */
+/* hash8 and nat_ex8 16 at a time (AVX-512): half the instructions, for kernels bound by them rather than memory */
 static inline __m512i mix32_z(__m512i x) {
     x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
     x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
