@@ -168,6 +168,40 @@ def test_natural_decode_mean_of_small_values_and_any_byte(spec, d):
         assert _equal(K.decode_mean(c, rows, d, SEED, dtype), total / n), (spec, d, n)
 
 
+def test_natural_decode_mean_at_the_edge_of_the_normal_range():
+    """Codes of magnitude top + 128 (exponent field 0: a subnormal the 16-bit lanes cannot write) and top + 127
+    (the least normal) among valid ones, in rows whose top is below 0: the mean is the decoded rows' sum / n."""
+    c, d, dtype = C.parse("natural"), 600, torch.float32
+    parts = [K.encode(c, _vector(d, dtype, 30 + j) * 1e-3, (SEED[0], j)) for j in range(2)]
+    base = int(parts[1][0].item()) + 128
+    assert 1 <= base <= 127
+    for at, byte in ((300, base), (301, (base - 1) | 128), (20, base | 128)):
+        codes = [p[1].clone() for p in parts]
+        codes[0][at], codes[1][at] = 0, byte   # alone at its place: a subnormal would vanish beside a normal value
+        rows = [K.pack(c, [p[0], code], d) for p, code in zip(parts, codes)]
+        decoded = [K.decode(c, K.unpack(c, row, d, dtype), d, SEED, dtype) for row in rows]
+        assert decoded[1][at] != 0
+        assert _equal(K.decode_mean(c, rows, d, SEED, dtype), (decoded[0] + decoded[1]) / 2), (at, byte)
+
+
+@pytest.mark.parametrize("order", ["increasing", "decreasing", "repeated"])
+def test_sparse_decode_mean_of_rows_in_any_order(order):
+    """The C kernel walks rows whose indices do not decrease (as TopK and RandK send them) with a cursor each,
+    and sorts the entries of other rows (from a payload made elsewhere) by block first: both equal index_add_
+    row by row, then / n."""
+    c, d = C.parse("topk:0.3"), 5000
+    rows, total = [], torch.zeros(d)
+    for j in range(3):
+        idx, values = K.encode(c, _vector(d, torch.float32, 40 + j), SEED)
+        if order == "decreasing" and j == 1:
+            idx, values = idx.flip(0), values.flip(0)
+        if order == "repeated":
+            idx = torch.cat([idx[:10], idx[10:].clone().fill_(idx[10].item())])
+        rows.append(K.pack(c, [idx, values], d))
+        total.index_add_(0, idx.long(), values)
+    assert torch.equal(K.decode_mean(c, rows, d, SEED, torch.float32), total / 3)
+
+
 def _check_decode_mean(spec, dtype, d, row_counts):
     c = C.parse(spec)
     if not _encodable(c, d, dtype):
