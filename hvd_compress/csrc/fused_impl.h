@@ -923,54 +923,50 @@ static inline T FN(table_mean1)(const uint8_t *const *rows, const T *tables, int
 
 /* Natural rows (lam = 1: every value is +-2^e or +-0), 16 codes at a time in 16-bit lanes, each the top half of
    its value: the sign, then the exponent base - magnitude where the magnitude is not 0 (the bottom half is 0),
-   widened by interleaving with zeros. A row whose top is below 0 (most gradients) could hold a code that gives
-   no normal exponent (magnitude >= base: a code the encoder never writes, from a corrupt payload); such a run
-   of RUN16 elements is decoded again from the tables. The sums are those of MEAN_FEW, in lanes permuted
-   (elements 0-3 and 8-11, then 4-7 and 12-15) and put back in order before the store. */
-#define RUN16 256
+   widened by interleaving with zeros. Where a row's code would not give a normal exponent (below 1: a code the
+   encoder never writes, from a payload with a low top), those 16 elements are decoded from the tables. The
+   sums are those of MEAN_FEW, in lanes permuted (elements 0-3 and 8-11, then 4-7 and 12-15) and put back in
+   order before the store. */
 static void FN(mean_natural16)(const uint8_t *const *rows, const T *tables, const int64_t *tops, int nrows, int64_t n,
                                T *out, T div) {
     const FN(divisor_t) f = FN(divisor)(div);
     const int nt = use_nt(out, n * (int64_t)sizeof(T));
-    const __m256i zero = _mm256_setzero_si256(), m127 = _mm256_set1_epi16(127), m128 = _mm256_set1_epi16(128);
-    __m256i base[FEW_ROWS], limit[FEW_ROWS];
+    const __m256i zero = _mm256_setzero_si256(), one = _mm256_set1_epi16(1);
+    const __m256i m127 = _mm256_set1_epi16(127), m128 = _mm256_set1_epi16(128);
+    __m256i base[FEW_ROWS];
     int sure[FEW_ROWS];   /* base - 127 >= 1: every magnitude gives a normal exponent */
     for (int r = 0; r < nrows; r++) {
         base[r] = _mm256_set1_epi16((int16_t)(tops[r] + 1 + BIAS));
-        limit[r] = _mm256_set1_epi16((int16_t)(tops[r] + BIAS));   /* magnitudes above it: no normal exponent */
         sure[r] = tops[r] + 1 + BIAS - 127 >= 1;
     }
     int64_t i = 0;
-    while (i + 16 <= n) {
-        const int64_t start = i, end = n - i >= RUN16 ? i + RUN16 : i + ((n - i) & ~(int64_t)15);
-        __m256i over = zero;
-        for (; i < end; i += 16) {
-            __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-            for (int r = 0; r < nrows; r++) {
-                const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(rows[r] + i)));
-                const __m256i mag = _mm256_and_si256(c, m127), be = _mm256_sub_epi16(base[r], mag);
-                if (!sure[r]) over = _mm256_or_si256(over, _mm256_subs_epu16(mag, limit[r]));
-                const __m256i top = _mm256_or_si256(_mm256_and_si256(_mm256_cmpgt_epi16(mag, zero),
-                                                                     _mm256_slli_epi16(be, MBITS - 16)),
-                                                    _mm256_slli_epi16(_mm256_and_si256(c, m128), 8));
-                const __m256 vlo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, top));
-                const __m256 vhi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, top));
-                lo = r ? _mm256_add_ps(lo, vlo) : vlo;
-                hi = r ? _mm256_add_ps(hi, vhi) : vhi;
-            }
-            lo = FN(divided8)(lo, &f); hi = FN(divided8)(hi, &f);
-            put8(out + i, _mm256_permute2f128_ps(lo, hi, 0x20), nt);
-            put8(out + i + 8, _mm256_permute2f128_ps(lo, hi, 0x31), nt);
+    for (; i + 16 <= n; i += 16) {
+        __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+        int r = 0;
+        for (; r < nrows; r++) {
+            const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(rows[r] + i)));
+            const __m256i mag = _mm256_and_si256(c, m127), be = _mm256_sub_epi16(base[r], mag);
+            const __m256i nz = _mm256_cmpgt_epi16(mag, zero);
+            if (!sure[r] && _mm256_movemask_epi8(_mm256_and_si256(nz, _mm256_cmpgt_epi16(one, be))))
+                break;
+            const __m256i top = _mm256_or_si256(_mm256_and_si256(nz, _mm256_slli_epi16(be, MBITS - 16)),
+                                                _mm256_slli_epi16(_mm256_and_si256(c, m128), 8));
+            const __m256 vlo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, top));
+            const __m256 vhi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, top));
+            lo = r ? _mm256_add_ps(lo, vlo) : vlo;
+            hi = r ? _mm256_add_ps(hi, vhi) : vhi;
         }
-        if (!_mm256_testz_si256(over, over)) {   /* decoded again from the tables, after the streamed stores */
-            nt_done(nt);
-            for (int64_t j = start; j < end; j++) out[j] = FN(table_mean1)(rows, tables, nrows, j, &f);
+        if (r < nrows) {   /* decoded from the tables */
+            for (int64_t j = i; j < i + 16; j++) out[j] = FN(table_mean1)(rows, tables, nrows, j, &f);
+            continue;
         }
+        lo = FN(divided8)(lo, &f); hi = FN(divided8)(hi, &f);
+        put8(out + i, _mm256_permute2f128_ps(lo, hi, 0x20), nt);
+        put8(out + i + 8, _mm256_permute2f128_ps(lo, hi, 0x31), nt);
     }
     for (; i < n; i++) out[i] = FN(table_mean1)(rows, tables, nrows, i, &f);
     nt_done(nt);
 }
-#undef RUN16
 
 /* Natural scaled (lam != 1): the values of 8 code bytes, from the row's table */
 static inline __m256 FN(table8)(const uint8_t *c8, const T *table) {
