@@ -21,8 +21,11 @@ AVX2 one (test_fused builds the library without AVX-512 and compares). */
 #define LANES 16
 #define CHUNK 2048
 
+/* "lowbias32": its two multipliers, for the scalar mix and the vector one (MIX32_LANES) alike */
+#define MIX_M1 0x7feb352dU
+#define MIX_M2 0x846ca68bU
 static inline uint32_t mix32(uint32_t x) {
-    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
+    x ^= x >> 16; x *= MIX_M1; x ^= x >> 15; x *= MIX_M2; x ^= x >> 16;
     return x;
 }
 
@@ -37,13 +40,14 @@ static inline double uniform_d(uint32_t h) {
 }
 
 #ifdef __AVX2__
-static inline __m256i mix32_v(__m256i x) {
-    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
-    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
-    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x846ca68bU));
-    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-}
+/* mix32 on every 32-bit lane of x, for one vector width: P the intrinsics' prefix (_mm256, _mm512), S the
+   integer vector's suffix (si256, si512) */
+#define MIX32_LANES(P, S, x) (x = P##_xor_##S(x, P##_srli_epi32(x, 16)), \
+                              x = P##_mullo_epi32(x, P##_set1_epi32((int)MIX_M1)), \
+                              x = P##_xor_##S(x, P##_srli_epi32(x, 15)), \
+                              x = P##_mullo_epi32(x, P##_set1_epi32((int)MIX_M2)), \
+                              P##_xor_##S(x, P##_srli_epi32(x, 16)))
+static inline __m256i mix32_v(__m256i x) { return MIX32_LANES(_mm256, si256, x); }
 
 /* hash32 of elements i .. i + 7 */
 static inline __m256i hash8(uint32_t i, uint32_t k1, uint32_t k2) {
@@ -77,13 +81,7 @@ static inline __m256i nat_ex8(__m256i mag, int det, uint32_t i, uint32_t k1, uin
 
 #ifdef __AVX512F__
 /* hash8 and nat_ex8 16 at a time (AVX-512): half the instructions, for kernels bound by them rather than memory */
-static inline __m512i mix32_z(__m512i x) {
-    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
-    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846ca68bU));
-    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-}
+static inline __m512i mix32_z(__m512i x) { return MIX32_LANES(_mm512, si512, x); }
 static inline __m512i hash16(uint32_t i, uint32_t k1, uint32_t k2) {
     const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)i),
                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
