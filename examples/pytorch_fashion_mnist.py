@@ -101,7 +101,7 @@ def main():
     compression = None
     if use_hc:
         import hvd_compress.torch as hc
-        from hvd_compress.torch import fused
+        from hvd_compress import fused
         start, cached = time.perf_counter(), fused.library_path().exists()
         loaded = fused.lib() is not None   # compiled here (once per machine) if the set-up did not
         kernels = (f"fused C kernels ({'cached' if cached else 'compiled now'}, ready in "

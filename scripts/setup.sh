@@ -138,7 +138,7 @@ done
 
 "${PIP[@]}" install --no-deps -e "$ROOT"
 # the fused CPU kernels (a small C library, cached per machine; built on first use if this step is skipped)
-"$VENV/bin/python" -c "from hvd_compress.torch import fused; fused.build()" \
+"$VENV/bin/python" -c "from hvd_compress import fused; fused.build()" \
     || log "WARNING: the fused kernels did not build; hvd_compress falls back to its slower torch kernels"
 printf '%s' "$WANT" > "$STAMP"
 log "done: $("$VENV/bin/horovodrun" --version 2>/dev/null | tail -1) with ${FRAMEWORKS[*]}"

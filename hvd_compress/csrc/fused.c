@@ -1,4 +1,4 @@
-/* Fused CPU kernels of hvd_compress (see hvd_compress/torch/fused.py, which builds and loads this file).
+/* Fused CPU kernels of hvd_compress (see hvd_compress/fused.py, which builds and loads this file).
 
 Plain C, no torch headers: the Python side passes data pointers. One training step per tensor is one or two
 passes over memory, in chunks that stay in L1: pass 1 forms x = g + e (stored into the caller's error buffer

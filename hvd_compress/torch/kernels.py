@@ -7,7 +7,7 @@ reproducible from (compressor, x, seed): that is what makes a multi-rank run equ
 is an integer or a (key, step) pair (see ``hvd_compress.seeds``).
 
 On the CPU (float32 / float64, contiguous tensors) the work runs in the fused C kernels of
-``hvd_compress.torch.fused`` (one or two passes over memory per call; ``step`` does a worker's whole step:
+``hvd_compress.fused`` (one or two passes over memory per call; ``step`` does a worker's whole step:
 x = g + e, encode, the new error x - decode, statistics; ``step_packed`` the same with the payload written
 straight into its packed bytes; ``decode_mean`` decodes and averages n payloads in one pass). Elsewhere,
 or with ``HVD_COMPRESS_FUSED=0``, or without a C compiler, the same functions run as torch ops. Both paths
@@ -24,33 +24,18 @@ import torch
 from .. import compressors as C
 from .. import transport as T
 from ..kernels import from_wire, registries, to_wire, topk_sample
-from ..seeds import as_pair, second_stage
-from . import fused
+from ..seeds import hash_keys, second_stage, splitmix64
+from .. import fused
 
 _DTYPES = {C.INT32: torch.int32, C.UINT8: torch.uint8, C.INT8: torch.int8, C.INT16: torch.int16,
            C.BF16: torch.bfloat16, C.INDEX: torch.int32}
-_MASK64 = 2 ** 64 - 1
 
 
 def _generator(seed, device):
-    # splitmix64 of (key, step): torch's CPU generator keeps only the low 32 bits of a seed, so mix first
-    key, step = as_pair(seed)
-    z = ((key & 0xFFFFFFFF) << 32 | step & 0xFFFFFFFF) + 0x9E3779B97F4A7C15 & _MASK64
-    z = (z ^ z >> 30) * 0xBF58476D1CE4E5B9 & _MASK64
-    z = (z ^ z >> 27) * 0x94D049BB133111EB & _MASK64
+    # torch's CPU generator keeps only the low 32 bits of a seed, so mix first
     g = torch.Generator(device=device)
-    g.manual_seed((z ^ z >> 31) >> 1)
+    g.manual_seed(splitmix64(seed) >> 1)
     return g
-
-
-def _hash_keys(seed):
-    """(k1, k2): the low and high 32 bits of splitmix64 of (key, step), as ``_generator`` mixes them."""
-    key, step = as_pair(seed)
-    z = ((key & 0xFFFFFFFF) << 32 | step & 0xFFFFFFFF) + 0x9E3779B97F4A7C15 & _MASK64
-    z = (z ^ z >> 30) * 0xBF58476D1CE4E5B9 & _MASK64
-    z = (z ^ z >> 27) * 0x94D049BB133111EB & _MASK64
-    z ^= z >> 31
-    return z & 0xFFFFFFFF, z >> 32
 
 
 def _mix32(h):
@@ -65,7 +50,7 @@ def _mix32(h):
 def _hash32(d, seed, device):
     """The counter-based stream: h_i = mix32(mix32(i ^ k1) + k2) for i < d (uint32 values, int64 tensor).
     The fused C kernels compute the same numbers element by element (hvd_compress/csrc/fused.c)."""
-    k1, k2 = _hash_keys(seed)
+    k1, k2 = hash_keys(seed)
     i = torch.arange(d, dtype=torch.int64, device=device)
     return _mix32((_mix32(i ^ k1) + k2) & 0xFFFFFFFF)
 
@@ -102,7 +87,7 @@ def _random_indices(d, k, seed, device):
     lib = fused.lib() if device == "cpu" or getattr(device, "type", None) == "cpu" else None
     if lib is not None:   # the same subset, drawn and marked in a bitmap in C instead of sorted
         out = torch.empty(k + 2, dtype=torch.int64)
-        k1, k2 = _hash_keys(seed)
+        k1, k2 = hash_keys(seed)
         if lib.dll.hvdc_first_distinct(m, k, d, k1, k2, _marks(d).data_ptr(), out.data_ptr()) == k:
             return out[:k]
         return permuted()
@@ -548,7 +533,7 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None, defer=False):
     if isinstance(c, C.Natural):
         code = into[1] if into else torch.empty(d, dtype=torch.uint8)
         top = torch.zeros(1, dtype=torch.int64)
-        k1, k2 = (0, 0) if c.deterministic else _hash_keys(seed)
+        k1, k2 = (0, 0) if c.deterministic else hash_keys(seed)
         if lam == 1.0:   # one pass (the values decoded do not depend on the largest exponent)
             tops = torch.empty(_blocks(d) + 1, dtype=torch.int64)
             if ns.natural_step(G, E, O, d, int(c.deterministic), k1, k2, code.data_ptr(), top.data_ptr(),
@@ -573,7 +558,7 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None, defer=False):
         head = torch.tensor([norm], dtype=dtype)
         wide = c.levels > 127
         levels = into[1] if into else torch.empty(d, dtype=torch.int16 if wide else torch.int8)
-        k1, k2 = _hash_keys(seed)
+        k1, k2 = hash_keys(seed)
         ns.qsgd2(G, E, O, d, head.item(), float(c.levels), lam, k1, k2, levels.data_ptr(), int(wide), sp)
         return _parts_into(into, [head, levels]), _stats(st[0].item(), sumsq, True)
     if isinstance(c, C.TopK):

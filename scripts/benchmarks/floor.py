@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from hvd_compress.torch import fused
+from hvd_compress import fused
 
 # label -> (bits per element of the first pass's code, a second pass?, bits per element the decode reads)
 LAYOUTS = {

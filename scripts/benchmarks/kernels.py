@@ -178,7 +178,7 @@ def torch_step(c, d, bufs, eager):
     """(step, decode): step(g) = the worker step with error feedback into the preallocated buffers,
     returning what travels (packed bytes; the values for summable payloads); decode(payload) = the mean of
     payload and data2 decoded into ``out`` (summable: payload decoded once). ``eager``: fused kernels off."""
-    from hvd_compress.torch import fused
+    from hvd_compress import fused
     from hvd_compress.torch import kernels as K
     from hvd_compress.torch import ops
     _, e_in, e_out, out, g2 = bufs
@@ -557,7 +557,8 @@ def run(out, quick):
     for label, t in s_targets.items():
         shown = ", ".join(f"{s} {x:.2f}x" for s, x in t["measured_x_memcpy"].items())
         print(f"  step target at d={largest:,} {label}: {'met' if t['all_met'] else 'NOT met'} ({shown})")
-    from hvd_compress.torch import fused, kernels as torch_kernels
+    from hvd_compress import fused
+    from hvd_compress.torch import kernels as torch_kernels
     fused_loaded = fused.lib() is not None
     if not fused_loaded:
         print("  note: the fused library did not load: the torch 'fused' step rows ran the pure-torch kernels")

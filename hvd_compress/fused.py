@@ -1,15 +1,17 @@
-"""The fused CPU kernels: a small C library (hvd_compress/csrc/), built on first use and loaded with ctypes.
+"""The fused CPU kernels: a small C library (hvd_compress/csrc/), built on first use and loaded with ctypes, for
+both frameworks (``hvd_compress.torch.kernels`` passes tensors' data pointers; ``hvd_compress.tensorflow.fused``
+numpy views of TensorFlow's CPU tensors).
 
-No torch headers and no build step at install time: the first call compiles ``csrc/fused.c`` with the system
+No framework headers and no build step at install time: the first call compiles ``csrc/fused.c`` with the system
 C compiler into a user cache directory (``$HVD_COMPRESS_CACHE``, else ``$XDG_CACHE_HOME/hvd_compress``, else
 ``~/.cache/hvd_compress``). The file name carries a hash of the sources, the flags and the CPU's feature flags,
 so a cache shared by different machines never hands one a binary built for another; the build goes to a
 temporary file that is renamed into place, so ranks that build at once do not see half a file.
-``python -c "from hvd_compress.torch import fused; fused.build()"`` builds ahead of time.
+``python -c "from hvd_compress import fused; fused.build()"`` builds ahead of time.
 
 The kernels are used when ``HVD_COMPRESS_FUSED`` is not ``0`` and the library could be built; otherwise (and
-for tensors not on the CPU) ``hvd_compress.torch.kernels`` runs its pure-torch path, warning once when the
-library could not be built. ``disabled()`` turns them off in a block (tests compare both paths).
+for tensors not on the CPU) each framework's kernels run their own ops, warning once when the library could not
+be built. ``disabled()`` turns them off in a block (tests compare both paths).
 """
 import contextlib
 import ctypes
@@ -23,7 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
-SOURCES = Path(__file__).resolve().parents[1] / "csrc"
+SOURCES = Path(__file__).resolve().parent / "csrc"
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _lib = None          # the loaded library, False after a failed build, None before trying
@@ -158,17 +160,17 @@ def lib():
                     if not target.exists():
                         _compile(target)
                     _lib = _Lib(target)
-                except Exception as err:   # no compiler, a read-only cache, a failed build: torch ops instead
+                except Exception as err:   # no compiler, a read-only cache, a failed build: the framework's ops instead
                     _lib = False
                     warnings.warn(f"hvd_compress: the fused CPU kernels could not be built ({err}); using the "
-                                  f"slower pure-torch kernels. Install a C compiler (cc) or set "
+                                  f"slower kernels of the framework's own ops. Install a C compiler (cc) or set "
                                   f"HVD_COMPRESS_FUSED=0 to silence this.", RuntimeWarning, stacklevel=2)
     return _lib or None
 
 
 @contextlib.contextmanager
 def disabled():
-    """Inside this block the pure-torch kernels run (as with HVD_COMPRESS_FUSED=0)."""
+    """Inside this block the framework's own kernels run (as with HVD_COMPRESS_FUSED=0)."""
     global _off
     _off += 1
     try:
