@@ -121,12 +121,28 @@ class _Lib:
                 fn.restype = res
                 fn.argtypes = [value if a == "T" else a for a in args]
                 setattr(ns, name, fn)
+        self.dll.hvdc_ieee_begin.restype = ctypes.c_uint
+        self.dll.hvdc_ieee_begin.argtypes = []
+        self.dll.hvdc_ieee_end.restype = None
+        self.dll.hvdc_ieee_end.argtypes = [ctypes.c_uint]
         self.dll.hvdc_hash.restype = None
         self.dll.hvdc_hash.argtypes = [_P, _I64, _U32, _U32]
         self.dll.hvdc_first_distinct.restype = _I64
         self.dll.hvdc_first_distinct.argtypes = [_I64, _I64, _I64, _U32, _U32, _P, _P]
         self.dll.hvdc_index_expand.restype = None
         self.dll.hvdc_index_expand.argtypes = [_P, _I64, _P, _I64, _P]
+
+
+@contextlib.contextmanager
+def ieee():
+    """IEEE subnormal arithmetic on this thread for the calls in the block (TensorFlow runs its threads with
+    flush-to-zero: the same kernels then gave other bits in a graph than eagerly)."""
+    dll = lib().dll
+    old = dll.hvdc_ieee_begin()
+    try:
+        yield
+    finally:
+        dll.hvdc_ieee_end(old)
 
 
 def build(verbose=True):

@@ -189,6 +189,18 @@ static double sum_lanes(const double *a) {
 
 int hvdc_version(void) { return 1; }
 
+/* IEEE subnormals for the calling thread: flush-to-zero and denormals-are-zero off (TensorFlow's threads run with
+   them on); returns the control word to give back to hvdc_ieee_end. A no-op without SSE. */
+#ifdef __SSE__
+#include <xmmintrin.h>
+#define HVDC_FTZ_DAZ 0x8040u
+unsigned hvdc_ieee_begin(void) { unsigned old = _mm_getcsr(); _mm_setcsr(old & ~HVDC_FTZ_DAZ); return old; }
+void hvdc_ieee_end(unsigned old) { _mm_setcsr(old); }
+#else
+unsigned hvdc_ieee_begin(void) { return 0; }
+void hvdc_ieee_end(unsigned old) { (void)old; }
+#endif
+
 /* RandK's draws t0 .. t0 + cnt - 1 (cnt <= DRAWS) in [0, n), n < 2^31: with hi, lo the stream's values 2t and
    2t + 1 (hash32), (hi n + (lo n >> 32)) >> 32, which is floor((hi 2^32 + lo) n / 2^64) exactly */
 #define DRAWS 64

@@ -7,9 +7,11 @@ and so are the lengths that follow from it (the kept values, a composition's sec
 parts). No tensor value decides a Python branch.
 
 A seed is an integer or a (key, step) pair (see ``hvd_compress.seeds``); ``step`` may be a scalar integer
-tensor (a ``tf.Variable``'s value in a graph). Random draws are stateless (Philox, the same on every device)
-and seeded by ``[key, step]`` as int64 alone, so a call is reproducible from (compressor, x, seed). The random
-streams differ from torch's; everything deterministic (values, wire format, bytes) is the same.
+tensor (a ``tf.Variable``'s value in a graph). Random draws come from the counter-based stream of the PyTorch
+and C kernels (a hash of the element's index and the seed, in integer ops that are the same on every device and
+under XLA), so a call is reproducible from (compressor, x, seed) and draws the same numbers as in PyTorch: the
+same payloads, but where RandK draws from a permutation (k > d / 8, or too few distinct draws: rare) and where
+a reduction (a scale, a norm) rounds differently.
 
 TensorFlow flushes subnormal floats to zero in some eager CPU kernels; Natural compression therefore reads
 and writes exponents with integer bit operations only, so that it is exact over the whole float range.
@@ -19,40 +21,71 @@ import numbers
 import tensorflow as tf
 
 from .. import compressors as C
+from . import fused
 from ..kernels import from_wire, registries, to_wire, topk_sample
-from ..seeds import as_pair, second_stage
+from ..seeds import as_pair, hash_keys, second_stage
 
 _DTYPES = {C.INT32: tf.int32, C.UINT8: tf.uint8, C.INT8: tf.int8, C.INT16: tf.int16, C.BF16: tf.bfloat16,
            C.INDEX: tf.int32}
 _MASK64 = 2 ** 64 - 1
-_PHILOX = tf.random.Algorithm.PHILOX.value   # "auto_select" may pick a different generator on another device type
 
 
-def _int64(value):
-    """A seed component as an int64 scalar tensor (Python integers wrap around modulo 2^64)."""
+def _uint64(value):
+    """A seed component's low 64 bits as a uint64 scalar tensor (Python integers wrap around modulo 2^64)."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = int(value) & _MASK64
-        return tf.constant(value - 2 ** 64 if value >= 2 ** 63 else value, tf.int64)
-    return tf.cast(tf.reshape(value, []), tf.int64)
+        return tf.constant(int(value) & _MASK64, tf.uint64)
+    return tf.bitcast(tf.cast(tf.reshape(value, []), tf.int64), tf.uint64)
 
 
-def _seed(seed):
+def _hash_keys(seed):
+    """``seeds.hash_keys`` as two uint32 scalars, in the graph where the step is a tensor."""
     key, step = as_pair(seed)
-    return tf.stack([_int64(key), _int64(step)])
+    if all(isinstance(v, numbers.Integral) for v in (key, step)):
+        return tuple(tf.constant(k, tf.uint32) for k in hash_keys(seed))
+    low32 = tf.constant(0xFFFFFFFF, tf.uint64)
+
+    def shr(z, n):
+        return tf.bitwise.right_shift(z, tf.constant(n, tf.uint64))
+    z = tf.bitwise.bitwise_or(tf.bitwise.left_shift(tf.bitwise.bitwise_and(_uint64(key), low32), tf.constant(32, tf.uint64)),
+                              tf.bitwise.bitwise_and(_uint64(step), low32)) + tf.constant(0x9E3779B97F4A7C15, tf.uint64)
+    z = tf.bitwise.bitwise_xor(z, shr(z, 30)) * tf.constant(0xBF58476D1CE4E5B9, tf.uint64)
+    z = tf.bitwise.bitwise_xor(z, shr(z, 27)) * tf.constant(0x94D049BB133111EB, tf.uint64)
+    z = tf.bitwise.bitwise_xor(z, shr(z, 31))
+    return tf.cast(tf.bitwise.bitwise_and(z, low32), tf.uint32), tf.cast(shr(z, 32), tf.uint32)
+
+
+def _mix32(h):
+    """"lowbias32" (hvd_compress/csrc/fused.c's mix32) on uint32 values (products wrap modulo 2^32)."""
+    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(shift, tf.uint32)))
+        h = h * tf.constant(multiplier, tf.uint32)
+    return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(16, tf.uint32)))
+
+
+def _hash32(d, seed):
+    """The counter-based stream h_i = mix32(mix32(i ^ k1) + k2), i < d, as uint32: the same numbers as the
+    PyTorch kernels and the C kernels draw."""
+    k1, k2 = _hash_keys(seed)
+    i = tf.cast(tf.range(tf.cast(d, tf.int64), dtype=tf.int64), tf.uint32)   # (i modulo 2^32, as in C)
+    return _mix32(_mix32(tf.bitwise.bitwise_xor(i, k1)) + k2)
 
 
 def _uniform(d, dtype, seed):
-    """d uniform draws in [0, 1) of dtype (float32: 24 random bits, float64: 53).
+    """d uniform draws in [0, 1) of dtype, those of the PyTorch kernels: float32 (h >> 8) 2^-24, float64 h 2^-32."""
+    h = _hash32(d, seed)
+    if dtype == tf.float64:
+        return tf.cast(h, tf.float64) * tf.constant(2.0 ** -32, tf.float64)
+    u = tf.cast(tf.bitcast(tf.bitwise.right_shift(h, tf.constant(8, tf.uint32)), tf.int32), tf.float32)
+    return tf.cast(u * tf.constant(2.0 ** -24, tf.float32), dtype)
 
-    Made from Philox's raw integers: those are the same with and without XLA, while XLA turns them into
-    floats differently from the TensorFlow kernels (with a seed that is not a constant)."""
-    itype, bits = (tf.int64, 53) if dtype == tf.float64 else (tf.int32, 24)
-    # the raw ops of tf.random.stateless_uniform(alg="philox"), the same numbers: it scrambles the seed with
-    # some 40 small ops (most of this function's graph; 2.5 ms eagerly), StatelessRandomGetKeyCounter in one
-    key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=_seed(seed))
-    raw = tf.raw_ops.StatelessRandomUniformFullIntV2(shape=[d], key=key, counter=counter, alg=_PHILOX, dtype=itype)
-    return tf.cast(tf.bitwise.bitwise_and(raw, tf.constant(2 ** bits - 1, itype)), dtype) * \
-        tf.constant(2.0 ** -bits, dtype)
+
+def _draws_below(m, d, seed):
+    """RandK's m iid uniform draws in [0, d) as int64: the PyTorch kernels' ``_draws_below``, in uint64."""
+    h = tf.cast(tf.reshape(_hash32(2 * m, seed), [-1, 2]), tf.uint64)
+    d = tf.cast(d, tf.uint64)
+    shr32 = tf.constant(32, tf.uint64)
+    draws = tf.bitwise.right_shift(h[:, 0] * d + tf.bitwise.right_shift(h[:, 1] * d, shr32), shr32)
+    return tf.cast(draws, tf.int64)
 
 
 def _div(x, y):
@@ -73,11 +106,7 @@ def _random_indices(d, k, seed):
     def drawn():
         n = k if isinstance(k, int) else tf.cast(k, tf.int32)   # (a scalar tensor during a warm-up)
         m = n + n // 4 + 16
-        key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=_seed(seed))
-        raw = tf.raw_ops.StatelessRandomUniformFullIntV2(shape=[m], key=key, counter=counter, alg=_PHILOX,
-                                                         dtype=tf.int64)
-        draws = tf.math.floormod(tf.bitwise.bitwise_and(raw, tf.constant(2 ** 63 - 1, tf.int64)),
-                                 tf.cast(d, tf.int64))   # modulo bias < d / 2^63
+        draws = _draws_below(m, d, seed)
         order = tf.argsort(draws, stable=True)           # by value, equal values in draw order
         ordered = tf.gather(draws, order)
         first = tf.concat([[True], ordered[1:] != ordered[:-1]], 0)
@@ -332,14 +361,24 @@ _encode_tf, _decode_tf = registries("TensorFlow", [
 
 
 def encode(c, x, seed=0):
-    """Parts of the payload of flat tensor x (float32 or float64), in the order of ``c.layout(d)``."""
+    """Parts of the payload of flat tensor x (float32 or float64), in the order of ``c.layout(d)``: with the
+    fused C kernels where they apply (``hvd_compress.tensorflow.fused``), else TensorFlow's ops."""
+    if fused.usable(c, x.dtype, x):
+        return fused.encode(c, x, seed, lambda: _encode_tf(c, x, seed))
     return _encode_tf(c, x, seed)
 
 
 def decode(c, parts, d, seed=0, dtype=tf.float32):
     """The dense flat tensor of d elements that the parts encode. ``dtype`` matters only where no part
     carries values (Natural)."""
+    value_dtype = dtype if isinstance(fused.unscaled(c)[0], C.Natural) else parts[0].dtype
+    if fused.usable(c, value_dtype, *parts):
+        return fused.decode(c, parts, d, value_dtype)
     return _decode_tf(c, parts, d, seed, dtype)
+
+
+# TensorFlow's ops alone, never the C kernels (their fallback)
+encode_ops, decode_ops = _encode_tf, _decode_tf
 
 
 # ---- payloads as bytes -------------------------------------------------------------------------------------

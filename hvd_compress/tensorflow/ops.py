@@ -8,6 +8,7 @@ import horovod.tensorflow as hvd
 from .. import compressors as C
 from .. import nodes
 from .. import transport as T
+from . import fused
 from . import kernels as K
 
 
@@ -72,11 +73,17 @@ def step(c, x, e_in, e_out, seed):
 
 
 def _step(c, x, e_in, e_out, seed):
+    if fused.usable(c, x.dtype, x, e_in):
+        return fused.step(c, x, e_in, e_out is not None, seed, lambda: _step_ops(c, x, e_in, e_out, seed))
+    return _step_ops(c, x, e_in, e_out, seed)
+
+
+def _step_ops(c, x, e_in, e_out, seed):
     if e_in is not None:
         x = x + e_in
     d = numel(x)
-    parts = K.encode(c, x, seed)
-    left = x - K.decode(c, parts, d, seed, x.dtype)
+    parts = K.encode_ops(c, x, seed)
+    left = x - K.decode_ops(c, parts, d, seed, x.dtype)
     stats = tf.stack([tf.reduce_sum(tf.square(tf.cast(left, tf.float64))),
                       tf.reduce_sum(tf.square(tf.cast(x, tf.float64))),
                       tf.cast(tf.reduce_all(tf.math.is_finite(x)), tf.float64)])
@@ -93,6 +100,8 @@ def packed_step(comp, c, key, x, e_in, e_out, seed):
 def decode_mean(c, rows, d, seed, out):
     """(sum_j decode(row_j)) / n, summed in rank order on every rank (bit-identical replicas)."""
     def mean(c):
+        if fused.usable(c, out.dtype, *rows):
+            return (fused.decode_mean(c, [K.unpack(c, row, d, out.dtype) for row in rows], d, out.dtype),)
         total = None
         for row in rows:
             decoded = K.decode(c, K.unpack(c, row, d, out.dtype), d, seed, out.dtype)

@@ -283,6 +283,24 @@ def tf_step_kernel(c, d, g, e, g2, tf):
             reason = _reason(err)
 
 
+def tf_fused_kernel(c, d, g, e, g2, tf):
+    """(step, decode) as the TensorFlow plug-in runs them on the CPU where the C kernels apply (``ops.packed_step``
+    with the new error, ``ops.decode_mean`` of 2 payloads: hvd_compress/tensorflow/fused.py), traced here."""
+    from hvd_compress.tensorflow import ops
+    seed_step, like = tf.constant(SEED[1], tf.int64), tf.zeros([0], g.dtype)
+    step_fn = tf.function(lambda x, e, s: ops.packed_step(None, c, "x", x, e, True, (SEED[0], s))[:2])
+    mean_fn = tf.function(lambda a, b, s: ops.decode_mean(c, [a, b], d, (SEED[0], s), like))
+
+    def step(x):
+        return step_fn(x, e, seed_step)[0]
+    data2 = step(g2)
+
+    def decode(data):
+        return mean_fn(data, data2, seed_step)
+    decode(step(g))   # trace
+    return step, decode
+
+
 def measure_steps(d, step_specs, tf_specs, repeats, eager_repeats, tf):
     """Median times at one size of the worker step with EF (step_s) + the decode of 2 payloads (decode_s), per
     path (torch fused; torch eager when eager_repeats; TF with XLA or plain), and memcpy's in the same repeats."""
@@ -310,12 +328,15 @@ def measure_steps(d, step_specs, tf_specs, repeats, eager_repeats, tf):
     for label, (step, decode) in floor.kernels(lib, d, g, e_in, e_out, out).items() if lib else ():
         kernels[("floor", "c", label)] = (step, decode, g)
     if tf_specs:
+        from hvd_compress.tensorflow import fused as tf_fused
         tg, tg2, te = (tf.constant(t.numpy()) for t in (g, g2, e_in))
         for spec in tf_specs:
             step, decode, path, reason = tf_step_kernel(C.parse(spec), d, tg, te, tg2, tf)
             kernels[("tf", path, spec)] = (step, decode, tg)
             if reason is not None:
                 extra[("tf", path, spec)] = {"xla_refused": reason}
+            if tf_fused.usable(C.parse(spec), tg.dtype, tg):
+                kernels[("tf", "fused", spec)] = (*tf_fused_kernel(C.parse(spec), d, tg, te, tg2, tf), tg)
     keys = list(kernels)
     times = {"memcpy": [], **{key: [] for key in kernels}}
     limit = {}   # samples per path: eager_repeats for eager; fewer where one call is slow (the probe counts)
@@ -376,11 +397,13 @@ def step_targets(rows, d):
 def step_table(memcpy, rows):
     lines = ["step: the worker step with error feedback + the decode of 2 payloads, time / memcpy time "
              "(torch: fused kernels, K.step+pack or step_packed, decode_mean; eager: fused.disabled(); "
-             "TF: tf.function(jit_compile=True); floor: only the bytes of a payload layout, scripts/benchmarks/floor.c)"]
+             "TF: tf.function(jit_compile=True), and TF C: the TF plug-in's step on the C kernels (tf.numpy_function); "
+             "floor: only the bytes of a payload layout, scripts/benchmarks/floor.c)"]
     for d, m in memcpy.items():
         lines.append(f"d = {d:,}: memcpy {m['memcpy_s'] * 1e3:.3f} ms")
         lines.append(f"  {'compressor':20s} {'torch step ms':>13s} {'decode ms':>10s} {'x memcpy':>9s} "
-                     f"{'(cpu)':>7s} {'eager x':>8s} {'TF step ms':>11s} {'decode ms':>10s} {'x memcpy':>9s}  TF path")
+                     f"{'(cpu)':>7s} {'eager x':>8s} {'TF step ms':>11s} {'decode ms':>10s} {'x memcpy':>9s}  TF path"
+                     f"  {'TF C x memcpy':>13s}")
         mine = [r for r in rows if r["d"] == d]
         for spec in dict.fromkeys(r["compressor"] for r in mine):
             get = {(r["framework"], r["path"]): r for r in mine if r["compressor"] == spec}
@@ -390,8 +413,10 @@ def step_table(memcpy, rows):
             line += (f"{t['step_s'] * 1e3:13.3f} {t['decode_s'] * 1e3:10.3f} {t['x_memcpy']:9.2f} "
                      f"{t['x_memcpy_cpu']:7.2f} " if t else f"{'-':>13s} {'-':>10s} {'-':>9s} {'-':>7s} ")
             line += f"{e['x_memcpy']:8.2f} " if e else f"{'-':>8s} "
-            line += (f"{f['step_s'] * 1e3:11.3f} {f['decode_s'] * 1e3:10.3f} {f['x_memcpy']:9.2f}  {f['path']}"
-                     if f else f"{'-':>11s} {'-':>10s} {'-':>9s}  -")
+            line += (f"{f['step_s'] * 1e3:11.3f} {f['decode_s'] * 1e3:10.3f} {f['x_memcpy']:9.2f}  {f['path']:11s}"
+                     if f else f"{'-':>11s} {'-':>10s} {'-':>9s}  {'-':11s}")
+            c_row = get.get(("tf", "fused"))
+            line += f"  {c_row['x_memcpy']:13.2f}" if c_row else f"  {'-':>13s}"
             lines.append(line)
             if f and f.get("xla_refused"):
                 lines.append(f"  {'':20s} TF XLA: not compiled ({f['xla_refused']}); timed as plain tf.function")
@@ -468,9 +493,10 @@ def plot(results, rows, allreduce, compressors, path, step_memcpy=None, step_row
     axes[0].set_ylabel("GB/s of fp32 input (4d bytes / time)")
     ax = axes[2]   # the worker step with EF + the decode of 2 payloads, as a multiple of memcpy time
     for spec in dict.fromkeys(r["compressor"] for r in step_rows):
-        for fw, style, lw in (("torch", "o-", 1.5), ("tf", "s--", 1), ("floor", "d:", 1.5)):
+        for fw, paths, style, lw in (("torch", ("fused",), "o-", 1.5), ("tf", ("xla", "tf.function"), "s--", 1),
+                                     ("tf", ("fused",), "^-.", 1), ("floor", ("c",), "d:", 1.5)):
             mine = sorted((r for r in step_rows if r["compressor"] == spec and r["framework"] == fw
-                           and r["path"] != "eager"), key=lambda r: r["d"])
+                           and r["path"] in paths), key=lambda r: r["d"])
             if mine:
                 ax.plot([r["d"] for r in mine], [r["x_memcpy"] for r in mine], style, color=color[spec], ms=4,
                         lw=lw, label=spec if fw != "tf" else None)
@@ -481,6 +507,7 @@ def plot(results, rows, allreduce, compressors, path, step_memcpy=None, step_row
         ax.text(0.01, limit * 1.05, f"target {limit:g}x", fontsize=7, transform=ax.get_yaxis_transform())
     ax.plot([], [], "k-", label="PyTorch (fused)")
     ax.plot([], [], "k--", lw=1, label="TensorFlow (XLA, else tf.function)")
+    ax.plot([], [], "k^-.", lw=1, label="TensorFlow plug-in (C kernels)")
     ax.plot([], [], "kx", ms=8, mew=2, label="PyTorch eager")
     ax.set_xscale("log")
     ax.set_yscale("log")
