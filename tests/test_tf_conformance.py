@@ -2,7 +2,7 @@
 
 Single process, no Horovod. ``hvd_compress.tensorflow.kernels`` must give the same payload layout and bytes as
 ``hvd_compress.torch.kernels``, the same C(x) for deterministic compressors, and the same statistics for random
-ones (whose random streams differ between the frameworks).
+ones (both draw from one stream: tests/test_tf_fused.py checks the draws and payloads bit for bit).
 """
 import os
 
