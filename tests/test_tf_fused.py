@@ -96,6 +96,9 @@ def test_step_is_encode_and_decode_and_equals_the_ops(spec, d, dtype):
     assert _same(left.numpy(), (x - decoded).numpy())
     wide_left, wide_x = left.numpy().astype(np.float64), x.numpy().astype(np.float64)
     assert np.allclose(stats.numpy(), [np.sum(wide_left ** 2), np.sum(wide_x ** 2), 1.0], rtol=1e-9)
+    no_error = ops.step(c, g, e, None, SEED)   # (sign, 1-bit: the residual in closed form)
+    assert no_error[2] is None and all(_same(a, b) for a, b in zip(_parts(no_error[0]), _parts(parts)))
+    assert np.allclose(no_error[1].numpy(), stats.numpy(), rtol=1e-6, atol=1e-9 * stats.numpy()[1])
     assert _same(decoded.numpy(), TK.decode_ops(c, encoded, d, SEED, g.dtype).numpy())   # decoding never rounds
     ops_parts = TK.encode_ops(c, x, SEED)
     if spec in REDUCING:   # the payload's body (signs, levels) may differ only where the scale or norm rounds

@@ -93,23 +93,23 @@ def step_arrays(c, lam, g, e, want_error, seed):
                 return None
             head = np.array([st[1] / d if d else math.nan], dtype)
             vals = head * dtype.type(lam) if lam != 1.0 else head
-            vpos, vneg = vals[0], -vals[0]
+            vpos, vneg = float(vals[0]), float(-vals[0])
+            npos, spos, sneg = d, float(st[1]), 0.0
         else:
             if ns.onebit1(G, E, None, O, d, _p(bits), S):
                 return None
             nneg = int(st[3])
             head = np.array([st[1] / max(d - nneg, 1), (0.0 - st[2]) / max(nneg, 1)], dtype)
             vals = head * dtype.type(lam) if lam != 1.0 else head
-            vpos, vneg = vals[0], -vals[1]
+            vpos, vneg = float(vals[0]), float(-vals[1])
+            npos, spos, sneg = d - nneg, float(st[1]), float(st[2])
         sumsq = float(st[0])
         if out is not None:
-            ns.select2(G, E, O, d, float(vpos), float(vneg), S)
+            ns.select2(G, E, O, d, vpos, vneg, S)
             residual = st[0]
         else:   # the sum over both sides of (x - value)^2 in closed form, as the PyTorch kernels' deferred step
-            npos, spos, sneg = (d, float(st[1]), 0.0) if isinstance(c, C.ScaledSign) else (d - nneg, float(st[1]),
-                                                                                           float(st[2]))
-            vp, vn = float(vpos), float(vneg)
-            residual = sumsq - 2 * vp * spos + npos * vp * vp - 2 * vn * sneg + (d - npos) * vn * vn if d else 0.0
+            residual = (sumsq - 2 * vpos * spos + npos * vpos * vpos - 2 * vneg * sneg + (d - npos) * vneg * vneg
+                        if d else 0.0)
         return [head, bits], _stats(residual, sumsq), out
     if isinstance(c, C.Natural):
         code, top = _empty(d, np.uint8), np.zeros(1, np.int64)
