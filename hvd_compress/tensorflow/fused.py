@@ -3,15 +3,17 @@
 ScaledSign, OneBit, Natural and QSGD, also scaled: the worker's step (x = g + e, the payload, the new error and
 the statistics in one or two passes over memory), encode, decode and the mean of n payloads, as the PyTorch
 plug-in runs them on the CPU. The numpy arrays a ``numpy_function`` receives share the tensors' memory, so
-nothing is copied on the way in. TensorFlow's ops (``kernels.py``) take 10-70x longer for the same step.
+nothing is copied on the way in. TensorFlow's graph ops (``kernels.py``) took 4-12x longer for the same step
+and decode (2.5·10^7 floats, one thread; README, TensorFlow).
 
 Both paths give the same payloads (the same draws, the same bits of every element-wise value) except where a
 reduction rounds: the C kernels sum in double lanes (a sign's scale, a QSGD norm, a OneBit mean) where
 TensorFlow sums in the value's type. So a rank and the single-process simulation must take the same path:
 they do, since both call ``kernels.encode`` / ``decode`` or ``ops.step`` / ``decode_mean``, and those come
-here for the same tensors: on the CPU (placed there, or no GPU visible), float32 / float64, outside XLA, with the library loaded (``HVD_COMPRESS_FUSED=0`` turns it off, as in PyTorch). An input the
-kernels do not take (a non-finite value; for Natural also a subnormal one) goes through TensorFlow's ops in
-a ``tf.cond``, as PyTorch's general path does.
+here for the same tensors: on the CPU (placed there, or no GPU visible), float32 / float64, outside XLA, with
+the library loaded (``HVD_COMPRESS_FUSED=0`` turns it off, as in PyTorch). An input the kernels do not take (a
+non-finite value; for Natural also a subnormal one) goes through TensorFlow's ops in a ``tf.cond``, as PyTorch's
+general path does.
 """
 import math
 

@@ -46,8 +46,9 @@ def _hash_keys(seed):
 
     def shr(z, n):
         return tf.bitwise.right_shift(z, tf.constant(n, tf.uint64))
-    z = tf.bitwise.bitwise_or(tf.bitwise.left_shift(tf.bitwise.bitwise_and(_uint64(key), low32), tf.constant(32, tf.uint64)),
-                              tf.bitwise.bitwise_and(_uint64(step), low32)) + tf.constant(0x9E3779B97F4A7C15, tf.uint64)
+    high = tf.bitwise.left_shift(tf.bitwise.bitwise_and(_uint64(key), low32), tf.constant(32, tf.uint64))
+    z = tf.bitwise.bitwise_or(high, tf.bitwise.bitwise_and(_uint64(step), low32)) + \
+        tf.constant(0x9E3779B97F4A7C15, tf.uint64)
     z = tf.bitwise.bitwise_xor(z, shr(z, 30)) * tf.constant(0xBF58476D1CE4E5B9, tf.uint64)
     z = tf.bitwise.bitwise_xor(z, shr(z, 27)) * tf.constant(0x94D049BB133111EB, tf.uint64)
     z = tf.bitwise.bitwise_xor(z, shr(z, 31))
