@@ -16,15 +16,18 @@ non-finite value; for Natural also a subnormal one) goes through TensorFlow's op
 general path does.
 """
 import math
+import sys
+import threading
 
 import numpy as np
 import tensorflow as tf
 
 from .. import compressors as C
 from .. import fused
+from ..kernels import topk_sample
 from ..seeds import as_pair, hash_keys
 
-DENSE = (C.ScaledSign, C.OneBit, C.Natural, C.QSGD)
+DENSE = (C.ScaledSign, C.OneBit, C.Natural, C.QSGD)   # step, decode and mean in C; Top-k's step too (see usable)
 _BLOCK = 2048   # CHUNK of fused.c
 
 
@@ -42,11 +45,22 @@ def _on_cpu(t):
     return not tf.config.list_logical_devices("GPU")
 
 
-def usable(c, dtype, *tensors):
-    """Whether compressor c on tensors of dtype runs the C kernels here (see the module's docstring)."""
+def usable(c, dtype, *tensors, decoding=False):
+    """Whether compressor c on tensors of dtype runs the C kernels here (see the module's docstring): the DENSE
+    ones, and for a step or encode (not ``decoding``) also Top-k where it selects from a sample's candidates (the
+    first tensor of a static size of at least 2^17 elements, k <= d / 8; smaller ones take TensorFlow's ops,
+    which select the same indices)."""
     from .kernels import _in_xla
-    return (isinstance(unscaled(c)[0], DENSE) and tf.as_dtype(dtype) in (tf.float32, tf.float64)
-            and all(_on_cpu(t) for t in tensors if t is not None) and not _in_xla() and fused.lib() is not None)
+    inner = unscaled(c)[0]
+    if not isinstance(inner, DENSE) and (decoding or not _sampled_topk(inner, tensors[0])):
+        return False
+    return (tf.as_dtype(dtype) in (tf.float32, tf.float64) and all(_on_cpu(t) for t in tensors if t is not None)
+            and not _in_xla() and fused.lib() is not None)
+
+
+def _sampled_topk(c, x):
+    d = x.shape.num_elements()
+    return isinstance(c, C.TopK) and d is not None and topk_sample(d, c.k_for(d)) is not None
 
 
 def _ns(dtype):
@@ -58,13 +72,34 @@ def _p(a):
     return None if a is None else a.ctypes.data
 
 
+_pool, _pool_lock = {}, threading.Lock()   # size in bytes -> the large buffers handed out so far
+_POOLED = 1 << 20                          # buffers of at least this many bytes are kept for reuse
+_POOL_SIZE = 4                             # at most this many per size
+
+
 def _empty(n, dtype):
-    """A fresh array of n elements at a 64-byte boundary: TensorFlow then takes the array a numpy_function returns
-    as the tensor's memory instead of copying it (5 ms less per 100 MB, measured)."""
+    """An array of n elements at a 64-byte boundary: TensorFlow then takes the array a numpy_function returns
+    as the tensor's memory instead of copying it (5 ms less per 100 MB). A large one is reused once TensorFlow
+    has let go of it (nothing but the pool refers to it): fresh pages cost 8-10 ms per 100 MB here, and on this
+    VM at times 200 ms (measured: Top-k's step 34 ms or 245 ms on the same input, natural's alike)."""
     dtype = np.dtype(dtype)
-    raw = np.empty(n * dtype.itemsize + 64, np.uint8)
+    nbytes = n * dtype.itemsize
+    raw = None
+    if nbytes >= _POOLED:
+        with _pool_lock:
+            buffers = _pool.setdefault(nbytes, [])
+            for held in buffers:
+                if sys.getrefcount(held) == 3:   # the pool's list, the name held, getrefcount's argument
+                    raw = held
+                    break
+            if raw is None:
+                raw = np.empty(nbytes + 64, np.uint8)
+                if len(buffers) < _POOL_SIZE:
+                    buffers.append(raw)
+    else:
+        raw = np.empty(nbytes + 64, np.uint8)
     start = -raw.ctypes.data % 64
-    return raw[start:start + n * dtype.itemsize].view(dtype)
+    return raw[start:start + nbytes].view(dtype)
 
 
 # ---- the numpy side: what runs inside the numpy_functions ------------------------------------------------
@@ -142,6 +177,20 @@ def step_arrays(c, lam, g, e, want_error, seed):
         k1, k2 = hash_keys(seed)
         ns.qsgd2(G, E, O, d, float(head[0]), float(c.levels), lam, k1, k2, _p(levels), int(wide), S)
         return [head, levels], _stats(st[0], sumsq), out
+    if isinstance(c, C.TopK):   # its candidates at or above a sample's threshold in one pass, then the k largest
+        k = c.k_for(d)
+        stride, rank = topk_sample(d, k)
+        sample = np.abs(g[::stride] if e is None else g[::stride] + e[::stride])
+        threshold = np.partition(sample, rank - 1)[rank - 1]   # the rank-th smallest, as torch.kthvalue
+        cap = min(d, 3 * k + 1024)
+        cidx, cval = np.empty(cap, np.int64), np.empty(cap, dtype)
+        count = ns.topk1(G, E, O, d, float(threshold), _p(cidx), _p(cval), cap, S)
+        if st[1] != 0.0 or not k <= count <= cap:
+            return None   # not finite, or a skewed sample: TensorFlow's ops select from the whole tensor
+        idx, values = _empty(k, np.int32), _empty(k, dtype)
+        keys, fix = np.empty(count, np.dtype(f"u{dtype.itemsize}")), st[4:6]   # (fix: 2 sums the pick returns)
+        ns.topk_pick(_p(cidx), _p(cval), count, k, _p(keys), O, lam, _p(idx), _p(values), _p(fix))
+        return [idx, values], _stats(st[0] - fix[0] + fix[1], st[0]), out
     raise TypeError(f"no fused kernel for {c!r}")
 
 

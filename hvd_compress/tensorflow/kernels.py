@@ -373,7 +373,7 @@ def decode(c, parts, d, seed=0, dtype=tf.float32):
     """The dense flat tensor of d elements that the parts encode. ``dtype`` matters only where no part
     carries values (Natural)."""
     value_dtype = dtype if isinstance(fused.unscaled(c)[0], C.Natural) else parts[0].dtype
-    if fused.usable(c, value_dtype, *parts):
+    if fused.usable(c, value_dtype, *parts, decoding=True):
         return fused.decode(c, parts, d, value_dtype)
     return _decode_tf(c, parts, d, seed, dtype)
 

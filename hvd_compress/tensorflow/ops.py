@@ -100,7 +100,7 @@ def packed_step(comp, c, key, x, e_in, e_out, seed):
 def decode_mean(c, rows, d, seed, out):
     """(sum_j decode(row_j)) / n, summed in rank order on every rank (bit-identical replicas)."""
     def mean(c):
-        if fused.usable(c, out.dtype, *rows):
+        if fused.usable(c, out.dtype, *rows, decoding=True):
             return (fused.decode_mean(c, [K.unpack(c, row, d, out.dtype) for row in rows], d, out.dtype),)
         total = None
         for row in rows:
