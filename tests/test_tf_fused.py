@@ -142,10 +142,47 @@ def test_graph_equals_eager_and_falls_back_to_the_ops(spec, bad):
         assert np.array_equal(eager[2].numpy(), general[2].numpy(), equal_nan=True)
 
 
+@pytest.mark.parametrize("spec", ["topk:0.01", "0.5*topk:0.01", "topk:k=100"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_step_is_the_ops_and_torchs(spec, dtype):
+    """Top-k's C step (a sample's candidates) selects what TensorFlow's ops and PyTorch select, ties included."""
+    c, dt, d = C.parse(spec), DTYPES[dtype], 300_001
+    g, e = _vector(d, dt, 7), _vector(d, dt, 8, 0.3)
+    g[::1000] = g[1]   # many equal magnitudes
+    tg, te = tf.constant(g), tf.constant(e)
+    assert TF.usable(c, tg.dtype, tg, te)
+    parts, stats, left = ops.step(c, tg, te, True, SEED)
+    ops_parts, ops_stats, ops_left = ops._step_ops(c, tg, te, True, SEED)
+    assert all(_same(a, b) for a, b in zip(_parts(parts), _parts(ops_parts))) and _same(left, ops_left)
+    torch_left = torch.empty(d, dtype=getattr(torch, dtype))
+    torch_parts, torch_stats = PK.step(c, torch.from_numpy(g), torch.from_numpy(e), torch_left, SEED)
+    assert all(_same(a, b.numpy()) for a, b in zip(_parts(parts), torch_parts)) and _same(left, torch_left.numpy())
+    assert np.allclose(stats.numpy(), ops_stats.numpy(), rtol=1e-9)
+    graph = tf.function(lambda g, e: ops.step(c, g, e, True, SEED))(tg, te)
+    assert all(_same(a, b) for a, b in zip(_parts(parts), _parts(graph[0]))) and _same(left, graph[2])
+
+
+def test_output_buffers_are_reused_only_when_released():
+    """The pool of large output arrays: a tensor TensorFlow holds keeps its values; a released array is reused."""
+    def filled(x):
+        out = TF._empty(1 << 20, np.float32)
+        out[:] = x[0]
+        return out
+    held = [tf.numpy_function(filled, [tf.constant([float(j)])], tf.float32) for j in range(2 * TF._POOL_SIZE)]
+    assert [(float(tf.reduce_min(t)), float(tf.reduce_max(t))) for t in held] == [(j, j) for j in range(len(held))]
+    first = TF._empty(1 << 19, np.float64)
+    address = first.ctypes.data
+    del first
+    assert TF._empty(1 << 19, np.float64).ctypes.data == address
+
+
 def test_used_on_the_cpu_outside_xla_only():
     c, x = C.parse("natural"), tf.constant(_vector(100, np.float32, 6))
     assert TF.usable(c, tf.float32, x)
-    assert not TF.usable(C.parse("topk:0.1"), tf.float32, x)     # (no C path in TensorFlow yet)
+    assert not TF.usable(C.parse("topk:0.1"), tf.float32, x)     # (a small Top-k: TensorFlow's ops)
+    big = tf.zeros([1 << 17])
+    assert TF.usable(C.parse("topk:0.01"), tf.float32, big) and not TF.usable(C.parse("topk:0.5"), tf.float32, big)
+    assert not TF.usable(C.parse("topk:0.01"), tf.float32, big, decoding=True)
     assert not TF.usable(c, tf.float16, x)
     with fused.disabled():
         assert not TF.usable(c, tf.float32, x)
