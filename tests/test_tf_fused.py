@@ -171,10 +171,10 @@ def test_output_buffers_are_reused_only_when_released():
     make = tf.function(lambda x: tf.numpy_function(filled, [x], tf.float32))   # (a graph's output is the array)
     held = [make(tf.constant([float(j)])) for j in range(2 * TF._POOL_SIZE)]
     assert [(float(tf.reduce_min(t)), float(tf.reduce_max(t))) for t in held] == [(j, j) for j in range(len(held))]
-    first = TF._empty(1 << 19, np.float64)
+    first = TF._empty(3 << 18, np.float32)   # (another size: the pool of 4 MB is full of held arrays)
     address = first.ctypes.data
     del first
-    assert TF._empty(1 << 19, np.float64).ctypes.data == address
+    assert TF._empty(3 << 18, np.float32).ctypes.data == address
 
 
 def test_used_on_the_cpu_outside_xla_only():
