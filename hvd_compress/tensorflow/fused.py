@@ -60,7 +60,10 @@ def usable(c, dtype, *tensors, decoding=False):
 
 def _sampled_topk(c, x):
     d = x.shape.num_elements()
-    return isinstance(c, C.TopK) and d is not None and topk_sample(d, c.k_for(d)) is not None
+    if not isinstance(c, C.TopK) or d is None:
+        return False
+    k = c.k_for(d)   # (a scalar tensor during a warm-up: TensorFlow's ops)
+    return isinstance(k, int) and topk_sample(d, k) is not None
 
 
 def _ns(dtype):
