@@ -3,9 +3,10 @@
 ScaledSign, OneBit, Natural and QSGD, also scaled: the worker's step (x = g + e, the payload, the new error and
 the statistics in one or two passes over memory), encode, decode and the mean of n payloads, as the PyTorch
 plug-in runs them on the CPU; and Top-k's step where it selects from a sample's candidates (its decode and mean
-stay TensorFlow's: a scatter keeps a kept -0.0, the C mean adds it to 0, and the simulation decodes as the ops). The numpy arrays a ``numpy_function`` receives share the tensors' memory, so
-nothing is copied on the way in. TensorFlow's graph ops (``kernels.py``) took 4-12x longer for the same step
-and decode (2.5·10^7 floats, one thread; README, TensorFlow).
+stay TensorFlow's: a scatter keeps a kept -0.0, the C mean adds it to 0, and the simulation decodes as the ops).
+The numpy arrays a ``numpy_function`` receives share the tensors' memory, so nothing is copied on the way in.
+TensorFlow's graph ops (``kernels.py``) took 5-25x longer for the dense ones' step and decode (2.5·10^7 floats,
+one thread; README, TensorFlow).
 
 Both paths give the same payloads (the same draws, the same bits of every element-wise value) except where a
 reduction rounds: the C kernels sum in double lanes (a sign's scale, a QSGD norm, a OneBit mean) where
