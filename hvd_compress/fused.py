@@ -80,6 +80,14 @@ def _compile(target):
             os.unlink(tmp)
 
 
+CHUNK = 2048   # fused.c's block of elements
+
+
+def blocks(d):
+    """How many blocks of CHUNK elements d elements make (the kernels' arrays per block have blocks(d) + 1 entries)."""
+    return (d + CHUNK - 1) // CHUNK
+
+
 _F, _D, _I64, _P, _U32, _INT = (ctypes.c_float, ctypes.c_double, ctypes.c_int64, ctypes.c_void_p,
                                 ctypes.c_uint32, ctypes.c_int)
 _SIGNATURES = {   # name: (restype, [argtypes]); "T" is the value type of the suffix

@@ -40,6 +40,14 @@ def from_wire(c, wire, d, index_from_wire):
     return parts
 
 
+def unscaled(c):
+    """(compressor, lam): Scaled(c, lam) as its parts, any other compressor with lam = 1 (the fused kernels take
+    lam as an argument)."""
+    if isinstance(c, C.Scaled) and not isinstance(c.compressor, C.Scaled):
+        return c.compressor, c.lam
+    return c, 1.0
+
+
 def topk_sample(d, k):
     """How Top-k of k among d elements selects on a large tensor: (stride, rank) where it first keeps the
     candidates at or above the rank-th smallest of a strided sample (about 2k of them), then selects among those

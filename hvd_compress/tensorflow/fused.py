@@ -26,18 +26,10 @@ import tensorflow as tf
 
 from .. import compressors as C
 from .. import fused
-from ..kernels import topk_sample
+from ..kernels import topk_sample, unscaled
 from ..seeds import as_pair, hash_keys
 
 DENSE = (C.ScaledSign, C.OneBit, C.Natural, C.QSGD)   # step, decode and mean in C; Top-k's step too (see usable)
-_BLOCK = 2048   # CHUNK of fused.c
-
-
-def unscaled(c):
-    """(compressor, lam): Scaled(c, lam) as its parts, any other compressor with lam = 1."""
-    if isinstance(c, C.Scaled) and not isinstance(c.compressor, C.Scaled):
-        return c.compressor, c.lam
-    return c, 1.0
 
 
 def _on_cpu(t):
@@ -157,7 +149,7 @@ def step_arrays(c, lam, g, e, want_error, seed):
         code, top = _empty(d, np.uint8), np.zeros(1, np.int64)
         k1, k2 = (0, 0) if c.deterministic else hash_keys(seed)
         if lam == 1.0:   # one pass: the values decoded do not depend on the largest exponent
-            tops = np.empty((d + _BLOCK - 1) // _BLOCK + 1, np.int64)
+            tops = np.empty(fused.blocks(d) + 1, np.int64)
             if ns.natural_step(G, E, O, d, int(c.deterministic), k1, k2, _p(code), _p(top), _p(tops), S):
                 return None
         else:

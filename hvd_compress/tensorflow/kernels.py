@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from .. import compressors as C
 from . import fused
-from ..kernels import from_wire, registries, to_wire, topk_sample
+from ..kernels import from_wire, registries, to_wire, topk_sample, unscaled
 from ..seeds import as_pair, hash_keys, second_stage
 
 _DTYPES = {C.INT32: tf.int32, C.UINT8: tf.uint8, C.INT8: tf.int8, C.INT16: tf.int16, C.BF16: tf.bfloat16,
@@ -372,7 +372,7 @@ def encode(c, x, seed=0):
 def decode(c, parts, d, seed=0, dtype=tf.float32):
     """The dense flat tensor of d elements that the parts encode. ``dtype`` matters only where no part
     carries values (Natural)."""
-    value_dtype = dtype if isinstance(fused.unscaled(c)[0], C.Natural) else parts[0].dtype
+    value_dtype = dtype if isinstance(unscaled(c)[0], C.Natural) else parts[0].dtype
     if fused.usable(c, value_dtype, *parts, decoding=True):
         return fused.decode(c, parts, d, value_dtype)
     return _decode_tf(c, parts, d, seed, dtype)

@@ -23,7 +23,7 @@ import torch
 
 from .. import compressors as C
 from .. import transport as T
-from ..kernels import from_wire, registries, to_wire, topk_sample
+from ..kernels import from_wire, registries, to_wire, topk_sample, unscaled
 from ..seeds import hash_keys, second_stage, splitmix64
 from .. import fused
 
@@ -316,7 +316,7 @@ def encode(c, x, seed=0):
     """Parts of the payload of flat tensor x (float32 or float64), in the order of ``c.layout(d)``."""
     lib = _fused_lib(x)
     if lib is not None:
-        inner, lam = _unscaled(c)
+        inner, lam = unscaled(c)
         if isinstance(inner, _FUSED_ENCODE):
             done = _step_fused(lib, inner, lam, x, None, None, seed)
             if done is not None:
@@ -342,7 +342,7 @@ _encode_torch, _decode_torch = registries("PyTorch", [
 def decode(c, parts, d, seed=0, dtype=torch.float32):
     """The dense flat tensor of d elements that the parts encode. ``dtype`` matters only where no part
     carries values (Natural)."""
-    inner, lam = _unscaled(c)
+    inner, lam = unscaled(c)
     if isinstance(inner, _FUSED_DECODE):
         dtype = parts[0].dtype if not isinstance(inner, C.Natural) else dtype
         lib = _fused_lib(parts[-1], dtype=dtype)
@@ -376,13 +376,6 @@ _FUSED_ENCODE = (C.TopK, C.Natural, C.ScaledSign, C.OneBit, C.QSGD)
 _FUSED_STEP = _FUSED_ENCODE + (C.RandK, C.Identity, C.Compose)
 _FUSED_DECODE = (C.Natural, C.ScaledSign, C.OneBit, C.QSGD)
 _FLOATS = (torch.float32, torch.float64)
-
-
-def _unscaled(c):
-    """(compressor, lam): Scaled(c, lam) as its parts, any other compressor with lam = 1."""
-    if isinstance(c, C.Scaled) and not isinstance(c.compressor, C.Scaled):
-        return c.compressor, c.lam
-    return c, 1.0
 
 
 def _fused_lib(*tensors, dtype=None):
@@ -535,7 +528,7 @@ def _step_fused(lib, c, lam, g, e_in, e_out, seed, into=None, defer=False):
         top = torch.zeros(1, dtype=torch.int64)
         k1, k2 = (0, 0) if c.deterministic else hash_keys(seed)
         if lam == 1.0:   # one pass (the values decoded do not depend on the largest exponent)
-            tops = torch.empty(_blocks(d) + 1, dtype=torch.int64)
+            tops = torch.empty(fused.blocks(d) + 1, dtype=torch.int64)
             if ns.natural_step(G, E, O, d, int(c.deterministic), k1, k2, code.data_ptr(), top.data_ptr(),
                                tops.data_ptr(), sp):
                 return None
@@ -678,7 +671,7 @@ def step(c, g, e_in=None, e_out=None, seed=0, defer=False):
     element of x is finite else 0.0]. g and e_in are not modified (but for ``settle``). ``defer``: ScaledSign
     and OneBit may leave x in e_out and what it owes to the next step (``_defer``); settle(e_out) applies it."""
     lib = _fused_lib(g, e_in, e_out)
-    inner, lam = _unscaled(c)
+    inner, lam = unscaled(c)
     _owed_in_step(inner, lib, e_in, e_out)
     if lib is not None:
         if isinstance(inner, _FUSED_STEP):
@@ -701,7 +694,7 @@ def step_packed(c, g, e_in=None, e_out=None, seed=0, out=None, defer=False):
                             or out.numel() != packed_nbytes(c, d, g.dtype)):
         raise ValueError(f"out must be a contiguous uint8 tensor of {packed_nbytes(c, d, g.dtype)} bytes")
     lib = _fused_lib(g, e_in, e_out)
-    inner, lam = _unscaled(c)
+    inner, lam = unscaled(c)
     _owed_in_step(inner, lib, e_in, e_out)
     if lib is not None:
         if isinstance(inner, (C.ScaledSign, C.OneBit, C.Natural, C.QSGD, C.TopK, C.RandK)):
@@ -783,13 +776,6 @@ def _mean_fused(lib, c, lam, parts, d, out):
 
 
 _local = threading.local()
-_BLOCK = 2048      # CHUNK of fused.c
-
-
-def _blocks(d):
-    return (d + _BLOCK - 1) // _BLOCK
-
-
 def _scratch(name, n, dtype):
     """A thread's scratch tensor of n elements, kept from call to call (fresh pages cost more than the work)."""
     scratch = _local.__dict__.setdefault("scratch", {})
@@ -830,7 +816,7 @@ def _mean_sparse_fused(lib, c, rows, d, seed, dtype, out):
     idx, vals = _addresses([p[0] for p in parts]), _addresses([p[1] for p in parts])
     total = int(ks.sum())
     sidx, sval = _scratch("sidx", total, torch.int32), _scratch("sval", total, dtype)
-    start = _scratch("start", _blocks(d) + 1, torch.int64)
+    start = _scratch("start", fused.blocks(d) + 1, torch.int64)
     return ns.mean_sparse(idx.data_ptr(), vals.data_ptr(), ks.data_ptr(), n, d, out.data_ptr(), float(n),
                           sidx.data_ptr(), sval.data_ptr(), start.data_ptr()) == 0
 
@@ -845,7 +831,7 @@ def decode_mean(c, rows, d, seed, dtype, out=None):
     device = rows[0].device
     if out is None:
         out = torch.empty(d, dtype=dtype, device=device)
-    inner, lam = _unscaled(c)
+    inner, lam = unscaled(c)
     lib = _fused_lib(out, *rows, dtype=dtype) if isinstance(inner, _FUSED_DECODE) else None
     if lib is not None:
         _mean_fused(lib, inner, lam, [unpack(c, row, d, dtype) for row in rows], d, out)
